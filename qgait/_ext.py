@@ -1,0 +1,61 @@
+"""Loading of the compiled extension ``qgait._C`` and what it provides.
+
+If ``qgait._C`` is missing (a pure-Python install, or a build that failed), importing qgait
+still works: one warning is printed and the ``reference`` backend serves every op.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+C_ERROR: str | None = None
+try:
+    from qgait import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+
+    HAS_C = True
+except ImportError as e:  # pragma: no cover - exercised by the no-extension CI job
+    HAS_C = False
+    C_ERROR = f"{type(e).__name__}: {e}"
+    warnings.warn(
+        "qgait: the compiled extension qgait._C could not be imported "
+        f"({C_ERROR}); only the 'reference' backend is available. Build it with "
+        "'pip install -e . --no-build-isolation' against the installed torch.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``qgait::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
+    if not HAS_C:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"qgait::{op}", dispatch_key)
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason): Triton needs a GPU, or TRITON_INTERPRET=1 to run on the CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install triton)"
+    if torch.cuda.is_available():
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "interpreter (TRITON_INTERPRET=1)"
+    return False, "no CUDA device, and TRITON_INTERPRET=1 is not set"
+
+
+def cpu_isa() -> str:
+    """The SIMD level the C++ CPU kernels use now ("avx512", "avx2", "scalar", "amx")."""
+    if not HAS_C:
+        return "none"
+    return torch.ops.qgait._cpu_isa()
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Caps the C++ kernels' SIMD level (tests use it to run every fallback); returns the old."""
+    if not HAS_C:
+        raise RuntimeError("qgait._set_cpu_isa: the compiled extension qgait._C is not loaded")
+    return torch.ops.qgait._set_cpu_isa(isa)

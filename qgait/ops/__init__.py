@@ -1,0 +1,2 @@
+"""qgait's ops (functional) and the modules users put in their models."""
+from qgait.ops.soft_quant import quant_grid, soft_fake_quant, soft_fake_quant_ref  # noqa: F401

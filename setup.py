@@ -1,0 +1,75 @@
+"""Build qgait: the Python package, the Triton kernels (as ``qgait.kernels``) and ``qgait._C``.
+
+``qgait._C`` holds the C++ CPU kernels and, when the installed torch has CUDA, the CUDA kernels.
+It is built against the torch that is already installed; install with
+
+    pip install torch==2.13.0
+    pip install -e . --no-build-isolation
+
+(``--no-build-isolation`` keeps pip from pulling a second torch into a build environment).
+Set ``QGAIT_NO_EXT=1`` to install the pure-Python package only (reference backend), and
+``QGAIT_NO_CUDA=1`` to skip the CUDA sources even when torch has CUDA.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("QGAIT_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fdiagnostics-color=always", "-Wno-unused-function"]
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("QGAIT_NO_CUDA", "0") != "1"
+    )
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]
+        ext = CUDAExtension(
+            "qgait._C", sources, include_dirs=include_dirs,
+            define_macros=[("QGAIT_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("qgait._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="qgait",
+    version="0.1.0",
+    description="Low-bit quantization kernels and two-stage IDC training for gait recognition",
+    python_requires=">=3.10",
+    packages=find_packages(include=["qgait", "qgait.*"]) + ["qgait.kernels"],
+    package_dir={"qgait.kernels": "kernels"},
+    package_data={"qgait": ["configs/*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["numpy", "tqdm", "pyyaml"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "expecttest", "hypothesis"],
+        "triton": ["triton==3.7.1"],
+        "export": ["onnx", "onnxruntime"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["qgait=qgait.cli:main"]},
+    zip_safe=False,
+)
