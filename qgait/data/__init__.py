@@ -12,3 +12,5 @@ from qgait.data.dataset import (CROP, HEIGHT, WIDTH, OpenGaitDataset, SeqInfo,  
                                 select_subjects)
 from qgait.data.pickle_io import DataError, load_pickle, save_pickle  # noqa: F401
 from qgait.data.sampler import TripletSampler  # noqa: F401
+from qgait.data import synthetic  # noqa: F401,E402
+from qgait.data.preprocess import normalise_frame, normalise_frames  # noqa: F401,E402
