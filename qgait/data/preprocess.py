@@ -66,12 +66,17 @@ def normalise_frame(img: np.ndarray, min_pixels: int = 1) -> np.ndarray | None:
     h, w = crop.shape
     new_w = max(1, int(round(w * OUT / h)))
     r = resize(crop, OUT, new_w)
-    mass = np.cumsum(r.sum(axis=0))
-    xc = int(np.searchsorted(mass, mass[-1] / 2.0))  # first column reaching half the mass
+    col = r.sum(axis=0)
+    mass = np.cumsum(col)
+    half = mass[-1] / 2.0
+    x = int(np.searchsorted(mass, half))  # first column whose right edge reaches half
+    before = mass[x - 1] if x > 0 else 0.0
+    centre = x + (half - before) / col[x]  # continuous position of the half-mass line
+    shift = int(np.floor(OUT / 2 - centre + 0.5))  # resized column c -> output c + shift
     out = np.zeros((OUT, OUT), np.float32)
-    # resized column x lands at output column x - xc + OUT // 2
-    lo, hi = max(0, xc - OUT // 2), min(new_w, xc + OUT // 2)
-    out[:, lo - xc + OUT // 2:hi - xc + OUT // 2] = r[:, lo:hi]
+    lo, hi = max(0, -shift), min(new_w, OUT - shift)
+    if hi > lo:
+        out[:, lo + shift:hi + shift] = r[:, lo:hi]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
