@@ -462,3 +462,20 @@ def test_import_png(tmp_path):
         rel = Path(q.path).relative_to(tmp_path / "pkl")
         assert np.array_equal(load_pickle(tmp_path / "cli" / (str(rel) + ".gz")),
                               load_pickle(q.path))
+
+
+def test_gei_rank1_baseline(tmp_path):
+    from qgait.data.baseline import gei_rank1
+
+    # nm-05 is an exact copy of nm-01 (same view): same-view NM rank-1 must be 100%;
+    # cross-view pairs of random sequences are at chance level, far from 100%.
+    _write_tree(tmp_path, [f"{i:03d}" for i in range(1, 7)], conds=("nm-01", "nm-02", "bg-01"),
+                views=("000", "090"), T=(8, 8))
+    for p in tmp_path.glob("*/nm-01/*/*.pkl"):
+        dst = p.parent.parent.parent / "nm-05" / p.parent.name / p.name
+        dst.parent.mkdir(parents=True)
+        dst.write_bytes(p.read_bytes())
+    r = gei_rank1(OpenGaitDataset(tmp_path, progress=False))
+    assert r["NM"]["same_view"] == 100.0
+    assert r["NM"]["cross_view"] < 100.0
+    assert np.isnan(r["CL"]["same_view"])  # no cl sequences

@@ -6,7 +6,9 @@
 * :func:`make_train_batch`, :func:`iter_test_batches`: model inputs.
 * :mod:`qgait.data.import_png`: raw silhouette PNG trees -> the pickle tree.
 * :mod:`qgait.data.synthetic`: a procedural walking-silhouette generator with the same layout.
+* :func:`gei_rank1`: a training-free baseline (GEI + nearest neighbour, CASIA-B protocol).
 """
+from qgait.data.baseline import gei_rank1, geis  # noqa: F401
 from qgait.data.batch import iter_test_batches, make_train_batch  # noqa: F401
 from qgait.data.dataset import (CROP, HEIGHT, WIDTH, OpenGaitDataset, SeqInfo,  # noqa: F401
                                 select_subjects)
