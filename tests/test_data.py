@@ -8,15 +8,22 @@ import json
 import os
 import pickle
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from qgait.data import (DataError, OpenGaitDataset, SeqInfo, TripletSampler, iter_test_batches,
-                        load_pickle, make_train_batch, save_pickle)
+from qgait.data import (
+    DataError,
+    OpenGaitDataset,
+    SeqInfo,
+    TripletSampler,
+    iter_test_batches,
+    load_pickle,
+    make_train_batch,
+    save_pickle,
+)
 
 # The project root's sibling shared/ (QGAIT_CASIA_B overrides, e.g. from a git worktree).
 REAL = Path(os.environ.get("QGAIT_CASIA_B",
@@ -199,7 +206,7 @@ def test_real_casia_b_sample():
     assert ds.subjects == ["001", "002", "003"]
     assert len(ds) == 3 * 10 * 5  # all 150 sequences of 001-003 are present
     for i in (0, len(ds) // 2, len(ds) - 1):
-        x, label, q = ds[i]
+        x, _, q = ds[i]
         raw = load_pickle(q.path)
         assert x.shape == (raw.shape[0], 64, 44) and set(np.unique(x)) <= {0, 1}
         assert np.array_equal(x, (raw[:, :, 10:54] > 127))
@@ -343,9 +350,9 @@ def test_normalise_frame_rectangle_and_centroid():
 def _syn_tree(root, seed=0, workers=1, **kw):
     from qgait.data import synthetic
 
-    args = dict(n_subjects=3, views=("000", "090"), conditions=("nm-01", "nm-02", "bg-01",
-                                                                "cl-01"),
-                frames=(12, 20), seed=seed, workers=workers, progress=False)
+    args = {"n_subjects": 3, "views": ("000", "090"),
+            "conditions": ("nm-01", "nm-02", "bg-01", "cl-01"), "frames": (12, 20),
+            "seed": seed, "workers": workers, "progress": False}
     args.update(kw)
     return synthetic.generate(root, **args)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["geis", "gei_rank1"]
+__all__ = ["gei_rank1", "geis"]
 
 GALLERY = ("nm-01", "nm-02", "nm-03", "nm-04")
 PROBES = {"NM": ("nm-05", "nm-06"), "BG": ("bg-01", "bg-02"), "CL": ("cl-01", "cl-02")}

@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from qgait.data.pickle_io import SIL_SIZE, DataError, load_pickle
 
-__all__ = ["SeqInfo", "OpenGaitDataset", "select_subjects", "HEIGHT", "WIDTH", "CROP"]
+__all__ = ["CROP", "HEIGHT", "WIDTH", "OpenGaitDataset", "SeqInfo", "select_subjects"]
 
 HEIGHT = 64
 CROP = 10  # columns dropped on each side
@@ -223,7 +224,7 @@ class OpenGaitDataset:
         return _unpack(self.packed(i))
 
     def frames_at(self, i: int, t: np.ndarray) -> np.ndarray:
-        """Frames ``t`` (int array, repeats allowed) of sequence ``i``: uint8 ``[len(t), 64, 44]``."""
+        """Frames ``t`` (ints, repeats allowed) of sequence ``i``: uint8 ``[len(t), 64, 44]``."""
         return _unpack(self.packed(i)[np.asarray(t, dtype=np.int64)])
 
     def n_frames(self, i: int) -> int:

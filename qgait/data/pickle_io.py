@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_pickle", "save_pickle", "SIL_SIZE"]
+__all__ = ["SIL_SIZE", "DataError", "load_pickle", "save_pickle"]
 
 SIL_SIZE = 64  # OpenGait's CASIA-B pickles are [T, 64, 64]
 
@@ -58,7 +58,7 @@ del _probe
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # noqa: D401 - pickle's hook
+    def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:

@@ -42,17 +42,24 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from qgait.data.pickle_io import save_pickle
 from qgait.data.preprocess import normalise_frame, resize_weights
 
-__all__ = ["CONDITIONS", "VIEWS", "ALL_VIEWS", "generate", "generate_sequence",
-           "sample_identity", "preview"]
+__all__ = [
+    "ALL_VIEWS",
+    "CONDITIONS",
+    "VIEWS",
+    "generate",
+    "generate_sequence",
+    "preview",
+    "sample_identity",
+]
 
 CONDITIONS = tuple([f"nm-0{i}" for i in range(1, 7)] + ["bg-01", "bg-02", "cl-01", "cl-02"])
 ALL_VIEWS = tuple(f"{a:03d}" for a in range(0, 181, 18))  # CASIA-B's 11 views
@@ -136,7 +143,7 @@ def _pose(p: dict, phi: np.ndarray, rng: np.random.Generator, handbag_side: int 
     """Joint positions [F, 3] (x, y, z) over gait phases ``phi`` [F]."""
     F = phi.shape[0]
     zero = np.zeros(F)
-    jit = lambda s: rng.normal(0.0, s, F)  # noqa: E731 - per-frame angle tremor
+    jit = lambda s: rng.normal(0.0, s, F)
     pelvis = np.stack([zero, p["leg"] + 0.01 * np.cos(2 * phi), p["sway"] * np.sin(phi)], -1)
     yaw = p["yaw"] * np.sin(phi)
     leg_len = p["leg"] * 1.03  # knees never fully straight: a little longer than hip height
