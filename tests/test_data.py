@@ -365,7 +365,11 @@ def test_synthetic_tree_deterministic_and_loadable(tmp_path):
     stats = _syn_tree(tmp_path / "a", workers=1)
     _syn_tree(tmp_path / "b", workers=2)
     _syn_tree(tmp_path / "c", seed=1)
+    _syn_tree(tmp_path / "z", gzip=True)
     a, b, c = (_tree_bytes(tmp_path / x) for x in "abc")
+    z = {str(p.relative_to(tmp_path / "z")): p for p in (tmp_path / "z").rglob("*.pkl.gz")}
+    assert {k + ".gz" for k in a} == z.keys()
+    assert all(gzip.decompress(z[k + ".gz"].read_bytes()) == a[k] for k in a)
     assert len(a) == stats["sequences"] == 3 * 2 * 4
     assert a == b  # same seed, any worker count: same bytes
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
