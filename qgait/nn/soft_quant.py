@@ -78,14 +78,16 @@ class _SoftQuantMixin:
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
         self.w_scale = nn.Parameter(torch.ones(out_channels))
         self.a_scale = nn.Parameter(torch.ones(()))
-        # 1 when activations use the signed grid (decided from the first batch)
+        # Activations use the signed grid when the first batch had negative values. Kept as a
+        # Python bool (so torch.compile sees a constant) mirrored in a buffer for exporters.
+        self._a_signed = False
         self.register_buffer("a_signed_flag", torch.zeros((), dtype=torch.uint8))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.backend = None  # None = auto (QGAIT_BACKEND or the best available)
 
     @property
     def a_signed(self) -> bool:
-        return bool(self.a_signed_flag)
+        return self._a_signed
 
     @torch.no_grad()
     def init_steps(self, x: torch.Tensor) -> None:
@@ -93,6 +95,7 @@ class _SoftQuantMixin:
         self.w_scale.copy_(lsq_weight_init(self.weight, self.w_bits))
         if self.a_bits is not None:
             signed = bool(x.detach().min() < 0)
+            self._a_signed = signed
             self.a_signed_flag.fill_(int(signed))
             self.a_scale.copy_(mse_act_init(x, self.a_bits, signed))
         self.initialized.fill_(True)
@@ -112,7 +115,8 @@ class _SoftQuantMixin:
             self.init_steps(x)
 
     def get_extra_state(self):
-        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "k": self.k, "mode": self.mode}
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "k": self.k, "mode": self.mode,
+                "a_signed": self._a_signed}
 
     def set_extra_state(self, state):
         if state["w_bits"] != self.w_bits or state["a_bits"] != self.a_bits:
@@ -121,6 +125,7 @@ class _SoftQuantMixin:
                 f"a_bits={state['a_bits']} but this layer has w_bits={self.w_bits}, "
                 f"a_bits={self.a_bits}")
         self.k, self.mode = float(state["k"]), state["mode"]
+        self._a_signed = bool(state.get("a_signed", False))
 
     def extra_repr(self):
         return (super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, "
