@@ -189,14 +189,6 @@ if _has_c_ops():
 # Triton (kernels/pooling.py), registered with torch.library.triton_op.
 # ---------------------------------------------------------------------------------------------
 _TRITON_OK, _TRITON_WHY = _ext.triton_status()
-try:
-    import importlib.util as _ilu
-
-    _HAS_TK = _ilu.find_spec("qgait.kernels.pooling") is not None
-except ImportError:  # pragma: no cover
-    _HAS_TK = False
-if not _HAS_TK:
-    _TRITON_OK, _TRITON_WHY = False, "qgait.kernels.pooling is not available yet"
 if _TRITON_OK:
     from qgait.kernels import pooling as _tk
 
