@@ -213,6 +213,12 @@ if _TRITON_OK:
                        seqL: list[int]) -> torch.Tensor:
         return _tk.temporal_pool_bwd(grad, targ, x_shape, seqL)
 
+    # Explicit fake impls: tracing the Triton launch under FakeTensorMode would run the
+    # interpreter (TRITON_INTERPRET=1) on fake tensors.
+    torch.library.register_fake(f"qgait::{OP_SPH}_triton")(_fake_sph)
+    torch.library.register_fake(f"qgait::{OP_SPH}_triton_backward")(_fake_sph_bwd)
+    torch.library.register_fake(f"qgait::{OP_TP}_triton")(_fake_tp)
+    torch.library.register_fake(f"qgait::{OP_TP}_triton_backward")(_fake_tp_bwd)
     torch.library.register_autograd(
         f"qgait::{OP_SPH}_triton",
         _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_triton_backward(*a)),
@@ -232,10 +238,14 @@ def _why_not_reference(x):
     return []
 
 
+# Looked up once: torch.compile cannot trace the dispatcher query inside the public functions.
+_HAS_KERNEL = {key: _has_c_ops() and _ext.has_kernel(OP_SPH, key) for key in ("CPU", "CUDA")}
+
+
 def _why_not_native(device_type, key):
     def why_not(x):
         why = []
-        if not (_has_c_ops() and _ext.has_kernel(OP_SPH, key)):
+        if not _HAS_KERNEL[key]:
             why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
                        else f"qgait._C has no {key} kernel for these ops")
         if x.device.type != device_type:
