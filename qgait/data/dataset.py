@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ CROP = 10  # columns dropped on each side
 WIDTH = SIL_SIZE - 2 * CROP  # 44
 _BITS = HEIGHT * WIDTH  # 2816 bits = 352 bytes per frame
 _THRESHOLD = 127
+_CACHE = 256  # packed sequences kept when not preloading (~30 KB each)
 
 
 class SeqInfo(NamedTuple):
@@ -121,6 +123,7 @@ class OpenGaitDataset:
         preload: read everything now (parallel gunzip, bit-packed in memory); else read a file
             each time its sequence is accessed.
         progress: show a tqdm bar while preloading.
+        workers: threads for preloading (default: CPUs + 2, at most 8; gunzip releases the GIL).
 
     Attributes:
         subjects: sorted subject names that have at least one sequence.
@@ -157,6 +160,7 @@ class OpenGaitDataset:
         self._bits: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
         self._lengths: dict[int, int] = {}
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.preload:
             seqs = self._preload(seqs, on_error, progress, workers)
             if not seqs:
@@ -215,8 +219,16 @@ class OpenGaitDataset:
         i = self._check(i)
         if self._bits is not None:
             return self._bits[self._offsets[i]:self._offsets[i + 1]]
-        p = _pack(load_pickle(self.seqs[i].path))
-        self._lengths[i] = p.shape[0]
+        p = self._cache.get(i)
+        if p is None:
+            p = _pack(load_pickle(self.seqs[i].path))
+            self._lengths[i] = p.shape[0]
+            # a small cache of recent sequences: a batch asks n_frames(i), then frames_at(i)
+            self._cache[i] = p
+            if len(self._cache) > _CACHE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
         return p
 
     def frames(self, i: int) -> np.ndarray:
