@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
