@@ -201,7 +201,13 @@ def test_dataset_bad_files_raise_or_skip(tmp_path):
 
 
 @needs_real
-def test_real_casia_b_sample():
+def test_real_casia_b_sample(tmp_path):
+    part = tmp_path / "CASIA-B.json"  # OpenGait's layout; 075-124 are not in the shared copy
+    part.write_text(json.dumps({"TRAIN_SET": ["004", "005"],
+                                "TEST_SET": [f"{i:03d}" for i in range(75, 125)]}))
+    ds = OpenGaitDataset(REAL, partition_json=part, progress=False)
+    assert ds.subjects == ["004", "005"]
+    assert {q.view for q in ds.seqs if q.subject == "005"} == {"054", "090", "126", "180"}
     ds = OpenGaitDataset(REAL, id_range=("001", "003"), progress=False)
     assert ds.subjects == ["001", "002", "003"]
     assert len(ds) == 3 * 10 * 5  # all 150 sequences of 001-003 are present
