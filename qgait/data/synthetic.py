@@ -524,7 +524,7 @@ def generate(root, n_subjects: int = 40, views: Sequence[str] = VIEWS,
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), seed, s, list(conditions), views, tuple(frames), bool(gzip))
             for s in range(n_subjects)]
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     bar = None
     if progress:
         from tqdm import tqdm
