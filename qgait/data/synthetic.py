@@ -19,18 +19,23 @@ Model (units: about one stature; x forward, y up, z to the walker's left):
   the hip angle is sinusoidal, the knee flexes with a swing bump and a stance bump, the foot
   pitches with the shank, arms swing in anti-phase with the legs, the pelvis yaws and the
   shoulders counter-rotate; small per-frame angle jitter.
-* **Views.** CASIA-B's convention (000 front, 090 side, 180 back): image column
-  ``u = -x sin v + z cos v``, depth ``d = x cos v + z sin v`` with weak perspective
-  ``f / (f - d)`` (f of 4-8 statures, per sequence), so 000 / 180 are not exact mirrors;
-  +-3 degrees of view jitter per sequence.
+* **Views.** CASIA-B's convention (000 front, 090 side, 180 back). Each view is one fixed
+  camera of the tree: a pinhole 2.2-3.2 statures away, 8-18 degrees above, looking down at
+  the hips (image column ``u = -x sin v + z cos v``, depth along ``x cos v + z sin v``), with
+  its own segmentation habits (fatter or thinner masks, where holes appear, how often floor
+  shadows show). Perspective, pitch, the floor shadow of the lower legs under a fixed room
+  light and those habits make 000 / 180 and 054 / 126 differ, as in CASIA-B (a symmetric body
+  under orthographic projection would look the same from both). Per sequence, +-1.5 degrees
+  of view jitter and +-5% distance.
 * **Covariates.** ``bg``: a per-subject bag (backpack, shoulder bag at the hip, or hand-held bag
-  that also damps that arm's swing). ``cl``: a per-subject coat: bulkier torso and upper arms,
-  a skirt from the pelvis to mid-thigh whose width follows the stride.
-* **Segmentation noise** per frame, its strength drawn per sequence: random 3x3 dilation or
-  erosion, boundary pixel flips, a missing elliptic chunk (background that matched the
-  clothes), a shadow blob at the feet.
+  that also damps that arm's swing; carrying damps both arms a little, a backpack adds lean).
+  ``cl``: a per-subject coat: bulkier torso, upper arms and thighs, and a skirt from the waist
+  down to 40-110% of the thigh whose width follows the stride.
+* **Segmentation noise**, its strength drawn per sequence, events per frame: the boundary grows
+  or shrinks by a pixel in blobs (a coarse random field picks dilation or erosion), a missing
+  elliptic chunk (background that matched the clothes), a shadow blob at the feet.
 
-Frames are rasterised on a ~64-pixel-tall canvas (each primitive in a small window, vectorised
+Frames are rasterised at 62 pixels per stature (a ~60-pixel-tall person) (each primitive in a small window, vectorised
 over frames), then go through :func:`qgait.data.preprocess.normalise_frame` exactly as real
 frames do, and are written as uint8 ``[T, 64, 64]`` pickles:
 ``root/<subject>/<condition>/<view>/<view>.pkl``.
@@ -295,8 +300,9 @@ def _shapes(J: dict, p: dict, cam: _Camera, cond: str, ident: dict, phi: np.ndar
             c = J["shoulder_c"] + np.array([-(p["depth"] + 0.045 * sx), -0.09 - b["drop"], 0.0])
             rl, rs, ry = 0.10 * sz, 0.05 * sx, 0.11 * sy
         elif b["kind"] == 1:  # shoulder bag hanging at the hip
-            c = J["pelvis"] + np.stack([-0.02 + 0.015 * np.sin(phi), -0.03 - b["drop"] + 0 * phi,
-                                        b["side"] * (p["hip_w"] + 0.06) + 0 * phi], -1)
+            c = J["pelvis"] + np.stack([-0.02 + 0.015 * np.sin(phi),  # swings a little
+                                        np.full_like(phi, -0.03 - b["drop"]),
+                                        np.full_like(phi, b["side"] * (p["hip_w"] + 0.06))], -1)
             rl, rs, ry = 0.035 * sz, 0.09 * sx, 0.08 * sy
         else:  # a bag held in one hand
             side = "L" if b["side"] > 0 else "R"
