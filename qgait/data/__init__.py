@@ -12,3 +12,7 @@ from qgait.data.dataset import (CROP, HEIGHT, WIDTH, OpenGaitDataset, SeqInfo,  
                                 select_subjects)
 from qgait.data.pickle_io import DataError, load_pickle, save_pickle  # noqa: F401
 from qgait.data.sampler import TripletSampler  # noqa: F401
+# the submodule, not its function of the same name: from qgait.data.import_png import import_png
+from qgait.data import import_png  # noqa: F401,E402
+from qgait.data import synthetic  # noqa: F401,E402
+from qgait.data.preprocess import normalise_frame, normalise_frames  # noqa: F401,E402
