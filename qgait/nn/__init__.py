@@ -1,0 +1,2 @@
+"""qgait's nn.Modules."""
+from qgait.nn.pooling import HorizontalPyramidPool, SetPoolHPP, TemporalPool  # noqa: F401
