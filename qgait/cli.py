@@ -27,6 +27,9 @@ def command(name: str, help: str):
 @command("train", "train a model from a config (qgait/configs/<name>.yaml or a path)")
 def _train(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, help="config name (e.g. casia_b_fp) or YAML path")
+    p.add_argument("--stage", choices=["fp", "qat", "soft"],
+                   help="QGait stage: fp (stage 0), qat (stage 1, straight-through), soft "
+                        "(stage 2, soft quantizer + IDC); overrides the config's stage")
     p.add_argument("--data", help="data root (overrides data.root)")
     p.add_argument("--out", help="output folder (overrides train.out_dir)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -39,6 +42,8 @@ def _train(p: argparse.ArgumentParser):
         over = parse_overrides(rest)
         if args.data:
             over.setdefault("data", {})["root"] = args.data
+        if args.stage:
+            over["stage"] = args.stage
         if args.out:
             over.setdefault("train", {})["out_dir"] = args.out
         cfg = load_config(args.config, over)
@@ -110,7 +115,8 @@ def load_checkpoint_model(path):
     num_classes = sd["head.weight"].shape[-1] if "head.weight" in sd else 0
     model = build_model(m["name"], num_classes=num_classes, width=m["width"],
                         embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
-    model = STAGES[cfg["stage"]].prepare(model, cfg)
+    from qgait.pipeline.stages import checkpoint_prepare
+    model = STAGES[cfg["stage"]].prepare(model, checkpoint_prepare(cfg))
     model.load_state_dict(sd)
     return model.eval(), cfg
 

@@ -43,6 +43,18 @@ DEFAULTS: dict[str, Any] = {
               "out_dir": "runs/{name}", "threads": 0, "progress": True,
               "deterministic": True},
     "eval": {"max_frames": 720, "metric": "euc"},
+    # QGait stages "qat" (stage 1) and "soft" (stage 2); see qgait/pipeline/stages.py
+    "quant": {
+        "w_bits": 4, "a_bits": 4,
+        "binary_input": ["stem.0"],    # layers whose input is the binary silhouette: not quantized
+        "keep_8bit": ["stem", "fc"],   # module prefixes kept at W8A8 (first conv, per-part FCs)
+        "init_from": None,             # checkpoint to start from (fp, or a quantized stage)
+        "teacher": None,               # fp checkpoint: IDC's full-precision teacher (soft stage)
+        "k0": 1.0, "k1": 6.0,          # soft stage: temperature, linear from k0 to k1
+        "mode": "hard",                # soft stage forward: "hard" (QGait) or "soft" (sigma)
+        "idc_weight": 1.0, "idc_beta": 1.0,
+        "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
+    },
     "extra": {},
 }
 
