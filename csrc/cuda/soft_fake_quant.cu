@@ -1,14 +1,8 @@
 // CUDA soft fake-quant kernels (math: qgait/ops/soft_quant.py; launchers: soft_fake_quant.cuh).
 //
-// Exactness under --use_fast_math (setup.py builds with it): the flag turns tanhf into
-// tanh.approx (~1e-3 error), divisions into approximations and a*b+c into fma. So
-//  * r = 1/s uses rcp.rn.f32 (IEEE, no flush), equal to torch's host-side 1.0f / scale, so
-//    hard results match torch's fake-quant ops bit for bit;
-//  * tanh is written out (Cephes, the same polynomials and operation order as the CPU kernel
-//    in csrc/cpu/vec.h) with explicit _rn intrinsics, so no contraction or approximate
-//    division changes it: elementwise results equal the AVX-512 CPU kernel's;
-//  * products that feed a sum are written __fmul_rn / __fsub_rn for the same reason.
-// Flush-to-zero remains: only steps below FLT_MIN (absurd for quantization) differ from torch.
+// The per-element math lives in soft_fake_quant_math.cuh (host + device, exact under
+// --use_fast_math, elementwise equal to the CPU kernel). Flush-to-zero (part of fast math)
+// remains: only steps below FLT_MIN, absurd for quantization, differ from torch.
 //
 // Layout: x is [outer, C, inner] with step scale[c]. The forward is one flat grid-stride loop
 // (16-byte vector loads when aligned); the backward has two shapes of kernel:
@@ -27,6 +21,7 @@
 #include <cstdio>
 
 #include "soft_fake_quant.cuh"
+#include "soft_fake_quant_math.cuh"
 
 namespace qgait::cuda {
 namespace {
@@ -93,86 +88,6 @@ __device__ __forceinline__ float load_step(const float* __restrict__ scale, int6
                   __func__);
   }
   return s;
-}
-
-// IEEE round-to-nearest reciprocal without flush-to-zero, whatever the fast-math flags.
-__device__ __forceinline__ float rcp_rn(float s) {
-  float r;
-  asm("rcp.rn.f32 %0, %1;" : "=f"(r) : "f"(s));
-  return r;
-}
-
-// ---- the math (operation order mirrors csrc/cpu/vec.h and soft_fake_quant_kernel.h) -------
-// exp(x), x clamped to [-87, 88]: x = n ln2 + r, exp(r) by a degree-6 polynomial, times 2^n.
-__device__ __forceinline__ float sfq_exp(float x) {
-  x = x > 88.f ? 88.f : (x < -87.f ? -87.f : x);  // comparisons keep NaN
-  const float n = rintf(x * 1.44269504088896341f);
-  float r = __fmaf_rn(n, -0.693359375f, x);  // ln2 split in two: n * ln2_hi is exact
-  r = __fmaf_rn(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = __fmaf_rn(p, r, 1.3981999507e-3f);
-  p = __fmaf_rn(p, r, 8.3334519073e-3f);
-  p = __fmaf_rn(p, r, 4.1665795894e-2f);
-  p = __fmaf_rn(p, r, 1.6666665459e-1f);
-  p = __fmaf_rn(p, r, 5.0000001201e-1f);
-  p = __fmaf_rn(__fmul_rn(p, r), r, __fadd_rn(r, 1.0f));
-  // 2^n built from its exponent bits (n in [-126, 127] here; NaN converts to 0, p stays NaN).
-  return __fmul_rn(p, __int_as_float((static_cast<int>(n) + 127) << 23));
-}
-
-// tanh(z): an odd polynomial for |z| < 0.625 (where 1 - 2/(e^{2|z|}+1) cancels), else the
-// exp form, which saturates to +-1.
-__device__ __forceinline__ float sfq_tanh(float z) {
-  const float a = fabsf(z);
-  const float s = __fmul_rn(z, z);
-  float p = -5.70498872745e-3f;
-  p = __fmaf_rn(p, s, 2.06390887954e-2f);
-  p = __fmaf_rn(p, s, -5.37397155531e-2f);
-  p = __fmaf_rn(p, s, 1.33314422036e-1f);
-  p = __fmaf_rn(p, s, -3.33332819422e-1f);
-  const float small = __fmaf_rn(__fmul_rn(p, s), z, z);
-  float big = __fsub_rn(1.0f, __fdiv_rn(2.0f, __fadd_rn(sfq_exp(__fadd_rn(a, a)), 1.0f)));
-  big = z < 0.f ? -big : big;
-  return a < 0.625f ? small : big;
-}
-
-// y of one element: c = clamp(x r, qn, qp); q = rint(c) | sigma(c) | c (soft at k = 0).
-__device__ __forceinline__ float fwd_elem(float x, float s, float r, const SfqConsts& P) {
-  const float v = __fmul_rn(x, r);
-  const float c = v < P.qn ? P.qn : (v > P.qp ? P.qp : v);  // NaN stays NaN
-  float q;
-  if (!P.soft) {
-    q = rintf(c);  // half to even, like torch.round / nearbyint
-  } else if (P.k0) {
-    q = c;
-  } else {
-    const float fl = floorf(c);
-    const float t = sfq_tanh(__fmul_rn(P.k, __fsub_rn(__fsub_rn(c, fl), 0.5f)));
-    q = __fmaf_rn(t, P.tanh_scale, __fadd_rn(fl, 0.5f));
-  }
-  return __fmul_rn(q, s);
-}
-
-// dx and the step-gradient term of one element:
-//   inside (qn <= v <= qp): dx = gy g,  term = gy (q - v g);   below/above: dx = 0, term = gy qn/qp.
-// NaN v counts as inside, so NaN reaches dx and the step gradient (as on the CPU).
-__device__ __forceinline__ void bwd_elem(float gy, float x, float r, const SfqConsts& P,
-                                         float& dx, float& term) {
-  const float v = __fmul_rn(x, r);
-  const bool below = v < P.qn, above = v > P.qp;
-  const float c = below ? P.qn : (above ? P.qp : v);
-  float g, q;
-  if (P.k0) {
-    g = 1.f;
-    q = P.soft ? c : rintf(c);
-  } else {
-    const float fl = floorf(c);
-    const float t = sfq_tanh(__fmul_rn(P.k, __fsub_rn(__fsub_rn(c, fl), 0.5f)));
-    g = __fmul_rn(P.g_scale, __fsub_rn(1.f, __fmul_rn(t, t)));
-    q = P.soft ? __fmaf_rn(t, P.tanh_scale, __fadd_rn(fl, 0.5f)) : rintf(c);
-  }
-  dx = (below || above) ? 0.f : __fmul_rn(gy, g);
-  term = __fmul_rn(gy, below ? P.qn : (above ? P.qp : __fsub_rn(q, __fmul_rn(v, g))));
 }
 
 // ---- deterministic block sums (fixed shuffle tree, then warp sums in lane order) -----------
