@@ -297,3 +297,134 @@ def test_pure_python_wheel(tmp_path):
     p = _run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(PYTHONPATH=str(site)))
     out = _check_no_ext_output(p)
     assert Path(out["file"]).is_relative_to(site), f"imported {out['file']}, not the wheel"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels' per-element math, built for the host (no GPU here), against the CPU kernel.
+# It is the same source the kernels use (csrc/cuda/soft_fake_quant_math.cuh), with the device
+# _rn intrinsics replaced by plain IEEE operations; y and dx must match the CPU kernel bit for
+# bit on every SIMD level, and the summed step-gradient terms its ds.
+# ---------------------------------------------------------------------------------------------
+_MATH_HARNESS = r"""
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "cuda/soft_fake_quant_math.cuh"
+
+// Records until EOF: int32 n, soft, k0; float qn, qp, k, tanh_scale, g_scale, s; x[n], gy[n].
+// Writes y[n], dx[n], term[n] per record.
+int main(int argc, char** argv) {
+  FILE* in = std::fopen(argv[1], "rb");
+  FILE* out = std::fopen(argv[2], "wb");
+  int32_t head[3];
+  float f[6];
+  while (std::fread(head, sizeof head, 1, in) == 1 && std::fread(f, sizeof f, 1, in) == 1) {
+    const int32_t n = head[0];
+    const qgait::cuda::SfqConsts P{f[0], f[1], f[2], f[3], f[4], head[1] != 0, head[2] != 0};
+    const float s = f[5], r = qgait::cuda::rcp_rn(s);
+    std::vector<float> x(n), gy(n), y(n), dx(n), term(n);
+    if (std::fread(x.data(), 4, n, in) != size_t(n) || std::fread(gy.data(), 4, n, in) != size_t(n))
+      return 2;
+    for (int32_t i = 0; i < n; ++i) {
+      y[i] = qgait::cuda::fwd_elem(x[i], s, r, P);
+      qgait::cuda::bwd_elem(gy[i], x[i], r, P, dx[i], term[i]);
+    }
+    std::fwrite(y.data(), 4, n, out);
+    std::fwrite(dx.data(), 4, n, out);
+    std::fwrite(term.data(), 4, n, out);
+  }
+  std::fclose(out);
+  return 0;
+}
+"""
+
+# (step, qn, qp, k, soft): a power-of-two step (exact ties v = m + 1/2) and a generic one.
+_MATH_CASES = [(s, qn, qp, k, soft) for s in (0.25, 0.037) for (qn, qp) in ((-128, 127), (0, 15))
+               for k in (0.0, 2.5, 8.0) for soft in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def cuda_math_host(tmp_path_factory):
+    from qgait import _ext
+
+    if not _ext.HAS_C:
+        pytest.skip("qgait._C (the CPU kernel to compare with) is not built")
+    if CUDA_HOME is None or not (CUDA_HOME / "include" / "cuda_runtime.h").exists():
+        pytest.skip("CUDA runtime headers not found (set CUDA_HOME)")
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler")
+    import numpy as np
+
+    from qgait.ops.soft_quant import _tanh_consts
+
+    tmp = tmp_path_factory.mktemp("cuda_math")
+    (tmp / "harness.cpp").write_text(_MATH_HARNESS)
+    exe = tmp / "harness"
+    # Contraction off: the device helpers are _rn intrinsics, which are never fused either.
+    p = _run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", f"-I{ROOT / 'csrc'}",
+              f"-I{CUDA_HOME / 'include'}", str(tmp / "harness.cpp"), "-o", str(exe)])
+    assert p.returncode == 0, _fail_output(p)
+
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for s, qn, qp, k, soft in _MATH_CASES:
+        v = torch.cat([torch.randn(3000, generator=g) * (qp - qn) / 2,  # wide, clipping both ends
+                       torch.rand(1500, generator=g) * (qp - qn + 4) + qn - 2,  # uniform + edges
+                       torch.arange(2 * qn - 2, 2 * qp + 3) / 2.0])  # ties and the grid's ends
+        x = torch.cat([v * s, torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"),
+                                            1e30, -1e30, 1e-30])])
+        xs.append((x, torch.randn(x.shape, generator=g)))
+    with open(tmp / "in.bin", "wb") as f:
+        for (s, qn, qp, k, soft), (x, gy) in zip(_MATH_CASES, xs):
+            ts, gs = (0.0, 1.0) if k == 0 else _tanh_consts(k)
+            f.write(np.array([x.numel(), soft, k == 0], dtype=np.int32).tobytes())
+            f.write(np.array([qn, qp, k, ts, gs, s], dtype=np.float32).tobytes())
+            f.write(x.numpy().tobytes() + gy.numpy().tobytes())
+    p = _run([str(exe), str(tmp / "in.bin"), str(tmp / "out.bin")])
+    assert p.returncode == 0, _fail_output(p)
+    raw = torch.from_numpy(np.fromfile(tmp / "out.bin", dtype=np.float32))
+    results, off = [], 0
+    for x, gy in xs:
+        n = x.numel()
+        y, dx, term = raw[off:off + 3 * n].view(3, n)
+        results.append((x, gy, y, dx, term))
+        off += 3 * n
+    assert off == raw.numel()
+    return results
+
+
+def _assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str):
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b), f"{what}: NaN positions differ"
+    ia, ib = a[~nan_a].view(torch.int32), b[~nan_b].view(torch.int32)
+    bad = (ia != ib).nonzero().flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} elements differ, e.g. "
+                              f"{a[~nan_a][bad[:3]].tolist()} vs {b[~nan_b][bad[:3]].tolist()}")
+
+
+def test_cuda_math_matches_cpu_kernel(cuda_math_host, cpu_isa):
+    for (s, qn, qp, k, soft), (x, gy, y, dx, term) in zip(_MATH_CASES, cuda_math_host):
+        case = f"s={s} grid=[{qn},{qp}] k={k} soft={soft} isa={cpu_isa}"
+        st = torch.tensor(s)
+        y_cpu = torch.ops.qgait.soft_fake_quant(x, st, -1, qn, qp, k, soft, 1.0)
+        _assert_bits_equal(y, y_cpu, f"y ({case})")
+        if not soft and k == 0.0:
+            # torch's fake-quant too, by value: it returns +0 where ours keeps the sign of -0
+            # ((round(v) + zero_point) - zero_point turns -0 into +0).
+            fin = torch.isfinite(x)
+            ref = torch.fake_quantize_per_tensor_affine(x[fin], s, 0, qn, qp)
+            assert torch.equal(y[fin], ref), f"y vs torch ({case})"
+        fin = torch.isfinite(x)  # ds over finite x (NaN/inf would make the sum NaN)
+        dx_cpu, _ = torch.ops.qgait.soft_fake_quant_backward(gy, x, st, -1, qn, qp, k, soft, 1.0,
+                                                             True, False)
+        # dx to a few ulp only: g = g_scale (1 - t^2) is one fused operation here and in the
+        # AVX builds of the CPU kernel (gcc contracts it), two roundings in its scalar build.
+        torch.testing.assert_close(dx, dx_cpu, rtol=1e-6, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"dx ({case}): {m}")
+        _, ds_cpu = torch.ops.qgait.soft_fake_quant_backward(gy[fin], x[fin], st, -1, qn, qp, k,
+                                                             soft, 1.0, False, True)
+        ds = term[fin].double().sum().item()
+        tol = 1e-5 * term[fin].double().abs().sum().item()
+        assert abs(ds - ds_cpu.item()) <= tol, f"ds ({case}): {ds} vs {ds_cpu.item()}"

@@ -1,7 +1,7 @@
 // CUDA soft fake-quant kernels (math: qgait/ops/soft_quant.py; launchers: soft_fake_quant.cuh).
 //
 // The per-element math lives in soft_fake_quant_math.cuh (host + device, exact under
-// --use_fast_math, elementwise equal to the CPU kernel). Flush-to-zero (part of fast math)
+// --use_fast_math, elementwise equal to the CPU kernel's). Flush-to-zero (part of fast math)
 // remains: only steps below FLT_MIN, absurd for quantization, differ from torch.
 //
 // Layout: x is [outer, C, inner] with step scale[c]. The forward is one flat grid-stride loop
