@@ -32,8 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_FILES = sorted(ROOT.glob("csrc/cuda/*.cu"))
 BIND_FILES = sorted(ROOT.glob("csrc/cuda/*.cpp"))
 ARCHS = ("sm_80", "sm_90")
-# The flags setup.py gives nvcc (minus the gencode list, which is one arch per test here).
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-I", str(ROOT / "csrc")]
+# The flags a setup.py build gives nvcc: torch's own (no implicit half conversions, ...) and
+# setup.py's, minus the gencode list (one arch per test here).
+try:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+except ImportError:  # pragma: no cover - older torch
+    COMMON_NVCC_FLAGS = []
+NVCC_FLAGS = [*COMMON_NVCC_FLAGS, "-std=c++17", "-O3", "--use_fast_math", "-lineinfo",
+              "-I", str(ROOT / "csrc")]
 
 
 def _find_tool(name: str) -> str | None:
