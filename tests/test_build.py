@@ -70,7 +70,7 @@ def _fail_output(p: subprocess.CompletedProcess) -> str:
 # ---------------------------------------------------------------------------------------------
 # Compiles: nvcc for every .cu x arch, and g++ -fsyntax-only for every CUDA bind file (torch has
 # no CUDA here, so setup.py never compiles them: parse them against torch's headers and the
-# CUDA runtime headers instead). All selected jobs start together on a 2-worker pool; each test
+# CUDA runtime headers instead). background_jobs starts every selected job at once; each test
 # waits for its own result.
 # ---------------------------------------------------------------------------------------------
 def _bind_flags(tmp: Path) -> list[str]:
@@ -88,21 +88,44 @@ def _bind_flags(tmp: Path) -> list[str]:
     return flags + [f"-I{CUDA_HOME / 'include'}", f"-I{ROOT / 'csrc'}"]
 
 
-@pytest.fixture(scope="module")
-def compile_jobs(request, tmp_path_factory):
+def _cmake_build_job(build: Path, cmake: str, ninja: str) -> dict:
+    """Configures and builds the op library and the C++ example; returns what happened."""
+    t0 = time.perf_counter()
+    steps = [
+        [cmake, "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+         "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+         "-DQGAIT_BUILD_EXAMPLES=ON"],
+        [cmake, "--build", str(build), "-j", "2"],
+    ]
+    for step, cmd in zip(("configure", "build"), steps):
+        p = _run(cmd)
+        if p.returncode != 0:
+            return {"failed": step, "proc": p}
+    return {"failed": None, "dir": build, "lib": build / "libqgait_ops.so",
+            "seconds": time.perf_counter() - t0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background_jobs(request, tmp_path_factory):
+    """Starts this module's selected compiles at once: nvcc and bind parses two at a time, and
+    the CMake build beside them (so their waits overlap)."""
     out = tmp_path_factory.mktemp("compile")
     have_nvcc = CUDA_HOME is not None
     have_headers = have_nvcc and (CUDA_HOME / "include" / "cuda_runtime.h").exists()
     gxx = shutil.which("g++") or shutil.which("c++")
+    cmake, ninja = _find_tool("cmake"), _find_tool("ninja")
 
     def timed(cmd):
         t0 = time.perf_counter()
         p = _run(cmd)
         return p, time.perf_counter() - t0
 
-    jobs = {}
+    jobs, want_cmake = {}, False
     for it in request.session.items:
+        if Path(str(it.fspath)) != Path(__file__):
+            continue
         name, params = getattr(it, "originalname", ""), getattr(it, "callspec", None)
+        want_cmake |= "cmake_build" in getattr(it, "fixturenames", ())
         if name == "test_nvcc_compiles" and have_nvcc:
             src, arch = params.params["src"], params.params["arch"]
             jobs[(src, arch)] = [str(CUDA_HOME / "bin" / "nvcc"), *NVCC_FLAGS, f"-arch={arch}",
@@ -111,51 +134,49 @@ def compile_jobs(request, tmp_path_factory):
             src = params.params["src"]
             jobs[(src, "g++")] = [gxx, *_bind_flags(out), str(src)]
     pool = cf.ThreadPoolExecutor(max_workers=2)
+    cmake_pool = cf.ThreadPoolExecutor(max_workers=1)
     futures = {key: pool.submit(timed, cmd) for key, cmd in jobs.items()}
-    yield {"futures": futures, "nvcc": have_nvcc, "headers": have_headers, "gxx": gxx}
+    cmake_future = None
+    if want_cmake and cmake and ninja:
+        cmake_future = cmake_pool.submit(_cmake_build_job, tmp_path_factory.mktemp("cmake"),
+                                         cmake, ninja)
+    yield {"futures": futures, "nvcc": have_nvcc, "headers": have_headers, "gxx": gxx,
+           "cmake": cmake_future, "cmake_tools": (cmake, ninja)}
     pool.shutdown(wait=True)
+    cmake_pool.shutdown(wait=True)
 
 
 @pytest.mark.skipif(not CUDA_FILES, reason="no csrc/cuda/*.cu files")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("src", CUDA_FILES, ids=[p.name for p in CUDA_FILES])
-def test_nvcc_compiles(compile_jobs, src, arch):
-    if not compile_jobs["nvcc"]:
+def test_nvcc_compiles(background_jobs, src, arch):
+    if not background_jobs["nvcc"]:
         pytest.skip("nvcc not found (set CUDA_HOME)")
-    p, seconds = compile_jobs["futures"][(src, arch)].result()
+    p, seconds = background_jobs["futures"][(src, arch)].result()
     assert p.returncode == 0, f"nvcc {arch} {src.name} ({seconds:.1f} s):\n{_fail_output(p)}"
 
 
 @pytest.mark.skipif(not BIND_FILES, reason="no csrc/cuda/*.cpp files")
 @pytest.mark.parametrize("src", BIND_FILES, ids=[p.name for p in BIND_FILES])
-def test_cuda_bind_parses(compile_jobs, src):
-    if not compile_jobs["headers"] or not compile_jobs["gxx"]:
+def test_cuda_bind_parses(background_jobs, src):
+    if not background_jobs["headers"] or not background_jobs["gxx"]:
         pytest.skip("needs the CUDA runtime headers (set CUDA_HOME) and g++")
-    p, seconds = compile_jobs["futures"][(src, "g++")].result()
+    p, seconds = background_jobs["futures"][(src, "g++")].result()
     assert p.returncode == 0, f"{src.name} ({seconds:.1f} s):\n{_fail_output(p)}"
 
 
 # ---------------------------------------------------------------------------------------------
-# CMake: one configure + build per session.
+# CMake: one configure + build per session (started by background_jobs).
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cmake_build(tmp_path_factory):
-    cmake, ninja = _find_tool("cmake"), _find_tool("ninja")
-    if cmake is None or ninja is None:
+def cmake_build(background_jobs):
+    if background_jobs["cmake"] is None:
+        cmake, ninja = background_jobs["cmake_tools"]
         pytest.skip(f"needs cmake and ninja (cmake={cmake}, ninja={ninja})")
-    build = tmp_path_factory.mktemp("cmake")
-    t0 = time.perf_counter()
-    p = _run([cmake, "-S", str(ROOT), "-B", str(build), "-G", "Ninja",
-              f"-DCMAKE_MAKE_PROGRAM={ninja}", "-DCMAKE_BUILD_TYPE=Release",
-              f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-              "-DQGAIT_BUILD_EXAMPLES=ON"])
-    assert p.returncode == 0, f"cmake configure failed:\n{_fail_output(p)}"
-    p = _run([cmake, "--build", str(build), "-j", "2"])
-    assert p.returncode == 0, f"cmake build failed:\n{_fail_output(p)}"
-    seconds = time.perf_counter() - t0
-    lib = build / "libqgait_ops.so"
-    assert lib.exists(), f"no {lib.name} in {sorted(q.name for q in build.iterdir())}"
-    return {"dir": build, "lib": lib, "seconds": seconds}
+    res = background_jobs["cmake"].result()
+    assert res["failed"] is None, f"cmake {res['failed']} failed:\n{_fail_output(res['proc'])}"
+    assert res["lib"].exists(), f"no {res['lib'].name} in {sorted(os.listdir(res['dir']))}"
+    return res
 
 
 # Runs in a fresh interpreter: importing qgait there would register the qgait namespace a
