@@ -33,7 +33,8 @@ CUDA_FILES = sorted(ROOT.glob("csrc/cuda/*.cu"))
 BIND_FILES = sorted(ROOT.glob("csrc/cuda/*.cpp"))
 ARCHS = ("sm_80", "sm_90")
 # The flags a setup.py build gives nvcc: torch's own (no implicit half conversions, ...) and
-# setup.py's, minus the gencode list (one arch per test here).
+# setup.py's, minus the gencode list (one arch per test here). No torch include paths: a .cu
+# file that includes a torch header (directly or through csrc/common.h) fails, as it should.
 try:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 except ImportError:  # pragma: no cover - older torch
