@@ -6,10 +6,12 @@
   (without importing qgait) and gets torch's fake-quant results; the C++ example links it and
   calls the op through the dispatcher;
 * qgait imports and computes without its compiled extension: with qgait._C blocked, and as a
-  pure-Python wheel built with QGAIT_NO_EXT=1.
+  pure-Python wheel built with QGAIT_NO_EXT=1;
+* the CUDA kernels' per-element math (csrc/cuda/soft_fake_quant_math.cuh), built for the host,
+  matches the CPU kernel.
 
-Slow parts run once per session (module fixtures); compilers run in subprocesses, two at a
-time (this machine has two shared cores). The CMake build (~40 s of CPU, minutes when the
+Slow parts run once per session (module fixtures); compilers run in subprocesses started
+together at the first test, nvcc/g++ two at a time (this machine has two shared cores). The CMake build (~40 s of CPU, minutes when the
 machine is busy) is marked slow.
 """
 from __future__ import annotations
