@@ -92,7 +92,8 @@ def _sfq_fwd_kernel(x_ptr, y_ptr, s_ptr, r_ptr, N, C, inner, qn, qp, k, tanh_sca
         s = tl.load(s_ptr)
         r = tl.load(r_ptr)
     v, c, g, q = _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT, K0)
-    tl.store(y_ptr + offs, _cast_out(q * s, y_ptr), mask=mask)
+    # + 0.0: -0 -> +0, bit-identical to torch ((round(v) + zp) - zp)
+    tl.store(y_ptr + offs, _cast_out(q * s + 0.0, y_ptr), mask=mask)
 
 
 @triton.jit

@@ -98,7 +98,7 @@ QGAIT_HD float fwd_elem(float x, float s, float r, const SfqConsts& P) {
     const float t = sfq_tanh(mul_rn(P.k, sub_rn(sub_rn(c, fl), 0.5f)));
     q = fma_rn(t, P.tanh_scale, add_rn(fl, 0.5f));
   }
-  return mul_rn(q, s);
+  return add_rn(mul_rn(q, s), 0.f);  // -0 -> +0, bit-identical to torch
 }
 
 // dx and the step-gradient term of one element:

@@ -91,7 +91,7 @@ def _ref_parts(x, scale, axis, qn, qp, k, soft):
 def soft_fake_quant_ref(x, scale, axis=-1, qn=-128, qp=127, k=0.0, soft=False):
     """Reference forward: ``y = q(c) * s`` in x's dtype."""
     v, c, g, q, s = _ref_parts(x, scale, axis, qn, qp, k, soft)
-    return (q * s).to(x.dtype)
+    return (q * s + 0.0).to(x.dtype)  # + 0: -0 -> +0, bit-identical to torch
 
 
 def soft_fake_quant_backward_ref(grad_y, x, scale, axis=-1, qn=-128, qp=127, k=0.0, soft=False,
