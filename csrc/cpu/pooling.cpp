@@ -59,21 +59,34 @@ constexpr const char* kTp = "temporal_pool";
 constexpr const char* kTpB = "temporal_pool_backward";
 
 using FrameFn = void (*)(const float*, float*, float*, float, int64_t);
-using ScatterFn = void (*)(float*, const float*, const float*, float, int64_t);
+using ScatterFn = void (*)(float*, const float*, const float*, float, int64_t, bool);
+using CopyFn = void (*)(float*, const float*, int64_t, bool);
+using FenceFn = void (*)();
 
 struct Fns {
   FrameFn frame;
   ScatterFn scatter;
+  CopyFn copy;
+  FenceFn fence;
 };
 
 Fns fns() {
   switch (cpu_isa()) {
     case Isa::AMX:
-    case Isa::AVX512: return {pool_avx512::tp_frame, pool_avx512::tp_scatter_frame};
-    case Isa::AVX2: return {pool_avx2::tp_frame, pool_avx2::tp_scatter_frame};
-    default: return {pool_scalar::tp_frame, pool_scalar::tp_scatter_frame};
+    case Isa::AVX512:
+      return {pool_avx512::tp_frame, pool_avx512::tp_scatter_frame, pool_avx512::copy_frame,
+              pool_avx512::stream_fence};
+    case Isa::AVX2:
+      return {pool_avx2::tp_frame, pool_avx2::tp_scatter_frame, pool_avx2::copy_frame,
+              pool_avx2::stream_fence};
+    default:
+      return {pool_scalar::tp_frame, pool_scalar::tp_scatter_frame, pool_scalar::copy_frame,
+              pool_scalar::stream_fence};
   }
 }
+
+// Non-temporal stores pay off only when dx is far larger than the caches.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 // Work items per parallel task: enough elements (~32K) to amortise the task overhead.
 int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, elems_per_item)); }
@@ -144,15 +157,17 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
 
 // dx slab of one work item: frame t gets dz where the temporal arg-max is t, else 0.
 template <typename T>
-void scatter(const Fns& f, T* dst, int64_t len, int64_t HW, const int32_t* targ, Scratch& s) {
+void scatter(const Fns& f, T* dst, int64_t len, int64_t HW, const int32_t* targ, bool stream,
+             Scratch& s) {
   const float* dz = s.z.data();
   if (targ != nullptr)
     for (int64_t i = 0; i < HW; ++i) s.idx[i] = static_cast<float>(targ[i]);
   for (int64_t t = 0; t < len; ++t) {
     float* o;
     if constexpr (std::is_same_v<T, float>) o = dst + t * HW; else o = s.frame.data();
-    if (targ == nullptr) std::copy(dz, dz + HW, o);  // a single frame: dz itself
-    else f.scatter(o, dz, s.idx.data(), static_cast<float>(t), HW);
+    const bool st = stream && std::is_same_v<T, float>;
+    if (targ == nullptr) f.copy(o, dz, HW, st);  // a single frame: dz itself
+    else f.scatter(o, dz, s.idx.data(), static_cast<float>(t), HW, st);
     if constexpr (!std::is_same_v<T, float>)
       for (int64_t i = 0; i < HW; ++i) dst[t * HW + i] = static_cast<T>(o[i]);
   }
@@ -237,6 +252,7 @@ at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& t
   const at::Tensor tc = with_t ? targ.contiguous() : targ, sc = with_s ? sarg.contiguous() : sarg;
   at::Tensor dx = empty_huge(x_shape, grad.options());
   const Fns f = fns();
+  const bool stream = static_cast<int64_t>(dx.nbytes()) >= kStreamBytes;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "qgait_sph_bwd", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
@@ -261,8 +277,9 @@ at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& t
         if (sp)
           for (int64_t j = 0; j < B; ++j) s.z[sp[it * B + j]] += static_cast<float>(g[j]);
         scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
-                          tp ? tp + it * HW : nullptr, s);
+                          tp ? tp + it * HW : nullptr, stream, s);
       }
+      if (stream) f.fence();  // order the non-temporal stores before the task ends
     });
   });
   return dx;
@@ -313,6 +330,7 @@ at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor gc = grad.contiguous(), tc = with_t ? targ.contiguous() : targ;
   at::Tensor dx = empty_huge(x_shape, grad.options());
   const Fns f = fns();
+  const bool stream = static_cast<int64_t>(dx.nbytes()) >= kStreamBytes;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "qgait_tp_bwd", [&] {
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
@@ -324,8 +342,9 @@ at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
         const int64_t c = it % C;
         for (int64_t i = 0; i < HW; ++i) s.z[i] = static_cast<float>(gp[it * HW + i]);
         scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
-                          tp ? tp + it * HW : nullptr, s);
+                          tp ? tp + it * HW : nullptr, stream, s);
       }
+      if (stream) f.fence();  // order the non-temporal stores before the task ends
     });
   });
   return dx;
