@@ -16,7 +16,8 @@ from qgait.ops import set_pool_hpp
 
 from _common import machine_info
 
-SHAPES = {"N32-C128-T30-H16-W11": (32, 128, 30, 16, 11), "N8-C256-T30-H32-W22": (8, 256, 30, 32, 22)}
+SHAPES = {"N32-C128-T30-H16-W11": (32, 128, 30, 16, 11),
+          "N8-C256-T30-H32-W22": (8, 256, 30, 32, 22)}
 BINS = {"bins16": (16,), "bins16-8-4-2-1": (16, 8, 4, 2, 1)}
 PROVIDERS = {"qgait-cpu": "qgait", "eager": "baseline", "compiled": "baseline", "x.sum": "ceiling"}
 MODES = ("forward", "forward+backward")

@@ -89,7 +89,9 @@ Fns fns() {
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 // Work items per parallel task: enough elements (~32K) to amortise the task overhead.
-int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, elems_per_item)); }
+int64_t grain(int64_t elems_per_item) {
+  return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, elems_per_item));
+}
 
 // Per-thread scratch, sized once per parallel task.
 struct Scratch {

@@ -186,10 +186,12 @@ if _has_c_ops():
     torch.library.register_fake(f"qgait::{OP_TP}")(_fake_tp)
     torch.library.register_fake(f"qgait::{OP_TP}_backward")(_fake_tp_bwd)
     torch.library.register_autograd(
-        f"qgait::{OP_SPH}", _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_backward(*a)),
+        f"qgait::{OP_SPH}",
+        _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_backward(*a)),
         setup_context=_sph_setup)
     torch.library.register_autograd(
-        f"qgait::{OP_TP}", _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_backward(*a)),
+        f"qgait::{OP_TP}",
+        _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_backward(*a)),
         setup_context=_tp_setup)
 
 # ---------------------------------------------------------------------------------------------
