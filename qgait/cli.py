@@ -155,6 +155,129 @@ def _info(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- QGait pipeline
+@command("demo", "the QGait pipeline end to end on built-in synthetic data (CPU, ~5 min)")
+def _demo(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="runs/demo", help="output folder (resumes if it exists)")
+    p.add_argument("--data", help="an OpenGait pickle tree instead of the synthetic one "
+                   "(then set --data.train_ids / --data.test_ids for its split)")
+    p.add_argument("--fast", action="store_true", help="a tiny run in well under a minute")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args, rest):
+        from qgait.pipeline.demo import run_demo
+        run_demo(args.out, args.data, args.fast, threads=args.threads,
+                 progress=not args.no_progress, overrides=parse_rest(rest))
+        return 0
+    return run
+
+
+@command("pipeline", "fp -> stage 1 (QAT) -> stage 2 (soft + IDC) for each variant, resumable")
+def _pipeline(p: argparse.ArgumentParser):
+    p.add_argument("--config", required=True, help="config name or YAML path (with a pipeline: "
+                   "section)")
+    p.add_argument("--out", required=True, help="output folder; finished stages are skipped")
+    p.add_argument("--data", help="data root (overrides data.root)")
+    p.add_argument("--variants", nargs="+", help="variants to build (default: the config's); "
+                   "known: w8a8 w4a4 w4a4-ste w4a4-soft1 w4a4-noidc")
+    p.add_argument("--fp-checkpoint", help="start from this fp checkpoint instead of stage 0")
+
+    def run(args, rest):
+        from qgait.pipeline.run import run_pipeline
+        from qgait.train import load_config
+        over = parse_rest(rest) or {}
+        if args.data:
+            over.setdefault("data", {})["root"] = args.data
+        cfg = load_config(args.config, over)
+        done = run_pipeline(cfg, args.out, args.variants, fp_checkpoint=args.fp_checkpoint)
+        for k, v in done.items():
+            print(f"{k:<12s} {v}")
+        return 0
+    return run
+
+
+@command("convert", "a quantized checkpoint -> a packed int8/int4 inference model (torch.save)")
+def _convert(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="a qat/soft checkpoint written by qgait train/pipeline")
+    p.add_argument("--out", required=True, help="where to write the packed model (.pt)")
+
+    def run(args, rest):
+        import copy
+
+        import torch
+
+        from qgait.pipeline.demo import inference_nbytes, max_embedding_diff
+        from qgait.quant import convert
+        model, cfg = load_checkpoint_model(args.checkpoint)
+        if cfg["stage"] == "fp":
+            raise SystemExit("qgait convert: this is a full-precision checkpoint; convert the "
+                             "output of stage qat or soft")
+        packed = convert(copy.deepcopy(model).eval())
+        g = torch.Generator().manual_seed(0)
+        x = (torch.rand(1, 1, 30, 64, 44, generator=g) > 0.5).float()
+        diff = max_embedding_diff(model, packed, x)
+        from qgait.train.trainer import atomic_save
+        atomic_save({"model": packed, "config": cfg, "format": "qgait-packed-1"}, args.out)
+        print(f"packed model: {inference_nbytes(packed):,d} bytes (fake-quant fp32 model "
+              f"{inference_nbytes(model):,d}); embeddings vs fake-quant: max relative "
+              f"difference {diff:.2e}; wrote {args.out}")
+        return 0 if diff < 1e-3 else 1
+    return run
+
+
+def load_any_model(path):
+    """A training checkpoint, a packed model (qgait convert) or an ONNX file -> (model-like
+    callable with ``(x, seqL) -> {"embeddings"}``, config or None)."""
+    import torch
+    if str(path).endswith(".onnx"):
+        from qgait.export import OnnxEmbedder
+        emb = OnnxEmbedder(path)
+        return (lambda x, seqL=None: {"embeddings": emb(x, seqL)}), None
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ck, dict) and ck.get("format") == "qgait-packed-1":
+        return ck["model"].eval(), ck["config"]
+    return load_checkpoint_model(path)
+
+
+@command("embed", "print or save the embedding of one silhouette sequence")
+def _embed(p: argparse.ArgumentParser):
+    p.add_argument("model", help="a checkpoint, a packed model (.pt) or an ONNX model")
+    p.add_argument("sequence", help="a folder of silhouette PNGs, or an OpenGait .pkl/.pkl.gz")
+    p.add_argument("--save", help="write the embedding [C, P] here (.npy)")
+
+    def run(args, rest):
+        import numpy as np
+        import torch
+
+        from qgait.data.pickle_io import load_pickle
+        seq = Path(args.sequence)
+        if seq.is_dir():
+            from qgait.data.import_png import load_png_sequence
+            frames = load_png_sequence(seq)
+        else:
+            frames = load_pickle(seq)
+        frames = np.asarray(frames)
+        if frames.ndim != 3 or frames.shape[1:] not in ((64, 64), (64, 44)):
+            raise SystemExit(f"qgait embed: {seq}: expected frames [T, 64, 64] or [T, 64, 44], "
+                             f"got {frames.shape}")
+        if frames.shape[2] == 64:
+            frames = frames[:, :, 10:54]
+        x = torch.from_numpy((frames > 127 if frames.max() > 1 else frames > 0)
+                             .astype(np.float32))[None, None]
+        model, _ = load_any_model(args.model)
+        with torch.inference_mode():
+            e = model(x)["embeddings"][0].float()
+        if args.save:
+            np.save(args.save, e.numpy())
+            print(f"wrote {args.save} {tuple(e.shape)}")
+        else:
+            torch.set_printoptions(precision=4, threshold=64)
+            print(f"embedding {tuple(e.shape)} (channels x parts):\n{e}")
+        return 0
+    return run
+
+
 def parse_rest(rest):
     from qgait.train.config import parse_overrides
     return parse_overrides(rest) if rest else None

@@ -52,6 +52,18 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
+def load_png_sequence(folder, min_pixels: int = 100) -> np.ndarray:
+    """One folder of raw silhouette PNGs -> normalised uint8 frames [T, 64, 64] (the same
+    preprocessing as ``import_png``)."""
+    pngs = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() == ".png")
+    if not pngs:
+        raise ValueError(f"{folder}: no PNG files")
+    arr = normalise_frames([_read_png(f) for f in pngs], min_pixels=min_pixels)
+    if arr.shape[0] == 0:
+        raise ValueError(f"{folder}: no frame has a silhouette of >= {min_pixels} pixels")
+    return arr
+
+
 def _convert(job):
     folder, out, min_pixels = job
     pngs = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() == ".png")

@@ -55,6 +55,8 @@ DEFAULTS: dict[str, Any] = {
         "idc_weight": 1.0, "idc_beta": 1.0,
         "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
     },
+    # qgait pipeline: per-stage overrides and the variants to build (qgait/pipeline/run.py)
+    "pipeline": {"fp": {}, "qat": {}, "soft": {}, "variants": ["w8a8", "w4a4"]},
     "extra": {},
 }
 
@@ -72,7 +74,7 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         key = f"{path}{k}"
-        if k not in base and not path.startswith("extra"):
+        if k not in base and not path.startswith(("extra", "pipeline")):
             raise ValueError(f"config: unknown key {key!r} (known: {', '.join(sorted(base))})")
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             out[k] = _merge(base[k], v, key + ".")
