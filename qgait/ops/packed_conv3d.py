@@ -292,3 +292,128 @@ def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
             float(neg_slope), OUTS[out], out_scale, out_qn, out_qp)
     impl = _backend.select(OP, _BACKENDS, backend, x.device.type == "cpu", x)
     return impl.run(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module.
+# ---------------------------------------------------------------------------------------------
+class PackedConv3d(torch.nn.Module):
+    """Inference Conv3d with packed int8 / int4 weights and integer arithmetic.
+
+    Built by :func:`qgait.quant.convert` from a trained ``SoftQuantConv3d`` (optionally with the
+    BatchNorm3d and ReLU / LeakyReLU after it folded into the epilogue), or by hand. Input
+    ``[N, C_in, T, H, W]``: float32 (quantized with ``a_scale`` inside the op), int8 / uint8
+    codes on this layer's activation grid (from a previous packed layer with ``out_scale`` set),
+    or, when ``a_bits is None``, a binary silhouette (bool / uint8, or float holding only 0 and
+    1). Output ``[N, C_out, T', H', W']`` (channels_last_3d): fp32, or the next layer's codes
+    when ``out_scale`` is set.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv3d`` (zero padding; ``groups`` must be 1).
+        w_bits: 2..8 weight bits (stored as int4 for <= 4, else int8).
+        a_bits: 2..8 activation bits, or None for a binary input. a_signed: activation grid.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, *, w_bits=8, a_bits=8, a_signed=False, device=None):
+        super().__init__()
+        from qgait.quant.packing import storage_bits
+
+        if groups != 1:
+            raise ValueError(f"qgait::{OP}: PackedConv3d supports groups=1 only, got "
+                             f"groups={groups}")
+        if a_bits is not None:
+            _grid(a_bits, a_signed, "activation")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = tuple(_triple("kernel_size", kernel_size, 1))
+        self.stride = tuple(_triple("stride", stride, 1))
+        self.padding = tuple(_triple("padding", padding, 0))
+        self.dilation = tuple(_triple("dilation", dilation, 1))
+        self.w_bits, self.a_bits, self.a_signed = int(w_bits), a_bits, bool(a_signed)
+        self.storage_bits = storage_bits(self.w_bits)
+        cb = in_channels if self.storage_bits == 8 else (in_channels + 1) // 2
+        dt = torch.int8 if self.storage_bits == 8 else torch.uint8
+        self.register_buffer("w_packed", torch.zeros(out_channels, *self.kernel_size, cb,
+                                                     dtype=dt, device=device))
+        self.register_buffer("w_scale", torch.ones(out_channels, device=device))
+        self.register_buffer("a_scale", torch.ones((), device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
+        self.register_buffer("bn_scale", None)
+        self.register_buffer("bn_shift", None)
+        self.register_buffer("out_scale", None)  # set: output the next layer's codes
+        self.act, self.neg_slope = "none", 0.01
+        self.out_bits, self.out_signed = 8, False
+        self.backend = None
+
+    @classmethod
+    def from_soft(cls, conv, bn: torch.nn.BatchNorm3d | None = None,
+                  act: torch.nn.Module | None = None) -> "PackedConv3d":
+        """From a trained ``SoftQuantConv3d`` (hard-mode integers of its learned steps),
+        folding an eval-mode ``bn`` (running statistics) and a ReLU / LeakyReLU ``act``."""
+        from qgait.quant.packing import pack_weight, quantize_weight
+
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"qgait::{OP}: only zero padding given as numbers is supported, "
+                             f"got padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, w_bits=conv.w_bits,
+                a_bits=conv.a_bits, a_signed=bool(conv.a_signed) if conv.a_bits else False,
+                device=conv.weight.device)
+        with torch.no_grad():
+            w_int = quantize_weight(conv.weight, conv.w_scale, conv.w_bits)
+            m.w_packed.copy_(pack_weight(w_int, m.storage_bits))
+            m.w_scale.copy_(conv.w_scale.detach().float())
+            m.a_scale.copy_(conv.a_scale.detach().float().reshape(()))
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias.detach().float())
+            if bn is not None:
+                inv = torch.rsqrt(bn.running_var.float() + bn.eps)
+                g = bn.weight.detach().float() * inv if bn.affine else inv
+                b = bn.bias.detach().float() if bn.affine else torch.zeros_like(inv)
+                m.bn_scale = g.contiguous()
+                m.bn_shift = (b - bn.running_mean.float() * g).contiguous()
+        if isinstance(act, torch.nn.ReLU):
+            m.act = "relu"
+        elif isinstance(act, torch.nn.LeakyReLU):
+            m.act, m.neg_slope = "leaky_relu", float(act.negative_slope)
+        elif act is not None:
+            raise ValueError(f"qgait::{OP}: cannot fold activation {type(act).__name__}")
+        return m
+
+    def set_output_quant(self, out_scale: torch.Tensor | None, bits: int = 8,
+                         signed: bool = False) -> None:
+        """Requantize the output to the next layer's step (None: fp32 output)."""
+        self.out_scale = None if out_scale is None else out_scale.detach().float().reshape(())
+        self.out_bits, self.out_signed = int(bits), bool(signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_scale = self.a_scale
+        if self.a_bits is None:
+            x_scale = None
+            if x.is_floating_point():
+                xb = x.to(torch.uint8)
+                if not torch.equal(xb.to(x.dtype), x) or bool((xb > 1).any()):
+                    raise ValueError(f"qgait::{OP}: this layer takes a binary input (a_bits="
+                                     "None) but x holds values other than 0 and 1")
+                x = xb
+        return packed_conv3d(
+            x, self.w_packed, self.w_scale, w_bits=self.storage_bits, c_in=self.in_channels,
+            x_scale=x_scale, in_bits=self.a_bits or 8, in_signed=self.a_signed,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, bias=self.bias,
+            bn_scale=self.bn_scale, bn_shift=self.bn_shift, act=self.act,
+            neg_slope=self.neg_slope, out="quant" if self.out_scale is not None else "float",
+            out_scale=self.out_scale, out_bits=self.out_bits, out_signed=self.out_signed,
+            backend=self.backend)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+             f"w_bits={self.w_bits} (int{self.storage_bits}), a_bits={self.a_bits}")
+        if self.bn_scale is not None:
+            s += ", bn folded"
+        if self.act != "none":
+            s += f", act={self.act}"
+        if self.out_scale is not None:
+            s += f", out=int{self.out_bits}"
+        return s
