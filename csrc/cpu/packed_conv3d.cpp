@@ -31,6 +31,10 @@
 #include "cpu/isa.h"
 #include "packed_conv3d.h"
 
+// The epilogue must round like the reference (a multiply, then an add); g++ would otherwise
+// contract them into FMAs, also across intrinsics.
+#pragma GCC optimize("fp-contract=off")
+
 namespace qgait {
 namespace {
 

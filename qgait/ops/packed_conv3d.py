@@ -286,9 +286,14 @@ def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         _check_scale("out_scale", out_scale)
         out_scale = out_scale.reshape(())
         out_qn, out_qp = _grid(out_bits, out_signed, "output")
-    args = (x, x_scale, in_qn, in_qp, w_packed, w_scale, int(w_bits), int(c_in),
-            _triple("stride", stride, 1), _triple("padding", padding, 0),
-            _triple("dilation", dilation, 1), bias, bn_scale, bn_shift, ACTS[act],
+    st, pd, dl = (_triple("stride", stride, 1), _triple("padding", padding, 0),
+                  _triple("dilation", dilation, 1))
+    sizes = [_out_size(x.shape[2 + i], w_packed.shape[1 + i], st[i], pd[i], dl[i])
+             for i in range(3)]
+    if min(sizes) < 1:
+        raise ValueError(f"qgait::{OP}: input {tuple(x.shape)} is too small for kernel "
+                         f"{tuple(w_packed.shape[1:4])} with padding {pd} and dilation {dl}")
+    args = (x, x_scale, in_qn, in_qp, w_packed, w_scale, int(w_bits), int(c_in), st, pd, dl, bias, bn_scale, bn_shift, ACTS[act],
             float(neg_slope), OUTS[out], out_scale, out_qn, out_qp)
     impl = _backend.select(OP, _BACKENDS, backend, x.device.type == "cpu", x)
     return impl.run(*args)
