@@ -94,6 +94,18 @@ inline void epi_one(const Epi& E, int64_t co, int32_t a, void* y, int64_t idx) {
   else static_cast<uint8_t*>(y)[idx] = static_cast<uint8_t>(q);
 }
 
+// ---- input quantization: codes u = rint(clamp(x * r, qn, qp)) + zp --------------------------
+// A NaN maps to qn (the comparisons below are false for NaN), like vmaxps in the AVX-512 row.
+using QuantRowFn = void (*)(const float*, int64_t, uint8_t*, float, float, float, int);
+void quant_row_scalar(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] * r;
+    v = v > qn ? v : qn;
+    v = v < qp ? v : qp;
+    u[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + zp);
+  }
+}
+
 // ---- scalar path ----------------------------------------------------------------------------
 // ws: int16 weights [Co][taps][Cp] (int4 already unpacked).
 void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
@@ -326,6 +338,20 @@ void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nc
   }
 }
 
+void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp,
+                      int zp) {
+  const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vr);
+    v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);  // max(NaN, qn) = qn
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+    _mm512_mask_cvtepi32_storeu_epi8(u + i, mk, q);  // 0..255 after the shift
+  }
+}
+
 // Work item = (output row, group of up to 64 output channels).
 template <bool I4>
 void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
@@ -388,47 +414,54 @@ std::vector<uint8_t> build_input(const at::Tensor& x, const ConvGeom& g, int64_t
   std::vector<int64_t> pc(g.C);
   for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
   const auto st = x.strides();
-  const bool clast = st[1] == 1;
   const auto dt = x.scalar_type();
+  const bool flt = dt == at::kFloat;
   const void* xv = x.const_data_ptr();
-  const float* xf = static_cast<const float*>(xv);
+  const QuantRowFn qrow = cpu_isa() >= Isa::AVX512 ? quant_row_avx512 : quant_row_scalar;
+  // rows of channels (channels-last) or rows of W (any other order with unit W stride)
+  const bool clast = st[1] == 1 && g.C > 1;
+  const bool wrows = !clast && st[4] == 1;
   at::parallel_for(0, g.N * g.T * g.H, 16, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> tmp(clast ? 0 : g.W);
+    std::vector<uint8_t> tmp(g.C * g.W);
     for (int64_t row = b; row < e; ++row) {
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
       uint8_t* dst = buf.data() + (((n * Tp + t + g.pT) * Hp + h + g.pH) * Wp + g.pW) * Cp;
       const int64_t off = n * st[0] + t * st[2] + h * st[3];
-      auto code = [&](int64_t i) -> uint8_t {
-        if (dt == at::kFloat) {
-          float v = xf[i] * r;
-          v = std::min(std::max(v, qn), qp);
-          return static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + zp);
-        }
-        if (dt == at::kChar) return static_cast<uint8_t>(static_cast<const int8_t*>(xv)[i] + zp);
-        if (dt == at::kBool) return static_cast<const bool*>(xv)[i] ? 1 : 0;
-        return static_cast<uint8_t>(static_cast<const uint8_t*>(xv)[i] + zp);
-      };
       if (clast) {
-        for (int64_t w = 0; w < g.W; ++w)
-          for (int64_t ch = 0; ch < g.C; ++ch)
-            dst[w * Cp + pc[ch]] = code(off + ch * st[1] + w * st[4]);
-      } else {
-        for (int64_t ch = 0; ch < g.C; ++ch) {
-          const int64_t o = off + ch * st[1];
-          if (dt == at::kFloat && st[4] == 1) {
-            // contiguous rows: a loop the compiler vectorizes
-            const float* src = xf + o;
-            for (int64_t w = 0; w < g.W; ++w) {
-              float v = src[w] * r;
-              v = std::min(std::max(v, qn), qp);
-              tmp[w] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + zp);
-            }
-          } else {
-            for (int64_t w = 0; w < g.W; ++w) tmp[w] = code(o + w * st[4]);
+        // one pixel's channels are contiguous
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t o = off + w * st[4];
+          uint8_t* d = dst + w * Cp;
+          if (flt) {
+            qrow(static_cast<const float*>(xv) + o, g.C, tmp.data(), r, qn, qp, zp);
+          } else if (dt == at::kChar) {
+            const int8_t* src = static_cast<const int8_t*>(xv) + o;
+            for (int64_t ch = 0; ch < g.C; ++ch) tmp[ch] = static_cast<uint8_t>(src[ch] + zp);
+          } else {  // uint8 / bool (zp = 0): the codes themselves
+            std::memcpy(tmp.data(), static_cast<const uint8_t*>(xv) + o, g.C);
           }
-          for (int64_t w = 0; w < g.W; ++w) dst[w * Cp + pc[ch]] = tmp[w];
+          if (!perm) std::memcpy(d, tmp.data(), g.C);
+          else for (int64_t ch = 0; ch < g.C; ++ch) d[pc[ch]] = tmp[ch];
+        }
+        continue;
+      }
+      // channel rows into tmp [C][W], then transposed into the channels-last buffer
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const int64_t o = off + ch * st[1];
+        uint8_t* tr = tmp.data() + ch * g.W;
+        if (flt && wrows) {
+          qrow(static_cast<const float*>(xv) + o, g.W, tr, r, qn, qp, zp);
+          continue;
+        }
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t i = o + w * st[4];
+          if (flt) quant_row_scalar(static_cast<const float*>(xv) + i, 1, tr + w, r, qn, qp, zp);
+          else if (dt == at::kChar) tr[w] = static_cast<uint8_t>(static_cast<const int8_t*>(xv)[i] + zp);
+          else tr[w] = static_cast<const uint8_t*>(xv)[i];  // uint8 / bool
         }
       }
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t ch = 0; ch < g.C; ++ch) dst[w * Cp + pc[ch]] = tmp[ch * g.W + w];
     }
   });
   return buf;
