@@ -407,10 +407,22 @@ inline int64_t buf_channel(int64_t ch, bool perm) {
 }
 
 // Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
-std::vector<uint8_t> build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp,
-                                 int64_t Wp, int64_t Cp, int zp, bool perm, float r, float qn,
-                                 float qp) {
-  std::vector<uint8_t> buf(static_cast<size_t>(g.N * Tp * Hp * Wp * Cp), static_cast<uint8_t>(zp));
+// The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
+// this size would page-fault on first touch at every call.
+std::vector<uint8_t>& input_scratch() {
+  static thread_local std::vector<uint8_t> buf;
+  return buf;
+}
+
+uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp, int64_t Wp,
+                     int64_t Cp, int zp, bool perm, float r, float qn, float qp) {
+  std::vector<uint8_t>& buf = input_scratch();
+  const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
+  if (buf.size() < total) buf.resize(total);
+  // padding (and the channel tail) holds the code of zero; interiors are overwritten below
+  at::parallel_for(0, static_cast<int64_t>(total), 1 << 20, [&](int64_t b, int64_t e) {
+    std::memset(buf.data() + b, zp, static_cast<size_t>(e - b));
+  });
   std::vector<int64_t> pc(g.C);
   for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
   const auto st = x.strides();
@@ -464,7 +476,7 @@ std::vector<uint8_t> build_input(const at::Tensor& x, const ConvGeom& g, int64_t
         for (int64_t ch = 0; ch < g.C; ++ch) dst[w * Cp + pc[ch]] = tmp[ch * g.W + w];
     }
   });
-  return buf;
+  return buf.data();
 }
 
 // Integer weight w[co][tap][ch] from the public packed tensor [Co, kT, kH, kW, Cb].
@@ -506,9 +518,8 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   c.Coutp = (g.Co + 15) / 16 * 16;
   const int zp = in_qn < 0 ? 128 : 0;
   const float xs = x_scale.item<float>();
-  std::vector<uint8_t> xbuf = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, i4v, 1.0f / xs,
-                                          static_cast<float>(in_qn), static_cast<float>(in_qp));
-  c.xp = xbuf.data();
+  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, i4v, 1.0f / xs,
+                     static_cast<float>(in_qn), static_cast<float>(in_qp));
   for (int64_t kt = 0; kt < g.kT; ++kt)
     for (int64_t kh = 0; kh < g.kH; ++kh)
       for (int64_t kw = 0; kw < g.kW; ++kw)
