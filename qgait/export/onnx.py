@@ -321,6 +321,9 @@ def _lower(model_proto, int4_weights: bool, int4_acts: bool, opset: int) -> bool
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
+    real_inputs = [i for i in graph.input if i.name not in inits]
+    del graph.input[:]
+    graph.input.extend(real_inputs)
     # Drop the placeholders' inputs no node reads any more (the int8 copies of the weights).
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
@@ -489,12 +492,20 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor | None = None,
         # The tracer's warnings concern Python-side checks on static sizes (H, W, bins); T, the
         # one dynamic axis, only reaches operators that take any length (Conv, ReduceMax).
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Our choice of the legacy exporter (module docstring) and torch's own use of a
+        # deprecated helper inside it; neither is something a caller can act on.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
         torch.onnx.export(wrapper, (example,), buf, dynamo=False,
                           opset_version=min(opset, _TORCHSCRIPT_MAX_OPSET),
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {2: "T"}},
-                          custom_opsets={DOMAIN: 1}, do_constant_folding=True)
+                          custom_opsets={DOMAIN: 1} if layers else None,
+                          do_constant_folding=True,
+                          # True skips torch's deduplication of equal initializers, which
+                          # leaves dangling references in our placeholder nodes when two layers
+                          # share a step value; _lower drops them from the inputs again.
+                          keep_initializers_as_inputs=True)
     traced = buf.getvalue()
     # INT4 plans, best first. "auto" keeps the first one onnxruntime loads and runs with its
     # default (full) graph optimizations on this very graph: onnxruntime 1.32 accepts INT4 QDQ
