@@ -182,7 +182,8 @@ def _dyadic(v: torch.Tensor) -> torch.Tensor:
 
 
 def make_dyadic_model(w_bits, a_bits):
-    """A TinyGait whose every fp32 operation is exact: power-of-two steps and BN scales, BN bias
+    """A TinyGait whose every fp32 operation is exact: power-of-two steps (activation steps a
+    quarter of the learned ones, so that grids saturate) and BN scales, BN bias
     on a 1/16 grid, mean 0, var 1, eps 0, LeakyReLU slope 1/4, strips of 2^k elements (input
     64 x 32 -> 16 x 8 maps). Then both graphs compute exactly the real-number result."""
     m = make_model(w_bits, a_bits, hw=(64, 32), slope=0.25)
@@ -190,7 +191,9 @@ def make_dyadic_model(w_bits, a_bits):
         for mod in m.modules():
             if isinstance(mod, (SoftQuantConv3d, SoftQuantLinear)):
                 mod.w_scale.copy_(_dyadic(mod.w_scale))
-                mod.a_scale.copy_(_dyadic(mod.a_scale))
+                # a quarter of the learned step: many inputs saturate, which checks the
+                # grid's bounds (the Clip of 4-bit grids in 8-bit containers) as well
+                mod.a_scale.copy_(_dyadic(mod.a_scale) / 4)
                 if mod.bias is not None:
                     mod.bias.copy_(torch.round(mod.bias * 16) / 16)
             elif isinstance(mod, nn.BatchNorm3d):
@@ -206,12 +209,14 @@ def make_dyadic_model(w_bits, a_bits):
                          ids=["w8a8", "w4a4-auto", "w4a4-portable"])
 def test_exact_on_dyadic_model(tmp_path, bits, int4):
     m = make_dyadic_model(*bits)
-    ties = []
+    ties, saturated = [], []
 
     def count_ties(mod, inp, out):
         if mod.a_bits is not None:
             v = inp[0].double() / mod.a_scale.double()
+            qn, qp = qgait.ops.quant_grid(mod.a_bits, mod.a_signed)
             ties.append(int(((v - v.floor()) == 0.5).sum()))
+            saturated.append(int(((v > qp + 0.5) | (v < qn - 0.5)).sum()))
 
     hooks = [mod.register_forward_hook(count_ties) for mod in m.modules()
              if isinstance(mod, (SoftQuantConv3d, SoftQuantLinear))]
@@ -224,6 +229,7 @@ def test_exact_on_dyadic_model(tmp_path, bits, int4):
     for x, want in zip(xs, wants):
         assert torch.equal(embed(m64, x.double()).float(), want)
     assert sum(ties) > 100, "the dyadic model should hit rounding ties (half to even)"
+    assert sum(saturated) > 100, "the dyadic model should saturate its grids"
     info = export_onnx(m, tmp_path / "d.onnx", example=xs[0], int4=int4)
     emb = OnnxEmbedder(info["path"])
     for x, want in zip(xs, wants):
