@@ -484,3 +484,44 @@ def test_export_leaves_the_model_untouched(models, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(mod.mode == "hard" and mod.initialized for mod in m.modules()
                if isinstance(mod, (SoftQuantConv3d, SoftQuantLinear)))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI glue and GaitLite3D.
+# ---------------------------------------------------------------------------------------------
+def test_cli_export_gaitlite3d_checkpoint(tmp_path, monkeypatch, capsys):
+    """A training checkpoint of a quantized GaitLite3D (a stand-in QAT stage) -> .onnx + .json;
+    the BNNeck / classifier head is not part of the graph (embeddings only)."""
+    import argparse
+    import json
+
+    trainer = pytest.importorskip("qgait.train.trainer")
+    from qgait.export.cli import add_export_onnx_args, main_export_onnx
+    from qgait.models import build_model
+    from qgait.train import load_config
+
+    def prepare(model, cfg):
+        return qgait.quantize_(model, qgait.QuantConfig(w_bits=4, a_bits=8))
+
+    monkeypatch.setitem(trainer.STAGES, "qat-test", trainer.Stage("qat-test", prepare))
+    cfg = load_config(None, {"model": {"width": 0.25}})
+    cfg["stage"] = "qat-test"
+    m = cfg["model"]
+    model = prepare(build_model(m["name"], num_classes=5, width=m["width"],
+                                embed_dim=m["embed_dim"], bins=tuple(m["bins"]),
+                                scale=m["scale"]), cfg)
+    with torch.no_grad():
+        model(torch.cat([default_example(model, 10, seed=s) for s in range(3)]))
+    ck = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "config": cfg, "stage": "qat-test"}, ck)
+    args = add_export_onnx_args(argparse.ArgumentParser()).parse_args(
+        [str(ck), "--frames", "12"])
+    assert main_export_onnx(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    info = json.loads((tmp_path / "last.json").read_text())
+    assert info["path"] == str(tmp_path / "last.onnx") and info["quant_layers"] == 6
+    assert info["max_rel_diff"] <= RTOL_SUM and info["int4_weights"] == INT4_OK
+    g = onnx.load(info["path"]).graph
+    assert [o.name for o in g.output] == ["embeddings"]
+    assert sum(n.op_type == "Conv" for n in g.node) == 6
+    assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 6  # stem's binary input too

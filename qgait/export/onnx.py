@@ -468,6 +468,11 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor | None = None,
     if opset is not None and (not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET):
         raise ValueError(f"qgait::{OP}: opset must be an int in {MIN_OPSET}..{MAX_OPSET} "
                          f"(13: per-channel DequantizeLinear, 21: INT4), got {opset!r}")
+    packed = [n for n, m in model.named_modules() if type(m).__name__ == "PackedConv3d"]
+    if packed:
+        raise TypeError(f"qgait::{OP}: layer '{packed[0]}' is a PackedConv3d (qgait.quant."
+                        "convert's integer kernels); export the fake-quant model from before "
+                        "convert(): the QDQ graph carries the same integers")
     layers = quant_layers(model)
     if not layers:
         warnings.warn(f"qgait::{OP}: the model has no SoftQuant layers; writing a plain fp32 "
