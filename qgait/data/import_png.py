@@ -24,7 +24,7 @@ import numpy as np
 from qgait.data.pickle_io import save_pickle
 from qgait.data.preprocess import normalise_frames
 
-__all__ = ["import_png", "find_sequences", "main"]
+__all__ = ["find_sequences", "import_png", "main"]
 
 
 def _dirs(p: Path) -> list[Path]:
