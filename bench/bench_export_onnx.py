@@ -36,7 +36,7 @@ from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantLinear  # noqa: E402
 from _common import machine_info  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from test_export_onnx import TinyGait, make_model  # noqa: E402
+from test_export_onnx import make_model  # noqa: E402
 
 FRAMES = 30
 PRECISIONS = {"fp32": None, "w8a8": (8, 8), "w4a4": (4, 4)}

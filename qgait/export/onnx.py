@@ -19,12 +19,17 @@ What the graph computes (the deployed form of the hard forward of every SoftQuan
   ops are traced through their pure-PyTorch references, so ``set_pool_hpp`` becomes
   ``ReduceMax`` over T and, per bin, ``Reshape + ReduceMean + ReduceMax + Add``, then ``Concat``.
 
+INT4 (opset 21): weights are INT4 initializers (two per byte) wherever onnxruntime runs INT4;
+activations use INT4 / UINT4 zero points only if onnxruntime also runs this graph with its
+default optimizations (1.32 does not when a MaxPool sits next to a UINT4 Q/DQ: it moves the pair
+across the MaxPool and has no uint4 MaxPool kernel), else 8-bit containers + Clip (the same math).
+
 Where it can differ from qgait: QuantizeLinear computes ``x / s`` and the fake quant
-``x * fp32(1/s)``; the two differ by one ulp for about one value in 10^6 and only change the code
-when ``x / s`` lies within that ulp of a rounding tie. Runtimes also sum a Conv / MatMul in
-another order (~1e-7 relative), which flips a code when a value sits that close to a rounding
-boundary. Each such event moves one activation by one step; see tests/test_export_onnx.py for the
-bound. With exactly representable (dyadic) steps and weights the graph equals qgait bit for bit.
+``x * fp32(1/s)``; the two agree to one ulp, so the code differs only when ``x / s`` lies within
+an ulp of a rounding tie (measured: 2 in 10^6 random values at 8 bits). Runtimes also sum a
+Conv / MatMul in another order (~1e-7 relative), which flips a code when a value sits that close
+to a rounding boundary. Each such event moves one activation by one step; see
+tests/test_export_onnx.py for the bound. With exactly representable (dyadic) steps and weights the graph equals qgait bit for bit.
 
 How: the legacy TorchScript exporter (``torch.onnx.export(..., dynamo=False)``; no onnxscript
 dependency, and autograd Functions with a ``symbolic`` let us emit exactly the nodes we want).
@@ -56,9 +61,10 @@ PORTABLE_OPSET = 17
 INT4_OPSET = 21
 MIN_OPSET, MAX_OPSET = 13, 21  # 13: per-axis DequantizeLinear; 21: INT4 / UINT4
 _TORCHSCRIPT_MAX_OPSET = 20
-# Operators whose opset-21 version changes more than the accepted types; a graph holding one is
-# not bumped from 20 to 21 by rewriting the opset import.
-_CHANGED_IN_21 = {"GroupNormalization", "QLinearMatMul"}
+# Operators whose opset-21 version changes more than the accepted types (GroupNormalization-21
+# takes per-channel instead of per-group scale and bias); a graph holding one is not bumped
+# from 20 to 21 by rewriting the opset import.
+_CHANGED_IN_21 = {"GroupNormalization"}
 INPUT_NAME, OUTPUT_NAME = "silhouettes", "embeddings"
 
 
@@ -180,6 +186,8 @@ def _export_mode(model: nn.Module):
 
     The references trace to plain ONNX operators; the C++ / Triton ops would appear as unknown
     ``qgait::`` nodes. Functional calls follow ``QGAIT_BACKEND``, modules their ``backend``.
+    Setting the environment variable is process-wide: do not run other qgait ops in other
+    threads while exporting.
     """
     undo = _swap(model, _QuantShim)
     was_training = model.training
@@ -249,7 +257,7 @@ def _lower(model_proto, int4_weights: bool, int4_acts: bool, opset: int) -> bool
     """Replaces the qgait_export placeholders by Clip / QuantizeLinear / DequantizeLinear (in
     place) and sets the opset. ``int4_weights`` / ``int4_acts``: put grids of <= 4 bits in INT4
     / UINT4 containers. Returns whether any INT4 / UINT4 container was written."""
-    onnx = _require_onnx()
+    _require_onnx()
     from onnx import helper, numpy_helper
 
     graph = model_proto.graph
@@ -552,6 +560,7 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor | None = None,
                 want = embeddings_of(model(example)).float().cpu()
         finally:
             model.train(was_training)
+        from qgait.export.embedder import OnnxEmbedder
         got = OnnxEmbedder(path)(example.cpu())
         if got.shape != want.shape:
             raise RuntimeError(f"qgait::{OP}: onnxruntime returned {tuple(got.shape)}, the model "
@@ -560,66 +569,3 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor | None = None,
         info["max_abs_diff"] = diff
         info["max_rel_diff"] = diff / max(float(want.abs().max()), 1e-30)
     return info
-
-
-class OnnxEmbedder:
-    """Runs an exported model with onnxruntime on the CPU, with qgait's embedding interface.
-
-    ``embedder(x [N, 1, T, H, W] float, seqL=None) -> torch.Tensor [N', C, P]`` float32, where
-    ``N' = N``, or ``len(seqL)`` when ``seqL`` lists the frame counts of sequences packed along T
-    (then N = 1). Each sequence runs on its own (the graph's input is one sequence), so this
-    is a drop-in ``embed_fn`` for ``qgait.evaluation.evaluate``.
-
-    Args:
-        path: an .onnx file written by :func:`export_onnx`.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
-        optimization: onnxruntime graph optimization level name ("all", "extended", "basic",
-            "disable").
-    """
-
-    def __init__(self, path, threads: int | None = None, optimization: str = "all"):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("qgait.OnnxEmbedder: needs onnxruntime (pip install onnxruntime)") \
-                from e
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        if optimization not in levels:
-            raise ValueError(f"OnnxEmbedder: optimization must be one of {list(levels)}, "
-                             f"got {optimization!r}")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = levels[optimization]
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        self.path = str(path)
-        self.session = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
-        self.input_shape = list(inp.shape)  # [1, 1, "T", H, W]
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
-
-    def __call__(self, x: torch.Tensor, seqL=None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1:
-            raise ValueError(f"OnnxEmbedder: x must be a tensor [N, 1, T, H, W], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
-        H, W = self.input_shape[3], self.input_shape[4]
-        if isinstance(H, int) and isinstance(W, int) and tuple(x.shape[3:]) != (H, W):
-            raise ValueError(f"OnnxEmbedder: the model takes {H}x{W} frames, got "
-                             f"{tuple(x.shape[3:])}")
-        xs = x.detach().float().cpu().numpy()
-        if seqL is not None:
-            seqL = [int(s) for s in (seqL.tolist() if isinstance(seqL, torch.Tensor) else seqL)]
-            if x.shape[0] != 1 or not seqL or min(seqL) < 1 or sum(seqL) != x.shape[2]:
-                raise ValueError(f"OnnxEmbedder: seqL {seqL} must be positive and sum to "
-                                 f"T={x.shape[2]} with N=1, got x {tuple(x.shape)}")
-            bounds = np.cumsum([0] + seqL)
-            parts = [xs[:, :, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        else:
-            parts = [xs[n:n + 1] for n in range(xs.shape[0])]
-        outs = [self._run(np.ascontiguousarray(p)) for p in parts]
-        return torch.from_numpy(np.concatenate(outs, axis=0))
