@@ -22,6 +22,7 @@ forward, and the weights are stored as the very integers the fake quant rounds t
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -525,3 +526,19 @@ def test_cli_export_gaitlite3d_checkpoint(tmp_path, monkeypatch, capsys):
     assert [o.name for o in g.output] == ["embeddings"]
     assert sum(n.op_type == "Conv" for n in g.node) == 6
     assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 6  # stem's binary input too
+
+
+def test_failed_export_restores_the_model(models, tmp_path, monkeypatch):
+    m = models[(8, 8)]
+    kinds = [type(mod) for mod in m.modules()]
+    monkeypatch.delenv("QGAIT_BACKEND", raising=False)
+
+    def boom(*a, **k):
+        assert os.environ["QGAIT_BACKEND"] == "reference"  # inside the export context
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", boom)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(m, tmp_path / "f.onnx")
+    assert [type(mod) for mod in m.modules()] == kinds and not m.training
+    assert "QGAIT_BACKEND" not in os.environ

@@ -169,15 +169,14 @@ def _check_layers(layers):
                             "an fp32 model (model.float())")
 
 
-def _swap(model: nn.Module, make) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replaces every SoftQuant child by ``make(child)``; returns what to put back."""
-    undo = []
+def _swap(model: nn.Module, make, undo: list) -> None:
+    """Replaces every SoftQuant child by ``make(child)``, appending what to put back to
+    ``undo`` as it goes (so a failure half-way can still be undone)."""
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, SOFT_QUANT_MODULES):
                 parent._modules[name] = make(child)
                 undo.append((parent, name, child))
-    return undo
 
 
 @contextlib.contextmanager
@@ -189,13 +188,14 @@ def _export_mode(model: nn.Module):
     Setting the environment variable is process-wide: do not run other qgait ops in other
     threads while exporting.
     """
-    undo = _swap(model, _QuantShim)
+    undo = []
     was_training = model.training
     backends = [(m, m.backend) for m in model.modules()
                 if isinstance(getattr(m, "backend", None), (str, type(None)))
                 and hasattr(m, "backend")]
     env = os.environ.get("QGAIT_BACKEND")
     try:
+        _swap(model, _QuantShim, undo)
         model.eval()
         for m, _ in backends:
             m.backend = "reference"
