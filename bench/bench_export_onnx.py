@@ -36,7 +36,7 @@ from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantLinear  # noqa: E402
 from _common import machine_info  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from test_export_onnx import make_model  # noqa: E402
+from test_export_onnx import calibrate, make_model  # noqa: E402
 
 FRAMES = 30
 PRECISIONS = {"fp32": None, "w8a8": (8, 8), "w4a4": (4, 4)}
@@ -67,11 +67,7 @@ def _gaitlite3d(bits):
     m = GaitLite3D(num_classes=0, width=1.0)
     if bits is not None:
         qgait.quantize_(m, qgait.QuantConfig(w_bits=bits[0], a_bits=bits[1]))
-    batch = torch.cat([default_example(m, 12, seed=s) for s in range(3)])
-    m.train()
-    with torch.no_grad():
-        m(batch)
-    return m.eval()
+    return calibrate(m, torch.cat([default_example(m, 12, seed=s) for s in range(3)]))
 
 
 def _build(model_name, precision):
