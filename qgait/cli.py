@@ -55,7 +55,10 @@ def _train(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- eval
 @command("eval", "evaluate a checkpoint (CASIA-B tables, rank-k / mAP / mINP)")
 def _eval(p: argparse.ArgumentParser):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by qgait train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint (qgait train / pipeline: fp or fake-quant), a packed model "
+                        "(qgait convert) or an ONNX model (qgait export-onnx)")
+    p.add_argument("--config", help="data config for an ONNX model (default casia_b_fp)")
     p.add_argument("--data", help="data root (default: the checkpoint config's data.root)")
     p.add_argument("--ids", nargs=2, metavar=("FIRST", "LAST"),
                    help="test subject id range (default: the config's data.test_ids)")
@@ -72,18 +75,31 @@ def _eval(p: argparse.ArgumentParser):
         from qgait.evaluation import evaluate, format_casia_b, model_embed_fn
         from qgait.train.build import load_dataset
         from qgait.train.trainer import resolve_amp
-        model, cfg = load_checkpoint_model(args.checkpoint)
+        model, cfg = load_any_model(args.checkpoint)
+        is_onnx = str(args.checkpoint).endswith(".onnx")
+        if cfg is None:
+            from qgait.train import load_config
+            cfg = load_config(args.config or "casia_b_fp")
         if args.data:
             cfg["data"]["root"] = args.data
         if args.ids:
             cfg["data"]["test_ids"] = list(args.ids)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        amp = resolve_amp(args.amp, device)
-        model = model.to(device)
-        if amp is not None and device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last_3d)
+        device = torch.device("cuda" if torch.cuda.is_available() and not is_onnx else "cpu")
+        # quantized models (fake-quant, packed, ONNX) are evaluated in fp32 by default: an
+        # autocast would round their exact fake-quant values to bf16
+        quantized = is_onnx or cfg.get("stage", "fp") != "fp" or not hasattr(model, "parameters")
+        amp = None if (quantized and args.amp == "auto") else resolve_amp(args.amp, device)
+        if is_onnx:
+            def fn(x, seqL):
+                return model(x, seqL)["embeddings"].float()
+        else:
+            model = model.to(device)
+            if amp is not None and device.type == "cpu":
+                model = model.to(memory_format=torch.channels_last_3d)
         ds = load_dataset(cfg, "test", progress=not args.no_progress)
-        fn = model_embed_fn(model, device, amp, channels_last=amp is not None and device.type == "cpu")
+        if not is_onnx:
+            fn = model_embed_fn(model, device, amp,
+                                channels_last=amp is not None and device.type == "cpu")
         res = evaluate(fn, ds, args.protocol,
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
                        progress=not args.no_progress)
@@ -156,6 +172,13 @@ def _info(p: argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- QGait pipeline
+@command("export-onnx", "a quantized checkpoint -> a QDQ ONNX model (onnxruntime-ready)")
+def _export_onnx(p: argparse.ArgumentParser):
+    from qgait.export.cli import add_export_onnx_args, main_export_onnx
+    add_export_onnx_args(p)
+    return lambda args, rest: main_export_onnx(args, rest)
+
+
 @command("demo", "the QGait pipeline end to end on built-in synthetic data (CPU, ~5 min)")
 def _demo(p: argparse.ArgumentParser):
     p.add_argument("--out", default="runs/demo", help="output folder (resumes if it exists)")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from qgait.nn.soft_quant import SOFT_QUANT_MODULES, SoftQuantLinear
+from qgait.nn.soft_quant import SOFT_QUANT_MODULES, SoftQuantLinear, SoftQuantPartLinear
 from qgait.ops.soft_quant import quant_grid, soft_fake_quant_ref
 
 OP = "export_onnx"
@@ -117,7 +117,7 @@ def weight_integers(layer) -> torch.Tensor:
     """The integers a SoftQuant layer's hard forward rounds its weight to (int8, weight's shape):
     ``round_half_even(clamp(w * fp32(1/s), qn, qp))`` per output channel."""
     qn, qp = quant_grid(layer.w_bits, True)
-    w = layer.weight.detach().float()
+    w = layer.weight_rows().detach().float()
     r = 1.0 / layer.w_scale.detach().float().reshape([-1] + [1] * (w.dim() - 1))
     return torch.round(torch.clamp(w * r, qn, qp)).to(torch.int8)
 
@@ -129,6 +129,11 @@ class _QuantShim(nn.Module):
         super().__init__()
         self.a_bits, self.w_bits, self.a_signed = layer.a_bits, layer.w_bits, layer.a_signed
         self.linear = isinstance(layer, SoftQuantLinear)
+        # per-part FCs: integers as rows [P * C_out, C_in] (one step per row, DQ along axis 0),
+        # reshaped to [P, C_in, C_out] after dequantizing; the product is a batched MatMul
+        self.part = isinstance(layer, SoftQuantPartLinear)
+        if self.part:
+            self.part_shape = (layer.parts, layer.out_channels, layer.in_channels)
         w_int = weight_integers(layer)
         # MatMul takes [in, out]: store the transpose and dequantize along axis 1.
         self.register_buffer("w_int", w_int.t().contiguous() if self.linear else w_int)
@@ -138,6 +143,16 @@ class _QuantShim(nn.Module):
         object.__setattr__(self, "_layer", layer)  # not a submodule: its parameters stay out
 
     def forward(self, x):
+        if self.part:
+            # Transpose first, so the activation's Q -> DQ feeds the MatMul directly
+            # (onnxruntime 1.32's QDQ propagation mistypes a signed Q moved across a Transpose).
+            x = x.permute(2, 0, 1)
+            if self.a_bits is not None:
+                x = _ActQDQ.apply(x, self.a_scale, self.a_bits, self.a_signed)
+            P, co, ci = self.part_shape
+            w = _WeightDQ.apply(self.w_int, self.w_scale, 0, self.w_bits)
+            w = w.reshape(P, co, ci).permute(0, 2, 1)
+            return torch.matmul(x, w).permute(1, 2, 0)
         if self.a_bits is not None:
             x = _ActQDQ.apply(x, self.a_scale, self.a_bits, self.a_signed)
         w = _WeightDQ.apply(self.w_int, self.w_scale, 1 if self.linear else 0, self.w_bits)

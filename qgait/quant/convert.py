@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qgait.nn.soft_quant import SoftQuantConv3d
+from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantPartLinear
+from qgait.ops.soft_quant import soft_fake_quant
+from qgait.quant.packing import pack_weight, quantize_weight, storage_bits, unpack_weight
 
 _ACTS = (nn.ReLU, nn.LeakyReLU)
 
@@ -58,6 +60,45 @@ def _convert_sequential(seq: nn.Sequential, requantize: bool) -> int:
     return n
 
 
+class PackedPartLinear(nn.Module):
+    """Inference form of :class:`~qgait.nn.soft_quant.SoftQuantPartLinear` (per-part FCs).
+
+    The weight integers are stored packed (int8, or two int4 per byte for <= 4 bits, in
+    :func:`pack_weight`'s layout with the rows ``[P * C_out]`` as output channels) with their
+    fp32 steps, and dequantized on the fly; the input is quantized with the layer's learned
+    step. The result equals the fake-quant layer's (hard mode) exactly: both multiply the
+    same integers by the same fp32 steps. This head runs once per sequence, so it is a small
+    matrix product; what it saves is storage (the per-part FCs hold most of a gait model's
+    parameters).
+    """
+
+    def __init__(self, layer: SoftQuantPartLinear):
+        super().__init__()
+        self.parts, self.in_channels, self.out_channels = (layer.parts, layer.in_channels,
+                                                           layer.out_channels)
+        self.w_bits, self.a_bits, self.a_signed = layer.w_bits, layer.a_bits, layer.a_signed
+        rows = quantize_weight(layer.weight_rows(), layer.w_scale, layer.w_bits)
+        self.register_buffer("w_packed", pack_weight(rows[:, :, None, None, None],
+                                                     storage_bits(layer.w_bits)))
+        self.register_buffer("w_scale", layer.w_scale.detach().float().clone())
+        self.register_buffer("a_scale", layer.a_scale.detach().float().reshape(()).clone())
+
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight ``[P, C_in, C_out]``."""
+        w = unpack_weight(self.w_packed, storage_bits(self.w_bits), self.in_channels)
+        w = w.reshape(-1, self.in_channels).float() * self.w_scale[:, None]
+        return w.reshape(self.parts, self.out_channels, self.in_channels).permute(0, 2, 1)
+
+    def forward(self, x):
+        if self.a_bits is not None:
+            x = soft_fake_quant(x, self.a_scale, bits=self.a_bits, signed=self.a_signed)
+        return torch.bmm(x.permute(2, 0, 1), self.weight().to(x.dtype)).permute(1, 2, 0)
+
+    def extra_repr(self):
+        return (f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}, "
+                f"w_bits={self.w_bits}, a_bits={self.a_bits}")
+
+
 def _convert(module: nn.Module, requantize: bool) -> int:
     PackedConv3d = _packed_cls()
     if isinstance(module, nn.Sequential):
@@ -66,6 +107,9 @@ def _convert(module: nn.Module, requantize: bool) -> int:
     for name, child in list(module._modules.items()):
         if isinstance(child, SoftQuantConv3d):
             module._modules[name] = PackedConv3d.from_soft(child)
+            n += 1
+        elif isinstance(child, SoftQuantPartLinear):
+            module._modules[name] = PackedPartLinear(child)
             n += 1
         elif child is not None:
             n += _convert(child, requantize)
