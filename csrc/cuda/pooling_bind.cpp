@@ -1,7 +1,7 @@
 // Torch glue of the CUDA pooling kernels (csrc/cuda/pooling.cu): the same checks and tables as
 // the CPU backend (pooling.h), then one launch on the current stream. Built only when torch has
 // CUDA (setup.py).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/pooling.cuh"
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cuda(const at::Tenso
       with_s ? sarg.data_ptr<int32_t>() : nullptr, tb.base.data_ptr<int64_t>(),
       tb.len.data_ptr<int32_t>(), tb.row0.data_ptr<int32_t>(), tb.row1.data_ptr<int32_t>(), NO, C,
       T * HW, H, W, B, static_cast<int>(mode), true, dtype_code(x.scalar_type()),
-      at::cuda::getCurrentCUDAStream()), HW);
+      c10::cuda::getCurrentCUDAStream()), HW);
   return {out, targ, sarg};
 }
 
@@ -94,7 +94,7 @@ at::Tensor set_pool_hpp_backward_cuda(const at::Tensor& grad, const at::Tensor& 
       with_s ? sc.data_ptr<int32_t>() : nullptr, dx.data_ptr(), tb.base.data_ptr<int64_t>(),
       tb.len.data_ptr<int32_t>(), tb.row0.data_ptr<int32_t>(), tb.row1.data_ptr<int32_t>(), NO, C,
       T * HW, H, W, B, static_cast<int>(mode), true, dtype_code(grad.scalar_type()),
-      at::cuda::getCurrentCUDAStream()), HW);
+      c10::cuda::getCurrentCUDAStream()), HW);
   return dx;
 }
 
@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_pool_cuda(const at::Tensor& x, at::I
       xc.data_ptr(), out.data_ptr(), with_t ? targ.data_ptr<int32_t>() : nullptr, nullptr,
       tb.base.data_ptr<int64_t>(), tb.len.data_ptr<int32_t>(), tb.row0.data_ptr<int32_t>(),
       tb.row1.data_ptr<int32_t>(), NO, C, T * HW, H, W, 0, 0, false,
-      dtype_code(x.scalar_type()), at::cuda::getCurrentCUDAStream()), HW);
+      dtype_code(x.scalar_type()), c10::cuda::getCurrentCUDAStream()), HW);
   return {out, targ};
 }
 
@@ -137,7 +137,7 @@ at::Tensor temporal_pool_backward_cuda(const at::Tensor& grad, const at::Tensor&
       gc.data_ptr(), with_t ? tc.data_ptr<int32_t>() : nullptr, nullptr, dx.data_ptr(),
       tb.base.data_ptr<int64_t>(), tb.len.data_ptr<int32_t>(), tb.row0.data_ptr<int32_t>(),
       tb.row1.data_ptr<int32_t>(), NO, C, T * HW, H, W, 0, 0, false,
-      dtype_code(grad.scalar_type()), at::cuda::getCurrentCUDAStream()), HW);
+      dtype_code(grad.scalar_type()), c10::cuda::getCurrentCUDAStream()), HW);
   return dx;
 }
 
