@@ -69,6 +69,7 @@ setup(
         "triton": ["triton==3.7.1"],
         "export": ["onnx", "onnxruntime"],
         "plot": ["matplotlib"],
+        "data": ["pillow", "matplotlib"],
     },
     entry_points={"console_scripts": ["qgait=qgait.cli:main"]},
     zip_safe=False,

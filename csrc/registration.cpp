@@ -48,6 +48,18 @@ TORCH_LIBRARY(qgait, m) {
         " int qp, float k, bool soft, float gamma, bool need_dx, bool need_ds)"
         " -> (Tensor, Tensor)");
 
+  // --- pooling (temporal max + horizontal pyramid; qgait/ops/pooling.py has the math) -----
+  // seqL = [] means one sequence per batch item; mode 0 = mean+max, 1 = max, 2 = mean.
+  // need_idx: also return the int32 arg-max indices the backward needs (else empty tensors):
+  // targ [N', C, H, W] (frame within the sequence; empty when T = 1) and sarg [N', C, B]
+  // (flat h*W+w of each strip's max; empty for mode = mean).
+  m.def("set_pool_hpp(Tensor x, int[] seqL, int[] bins, int mode, bool need_idx)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("set_pool_hpp_backward(Tensor grad, Tensor targ, Tensor sarg, int[] x_shape, int[] seqL,"
+        " int[] bins, int mode) -> Tensor");
+  m.def("temporal_pool(Tensor x, int[] seqL, bool need_idx) -> (Tensor, Tensor)");
+  m.def("temporal_pool_backward(Tensor grad, Tensor targ, int[] x_shape, int[] seqL) -> Tensor");
+
   // --- packed_conv3d (qgait/ops/packed_conv3d.py documents the math and the layouts) ------
   // x: float32 (quantized here with x_scale on the grid [in_qn, in_qp]), int8 / uint8 codes,
   // or bool (binary). w_packed: [C_out, kT, kH, kW, C_in] int8 (w_bits 8) or

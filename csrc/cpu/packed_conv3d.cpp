@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -400,6 +401,20 @@ namespace {
 
 enum class Path { Scalar, AVX2, VNNI };
 
+// Work items handed out in small chunks from a shared counter: on a loaded machine a thread
+// that is descheduled for a while no longer holds up a fixed half of the work (a static split
+// made two threads slower than one here).
+template <typename F>
+void parallel_dynamic(int64_t n, const F& f) {
+  const int64_t nt = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, n / (nt * 32));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(chunk); b < n; b = next.fetch_add(chunk))
+      f(b, std::min(n, b + chunk));
+  });
+}
+
 Path choose_path() {
   const Isa isa = cpu_isa();
   if (isa >= Isa::AVX512 && cpu_has_vnni()) return Path::VNNI;
@@ -594,7 +609,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
             }
           }
     const int64_t items = rows * ((c.Coutp + 63) / 64);
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    parallel_dynamic(items, [&](int64_t b, int64_t e) {
       if (i4v) items_vnni<true>(c, wv.data(), b, e);
       else items_vnni<false>(c, wv.data(), b, e);
     });
@@ -607,7 +622,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
           w2[((k * k2 + ch / 2) * c.Coutp + co) * 2 + (ch & 1)] =
               static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
     const int64_t items = rows * (c.Coutp / 16);
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
+    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
   } else {
     std::vector<int16_t> ws(static_cast<size_t>(g.Co * ntaps * c.Cp), 0);
     for (int64_t co = 0; co < g.Co; ++co)
@@ -615,7 +630,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
         for (int64_t ch = 0; ch < g.C; ++ch)
           ws[(co * ntaps + k) * c.Cp + ch] =
               static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
+    parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
   }
   return y;
 }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qgait.ops.soft_quant import quant_grid, soft_fake_quant
 
 _MODES = ("hard", "soft")
+_MIN_STEP = 1e-8
 
 
 def _check_quant_args(name, w_bits, a_bits, k, mode):
@@ -78,28 +79,48 @@ class _SoftQuantMixin:
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
         self.w_scale = nn.Parameter(torch.ones(out_channels))
         self.a_scale = nn.Parameter(torch.ones(()))
-        # 1 when activations use the signed grid (decided from the first batch)
+        # Activations use the signed grid when the first batch had negative values. Kept as a
+        # Python bool (so torch.compile sees a constant) mirrored in a buffer for exporters.
+        self._a_signed = False
         self.register_buffer("a_signed_flag", torch.zeros((), dtype=torch.uint8))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.backend = None  # None = auto (QGAIT_BACKEND or the best available)
 
     @property
     def a_signed(self) -> bool:
-        return bool(self.a_signed_flag)
+        return self._a_signed
+
+    def weight_rows(self) -> torch.Tensor:
+        """The weight as quantized: one step per row (dim 0)."""
+        return self.weight
 
     @torch.no_grad()
     def init_steps(self, x: torch.Tensor) -> None:
-        """Initialises the steps from a batch (done automatically by the first forward)."""
-        self.w_scale.copy_(lsq_weight_init(self.weight, self.w_bits))
+        """Initialises the steps from a batch (done automatically by the first forward).
+
+        Under torch.distributed every rank sees its own batch: the activation step and grid
+        are agreed across ranks (mean step, signed if any rank saw negatives) so that the
+        replicas stay identical.
+        """
+        self.w_scale.copy_(lsq_weight_init(self.weight_rows(), self.w_bits))
         if self.a_bits is not None:
-            signed = bool(x.detach().min() < 0)
+            neg = (x.detach().min() < 0).float().reshape(1)
+            dist = torch.distributed
+            ddp = dist.is_available() and dist.is_initialized()
+            if ddp:
+                dist.all_reduce(neg, op=dist.ReduceOp.MAX)
+            signed = bool(neg.item() > 0)
+            self._a_signed = signed
             self.a_signed_flag.fill_(int(signed))
             self.a_scale.copy_(mse_act_init(x, self.a_bits, signed))
+            if ddp:
+                dist.all_reduce(self.a_scale.data)
+                self.a_scale.data /= dist.get_world_size()
         self.initialized.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
-        return soft_fake_quant(self.weight, self.w_scale, bits=self.w_bits, signed=True, axis=0,
-                               k=self.k, mode=self.mode, backend=self.backend)
+        return soft_fake_quant(self.weight_rows(), self.w_scale, bits=self.w_bits, signed=True,
+                               axis=0, k=self.k, mode=self.mode, backend=self.backend)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits is None:
@@ -108,11 +129,20 @@ class _SoftQuantMixin:
                                axis=None, k=self.k, mode=self.mode, backend=self.backend)
 
     def _prepare(self, x):
-        if not torch.compiler.is_compiling() and not bool(self.initialized):
+        if torch.compiler.is_compiling():
+            return
+        if not bool(self.initialized):
             self.init_steps(x)
+        elif self.training:
+            # Keep learned steps positive (a projection after the optimizer's update): an
+            # update can overshoot zero, and a step <= 0 is an error in the quantizer.
+            with torch.no_grad():
+                self.w_scale.clamp_(min=_MIN_STEP)
+                self.a_scale.clamp_(min=_MIN_STEP)
 
     def get_extra_state(self):
-        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "k": self.k, "mode": self.mode}
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "k": self.k, "mode": self.mode,
+                "a_signed": self._a_signed}
 
     def set_extra_state(self, state):
         if state["w_bits"] != self.w_bits or state["a_bits"] != self.a_bits:
@@ -121,6 +151,7 @@ class _SoftQuantMixin:
                 f"a_bits={state['a_bits']} but this layer has w_bits={self.w_bits}, "
                 f"a_bits={self.a_bits}")
         self.k, self.mode = float(state["k"]), state["mode"]
+        self._a_signed = bool(state.get("a_signed", False))
 
     def extra_repr(self):
         return (super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}, "
@@ -213,6 +244,53 @@ class SoftQuantLinear(_SoftQuantMixin, nn.Linear):
         return q
 
 
+class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
+    """Per-part linear maps (OpenGait's SeparateFCs): ``[N, C_in, P] -> [N, C_out, P]`` with
+    ``weight [P, C_in, C_out]``, quantized per (part, output channel) on the signed grid and
+    with a per-tensor input step.
+    """
+
+    def __init__(self, parts, in_channels, out_channels, device=None, dtype=None, *,
+                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
+        super().__init__()
+        self.parts, self.in_channels, self.out_channels = parts, in_channels, out_channels
+        self.weight = nn.Parameter(torch.empty(parts, in_channels, out_channels, device=device,
+                                               dtype=dtype))
+        nn.init.xavier_uniform_(self.weight)
+        self.bias = None
+        self._setup_quant(parts * out_channels, w_bits, a_bits, k, mode)
+
+    def weight_rows(self):
+        # [P, Cin, Cout] -> [P * Cout, Cin]: one row (and one step) per part and output channel
+        return self.weight.permute(0, 2, 1).reshape(self.parts * self.out_channels,
+                                                    self.in_channels)
+
+    def quantized_weight(self):
+        wq = super().quantized_weight()
+        return wq.reshape(self.parts, self.out_channels, self.in_channels).permute(0, 2, 1)
+
+    def forward(self, x):
+        self._prepare(x)
+        xq = self.quantized_input(x)
+        return torch.bmm(xq.permute(2, 0, 1), self.quantized_weight().to(xq.dtype)).permute(1, 2, 0)
+
+    @classmethod
+    def from_float(cls, fc: nn.Module, **quant):
+        """From any module with ``weight [P, C_in, C_out]`` (e.g. qgait.models.SeparateFCs)."""
+        w = getattr(fc, "weight", None)
+        if w is None or w.dim() != 3:
+            raise TypeError(f"SoftQuantPartLinear.from_float: expected a module with a "
+                            f"weight [P, C_in, C_out], got {type(fc).__name__}")
+        q = cls(w.shape[0], w.shape[1], w.shape[2], device=w.device, dtype=w.dtype, **quant)
+        with torch.no_grad():
+            q.weight.copy_(w)
+        return q
+
+    def extra_repr(self):
+        return (f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}, "
+                f"w_bits={self.w_bits}, a_bits={self.a_bits}, k={self.k}, mode={self.mode}")
+
+
 def _copy_params(src, dst):
     with torch.no_grad():
         dst.weight.copy_(src.weight)
@@ -220,4 +298,4 @@ def _copy_params(src, dst):
             dst.bias.copy_(src.bias)
 
 
-SOFT_QUANT_MODULES = (SoftQuantConv3d, SoftQuantConv2d, SoftQuantLinear)
+SOFT_QUANT_MODULES = (SoftQuantConv3d, SoftQuantConv2d, SoftQuantLinear, SoftQuantPartLinear)

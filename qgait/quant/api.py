@@ -19,6 +19,13 @@ from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, SoftQuantConv2d, SoftQuantC
 _SWAP = {nn.Conv3d: SoftQuantConv3d, nn.Conv2d: SoftQuantConv2d, nn.Linear: SoftQuantLinear}
 
 
+def register_quantizable(float_cls: type, quant_cls: type) -> None:
+    """Lets ``quantize_`` swap ``float_cls`` for ``quant_cls`` (which needs ``from_float``)."""
+    if not hasattr(quant_cls, "from_float"):
+        raise TypeError(f"register_quantizable: {quant_cls.__name__} has no from_float")
+    _SWAP[float_cls] = quant_cls
+
+
 @dataclass
 class QuantConfig:
     """How to quantize the layers ``quantize_`` swaps.

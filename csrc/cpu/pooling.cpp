@@ -1,0 +1,323 @@
+// CPU temporal pooling + horizontal pyramid pooling. One work item is one (output row n',
+// channel c): its frames [start, start + len) of x form one contiguous slab of len*H*W values,
+// read once; the temporal max z [H, W] lives in a per-thread fp32 buffer (L1-sized for gait
+// maps: 16x11 .. 64x44) and is reduced to row sums / row maxima, from which every strip of every
+// pyramid level is assembled (so the pyramid costs O(H) per item, not O(levels * H * W)).
+// Work items run in parallel with at::parallel_for; the frame loops are vectorised per ISA
+// (AVX-512 / AVX2 / scalar, chosen at run time, cpu/isa.h). Arg-max indices (int32) are
+// written only when need_idx (x requires grad); the forward without them is a pure max/sum.
+//
+// Ties go to the first index: the first frame (strict > while scanning t upwards), and within a
+// strip the first row-major (h, w) (strict > over rows, then over columns), as torch.max(dim).
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "pooling.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace qgait::pool_avx512 {
+#define QGAIT_VEC 512
+#include "cpu/vec.h"
+#include "cpu/pooling_kernel.h"
+#undef QGAIT_VEC
+}  // namespace qgait::pool_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace qgait::pool_avx2 {
+#define QGAIT_VEC 256
+#include "cpu/vec.h"
+#include "cpu/pooling_kernel.h"
+#undef QGAIT_VEC
+}  // namespace qgait::pool_avx2
+#pragma GCC pop_options
+
+namespace qgait::pool_scalar {
+#define QGAIT_VEC 1
+#include "cpu/vec.h"
+#include "cpu/pooling_kernel.h"
+#undef QGAIT_VEC
+}  // namespace qgait::pool_scalar
+
+namespace qgait {
+namespace {
+
+constexpr const char* kSph = "set_pool_hpp";
+constexpr const char* kSphB = "set_pool_hpp_backward";
+constexpr const char* kTp = "temporal_pool";
+constexpr const char* kTpB = "temporal_pool_backward";
+
+using FrameFn = void (*)(const float*, float*, float*, float, int64_t);
+using ScatterFn = void (*)(float*, const float*, const float*, float, int64_t);
+
+struct Fns {
+  FrameFn frame;
+  ScatterFn scatter;
+};
+
+Fns fns() {
+  switch (cpu_isa()) {
+    case Isa::AMX:
+    case Isa::AVX512: return {pool_avx512::tp_frame, pool_avx512::tp_scatter_frame};
+    case Isa::AVX2: return {pool_avx2::tp_frame, pool_avx2::tp_scatter_frame};
+    default: return {pool_scalar::tp_frame, pool_scalar::tp_scatter_frame};
+  }
+}
+
+// Work items per parallel task: enough elements (~32K) to amortise the task overhead.
+int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, elems_per_item)); }
+
+// Per-thread scratch, sized once per parallel task.
+struct Scratch {
+  std::vector<float> z, idx, frame;
+  std::vector<float> rsum, rmax;
+  std::vector<int32_t> rarg;
+  Scratch(int64_t HW, int64_t H) : z(HW), idx(HW), frame(HW), rsum(H), rmax(H), rarg(H) {}
+};
+
+// Temporal max of `len` frames at src into s.z (fp32), and frame indices into s.idx when
+// with_idx. Half types are widened one frame at a time (exact), so the math is fp32.
+template <typename T>
+void temporal_max(const Fns& f, const T* src, int64_t len, int64_t HW, bool with_idx, Scratch& s) {
+  auto frame = [&](int64_t t) -> const float* {
+    if constexpr (std::is_same_v<T, float>) {
+      return src + t * HW;
+    } else {
+      const T* p = src + t * HW;
+      for (int64_t i = 0; i < HW; ++i) s.frame[i] = static_cast<float>(p[i]);
+      return s.frame.data();
+    }
+  };
+  const float* f0 = frame(0);
+  std::copy(f0, f0 + HW, s.z.begin());
+  if (with_idx) std::fill(s.idx.begin(), s.idx.end(), 0.f);
+  for (int64_t t = 1; t < len; ++t)
+    f.frame(frame(t), s.z.data(), with_idx ? s.idx.data() : nullptr, static_cast<float>(t), HW);
+}
+
+// Strips of s.z -> out[j] (and sarg[j] = flat h*W+w arg-max when sarg != nullptr).
+template <typename T>
+void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int64_t W, Scratch& s,
+             T* out, int32_t* sarg) {
+  const float* z = s.z.data();
+  for (int64_t h = 0; h < H; ++h) {
+    const float* r = z + h * W;
+    float sum = 0.f, mx = r[0];
+    int32_t arg = 0;
+    for (int64_t w = 0; w < W; ++w) sum += r[w];
+    for (int64_t w = 1; w < W; ++w)
+      if (r[w] > mx) {
+        mx = r[w];
+        arg = static_cast<int32_t>(w);
+      }
+    s.rsum[h] = sum;
+    s.rmax[h] = mx;
+    s.rarg[h] = arg;
+  }
+  for (size_t j = 0; j < strips.size(); ++j) {
+    const int32_t a = strips[j].row0, b = strips[j].row1;
+    float sum = 0.f, mx = s.rmax[a];
+    int32_t best = a;
+    for (int32_t h = a; h < b; ++h) sum += s.rsum[h];
+    for (int32_t h = a + 1; h < b; ++h)
+      if (s.rmax[h] > mx) {
+        mx = s.rmax[h];
+        best = h;
+      }
+    const float mean = sum / static_cast<float>((b - a) * W);
+    const float v = mode == kMeanMax ? mean + mx : (mode == kMax ? mx : mean);
+    out[j] = static_cast<T>(v);
+    if (sarg) sarg[j] = static_cast<int32_t>(best * W + s.rarg[best]);
+  }
+}
+
+// dx slab of one work item: frame t gets dz where the temporal arg-max is t, else 0.
+template <typename T>
+void scatter(const Fns& f, T* dst, int64_t len, int64_t HW, const int32_t* targ, Scratch& s) {
+  const float* dz = s.z.data();
+  if (targ != nullptr)
+    for (int64_t i = 0; i < HW; ++i) s.idx[i] = static_cast<float>(targ[i]);
+  for (int64_t t = 0; t < len; ++t) {
+    float* o;
+    if constexpr (std::is_same_v<T, float>) o = dst + t * HW; else o = s.frame.data();
+    if (targ == nullptr) std::copy(dz, dz + HW, o);  // a single frame: dz itself
+    else f.scatter(o, dz, s.idx.data(), static_cast<float>(t), HW);
+    if constexpr (!std::is_same_v<T, float>)
+      for (int64_t i = 0; i < HW; ++i) dst[t * HW + i] = static_cast<T>(o[i]);
+  }
+}
+
+at::Tensor empty_i32(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kInt)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cpu(const at::Tensor& x,
+                                                                 at::IntArrayRef seqL,
+                                                                 at::IntArrayRef bins,
+                                                                 int64_t mode, bool need_idx) {
+  const auto seqs = pool_sequences(kSph, x, seqL);
+  const int64_t C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4), HW = H * W;
+  const auto strips = pool_strips(kSph, H, bins, mode);
+  const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({NO, C, B}, x.options());
+  const bool with_t = need_idx && T > 1, with_s = need_idx && mode != kMean;
+  at::Tensor targ = with_t ? at::empty({NO, C, H, W}, x.options().dtype(at::kInt)) : empty_i32(x);
+  at::Tensor sarg = with_s ? at::empty({NO, C, B}, x.options().dtype(at::kInt)) : empty_i32(x);
+  const Fns f = fns();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "qgait_sph", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int32_t* tp = with_t ? targ.data_ptr<int32_t>() : nullptr;
+    int32_t* sp = with_s ? sarg.data_ptr<int32_t>() : nullptr;
+    at::parallel_for(0, NO * C, grain(x.size(0) * T * HW / NO), [&](int64_t b, int64_t e) {
+      Scratch s(HW, H);
+      for (int64_t it = b; it < e; ++it) {
+        const PoolSeq q = seqs[it / C];
+        const int64_t c = it % C;
+        const scalar_t* src = xp + ((q.item * C + c) * T + q.start) * HW;
+        temporal_max<scalar_t>(f, src, q.len, HW, with_t, s);
+        if (tp)
+          for (int64_t i = 0; i < HW; ++i) tp[it * HW + i] = static_cast<int32_t>(s.idx[i]);
+        pyramid<scalar_t>(strips, mode, H, W, s, op + it * B, sp ? sp + it * B : nullptr);
+      }
+    });
+  });
+  return {out, targ, sarg};
+}
+
+void check_bwd(const char* op, const at::Tensor& grad, at::IntArrayRef x_shape) {
+  QGAIT_CHECK(x_shape.size() == 5, op, "x_shape must have 5 entries, got ", x_shape);
+  QGAIT_CHECK(dtype_code(grad.scalar_type()) >= 0, op,
+              "grad must be float32, float16 or bfloat16, got ", grad.scalar_type());
+}
+
+at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& targ,
+                                     const at::Tensor& sarg, at::IntArrayRef x_shape,
+                                     at::IntArrayRef seqL, at::IntArrayRef bins, int64_t mode) {
+  check_bwd(kSphB, grad, x_shape);
+  const at::Tensor meta = at::empty(x_shape, grad.options().device(at::kMeta));
+  const auto seqs = pool_sequences(kSphB, meta, seqL);
+  const int64_t C = x_shape[1], T = x_shape[2], H = x_shape[3], W = x_shape[4], HW = H * W;
+  const auto strips = pool_strips(kSphB, H, bins, mode);
+  const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
+  QGAIT_CHECK(grad.dim() == 3 && grad.size(0) == NO && grad.size(1) == C && grad.size(2) == B,
+              kSphB, "grad must have shape [", NO, ", ", C, ", ", B, "], got ", grad.sizes());
+  const bool with_t = T > 1, with_s = mode != kMean;
+  QGAIT_CHECK(!with_t || (targ.scalar_type() == at::kInt && targ.numel() == NO * C * HW), kSphB,
+              "targ must be int32 [", NO, ", ", C, ", ", H, ", ", W, "] (the forward's indices)");
+  QGAIT_CHECK(!with_s || (sarg.scalar_type() == at::kInt && sarg.numel() == NO * C * B), kSphB,
+              "sarg must be int32 [", NO, ", ", C, ", ", B, "] (the forward's indices)");
+  const at::Tensor gc = grad.contiguous();
+  const at::Tensor tc = with_t ? targ.contiguous() : targ, sc = with_s ? sarg.contiguous() : sarg;
+  at::Tensor dx = at::empty(x_shape, grad.options());
+  const Fns f = fns();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "qgait_sph_bwd", [&] {
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
+    const int32_t* sp = with_s ? sc.data_ptr<int32_t>() : nullptr;
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, NO * C, grain(x_shape[0] * T * HW / NO), [&](int64_t b, int64_t e) {
+      Scratch s(HW, H);
+      for (int64_t it = b; it < e; ++it) {
+        const PoolSeq q = seqs[it / C];
+        const int64_t c = it % C;
+        const scalar_t* g = gp + it * B;
+        // dL/dz: each mean term spreads g / (rows * W) over its strip (a per-row constant),
+        // each max term adds g at its arg-max.
+        std::fill(s.rsum.begin(), s.rsum.end(), 0.f);
+        if (mode != kMax)
+          for (int64_t j = 0; j < B; ++j) {
+            const float v = static_cast<float>(g[j]) /
+                            static_cast<float>((strips[j].row1 - strips[j].row0) * W);
+            for (int32_t h = strips[j].row0; h < strips[j].row1; ++h) s.rsum[h] += v;
+          }
+        for (int64_t h = 0; h < H; ++h) std::fill_n(s.z.data() + h * W, W, s.rsum[h]);
+        if (sp)
+          for (int64_t j = 0; j < B; ++j) s.z[sp[it * B + j]] += static_cast<float>(g[j]);
+        scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
+                          tp ? tp + it * HW : nullptr, s);
+      }
+    });
+  });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_pool_cpu(const at::Tensor& x, at::IntArrayRef seqL,
+                                                     bool need_idx) {
+  const auto seqs = pool_sequences(kTp, x, seqL);
+  const int64_t C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4), HW = H * W;
+  const int64_t NO = static_cast<int64_t>(seqs.size());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({NO, C, H, W}, x.options());
+  const bool with_t = need_idx && T > 1;
+  at::Tensor targ = with_t ? at::empty({NO, C, H, W}, x.options().dtype(at::kInt)) : empty_i32(x);
+  const Fns f = fns();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "qgait_tp", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    int32_t* tp = with_t ? targ.data_ptr<int32_t>() : nullptr;
+    at::parallel_for(0, NO * C, grain(x.size(0) * T * HW / NO), [&](int64_t b, int64_t e) {
+      Scratch s(HW, H);
+      for (int64_t it = b; it < e; ++it) {
+        const PoolSeq q = seqs[it / C];
+        const int64_t c = it % C;
+        temporal_max<scalar_t>(f, xp + ((q.item * C + c) * T + q.start) * HW, q.len, HW, with_t, s);
+        for (int64_t i = 0; i < HW; ++i) op[it * HW + i] = static_cast<scalar_t>(s.z[i]);
+        if (tp)
+          for (int64_t i = 0; i < HW; ++i) tp[it * HW + i] = static_cast<int32_t>(s.idx[i]);
+      }
+    });
+  });
+  return {out, targ};
+}
+
+at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& targ,
+                                      at::IntArrayRef x_shape, at::IntArrayRef seqL) {
+  check_bwd(kTpB, grad, x_shape);
+  const at::Tensor meta = at::empty(x_shape, grad.options().device(at::kMeta));
+  const auto seqs = pool_sequences(kTpB, meta, seqL);
+  const int64_t C = x_shape[1], T = x_shape[2], H = x_shape[3], W = x_shape[4], HW = H * W;
+  const int64_t NO = static_cast<int64_t>(seqs.size());
+  QGAIT_CHECK(grad.dim() == 4 && grad.size(0) == NO && grad.size(1) == C && grad.size(2) == H &&
+                  grad.size(3) == W,
+              kTpB, "grad must have shape [", NO, ", ", C, ", ", H, ", ", W, "], got ", grad.sizes());
+  const bool with_t = T > 1;
+  QGAIT_CHECK(!with_t || (targ.scalar_type() == at::kInt && targ.numel() == NO * C * HW), kTpB,
+              "targ must be int32 [", NO, ", ", C, ", ", H, ", ", W, "] (the forward's indices)");
+  const at::Tensor gc = grad.contiguous(), tc = with_t ? targ.contiguous() : targ;
+  at::Tensor dx = at::empty(x_shape, grad.options());
+  const Fns f = fns();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "qgait_tp_bwd", [&] {
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, NO * C, grain(x_shape[0] * T * HW / NO), [&](int64_t b, int64_t e) {
+      Scratch s(HW, H);
+      for (int64_t it = b; it < e; ++it) {
+        const PoolSeq q = seqs[it / C];
+        const int64_t c = it % C;
+        for (int64_t i = 0; i < HW; ++i) s.z[i] = static_cast<float>(gp[it * HW + i]);
+        scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
+                          tp ? tp + it * HW : nullptr, s);
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qgait, CPU, m) {
+  m.impl("set_pool_hpp", &set_pool_hpp_cpu);
+  m.impl("set_pool_hpp_backward", &set_pool_hpp_backward_cpu);
+  m.impl("temporal_pool", &temporal_pool_cpu);
+  m.impl("temporal_pool_backward", &temporal_pool_backward_cpu);
+}
+
+}  // namespace qgait

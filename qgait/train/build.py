@@ -1,0 +1,127 @@
+"""Wiring a config into a :class:`~qgait.train.trainer.Trainer` (``qgait train``)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from qgait.models import build_model
+from qgait.train.data import TrainBatches
+from qgait.train.trainer import (STAGES, Trainer, build_optimizer, lr_lambda, seed_everything)
+
+
+def setup_distributed():
+    """``(rank, world_size, device)`` from torchrun's environment; initialises the process
+    group (nccl on CUDA, gloo on CPU) when ``WORLD_SIZE > 1``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_available():
+            raise RuntimeError("qgait train: WORLD_SIZE > 1 but torch.distributed is unavailable")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def resolve_root(cfg: dict) -> Path:
+    """The data root; generates the synthetic tree there first if asked and missing."""
+    d = cfg["data"]
+    root = Path(os.path.expanduser(str(d["root"])))
+    empty = not root.exists() or not any(root.rglob("*.pkl*"))
+    if empty and d.get("synthetic"):
+        from qgait.data import synthetic
+        root.mkdir(parents=True, exist_ok=True)
+        synthetic.generate(str(root), **d["synthetic"])
+    return root
+
+
+def load_dataset(cfg: dict, split: str = "train", progress: bool = True):
+    """The OpenGaitDataset of ``data.train_ids`` or ``data.test_ids``."""
+    from qgait.data import OpenGaitDataset
+    ids = cfg["data"]["train_ids" if split == "train" else "test_ids"]
+    return OpenGaitDataset(resolve_root(cfg), id_range=tuple(ids) if ids else None,
+                           progress=progress)
+
+
+def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = None,
+                  device=None, rank: int = 0, world_size: int = 1) -> Trainer:
+    """Model -> stage preparation -> optimizer/scheduler -> batches -> Trainer (-> resume).
+
+    Args:
+        cfg: a validated config.
+        dataset: the training dataset (default: loaded from ``cfg["data"]``).
+        resume: a checkpoint path (or "auto": ``out_dir/last.pt`` if it exists).
+        device, rank, world_size: where and which shard (default: single CPU/GPU process).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = cfg["train"]["threads"]
+    if threads:
+        torch.set_num_threads(int(threads))
+    seed_everything(cfg["seed"])
+    if dataset is None:
+        dataset = load_dataset(cfg, "train", progress=rank == 0)
+    m = cfg["model"]
+    model = build_model(m["name"], num_classes=len(dataset.subjects), width=m["width"],
+                        embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
+    model = STAGES[cfg["stage"]].prepare(model, cfg).to(device)
+    out_dir = Path(cfg["train"]["out_dir"])
+    ck = None
+    if resume == "auto":
+        resume = out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
+    if resume is not None:
+        ck = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+    trained = model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = build_optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg["train"]["iterations"]))
+    start = int(ck["step"]) if ck is not None else 0
+    d = cfg["data"]
+    batches = TrainBatches(dataset, d["P"], d["K"], d["frames"], d["sampling"], seed=cfg["seed"],
+                           rank=rank, world_size=world_size, start_step=start,
+                           prefetch=d["prefetch"])
+    if ck is not None and ck.get("sampler"):
+        batches.sampler.load_state_dict(ck["sampler"])
+    trainer = Trainer(cfg, trained, batches, opt, sched, device, out_dir, rank, world_size,
+                      start_step=start)
+    if ck is not None:
+        trainer.load_state_dict(ck)
+    stage = STAGES[cfg["stage"]]
+    if stage.setup is not None:
+        stage.setup(trainer, cfg)
+    return trainer
+
+
+def run_training(cfg: dict, resume=None, dataset=None) -> Trainer:
+    """``qgait train``: sets up (distributed) training, trains, writes ``config.json``."""
+    rank, world, device = setup_distributed()
+    out_dir = Path(cfg["train"]["out_dir"])
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "config.json", "w") as f:
+            json.dump(cfg, f, indent=2)
+    trainer = build_trainer(cfg, dataset, resume, device, rank, world)
+    if rank == 0:
+        trainer.unwrapped.summary()
+        print(f"qgait train: stage {cfg['stage']}, {world} process(es) on {device}, amp "
+              f"{trainer.amp_dtype}, channels_last {trainer.channels_last}, from step "
+              f"{trainer.step} to {cfg['train']['iterations']}, out {out_dir}", flush=True)
+    try:
+        trainer.train()
+    finally:
+        trainer.batches.close()
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    return trainer

@@ -1,0 +1,162 @@
+"""Training configs: YAML files with defaults, dotted ``--key value`` overrides, validation.
+
+A config is a nested dict. :data:`DEFAULTS` holds every key the trainer reads; a YAML file
+(``qgait/configs/<name>.yaml`` or any path) overrides some, and command-line overrides
+(``--optim.lr 0.05``) override those. Unknown keys are an error (a typo would otherwise be
+silently ignored), except below ``extra`` which later stages may use freely.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "stage": "fp",                    # "fp" now; the next issue adds "qat" and "soft"
+    "seed": 0,
+    "data": {
+        "root": "../shared/data/casia-b/pkl",
+        "train_ids": ["001", "050"],  # inclusive id range
+        "test_ids": ["051", "074"],
+        "synthetic": None,            # {n_subjects, views, conditions, frames}: generate if root missing
+        "P": 8, "K": 8,
+        "frames": 30,
+        "sampling": "ordered",        # "ordered": a contiguous clip; "unordered": random frames
+        "prefetch": 6,                # batches prepared ahead by the background thread
+    },
+    "model": {"name": "GaitLite3D", "width": 1.0, "embed_dim": None,
+              "bins": [16, 8, 4, 2, 1], "scale": 16.0},
+    "loss": {"triplet_margin": 0.2, "triplet_weight": 1.0,
+             "ce_weight": 1.0, "label_smoothing": 0.1},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+              "nesterov": True, "betas": [0.9, 0.999]},
+    "sched": {"name": "cosine", "warmup": 100, "milestones": [], "gamma": 0.1,
+              "min_lr_ratio": 0.01},
+    "train": {"iterations": 1000, "amp": "auto", "channels_last": "auto",
+              "log_every": 10, "ckpt_every": 200, "keep_every": 0,
+              "out_dir": "runs/{name}", "threads": 0, "progress": True,
+              "deterministic": True},
+    "eval": {"max_frames": 720, "metric": "euc"},
+    # QGait stages "qat" (stage 1) and "soft" (stage 2); see qgait/pipeline/stages.py
+    "quant": {
+        "w_bits": 4, "a_bits": 4,
+        "binary_input": ["stem.0"],    # layers whose input is the binary silhouette: not quantized
+        "keep_8bit": ["stem", "fc"],   # module prefixes kept at W8A8 (first conv, per-part FCs)
+        "init_from": None,             # checkpoint to start from (fp, or a quantized stage)
+        "teacher": None,               # fp checkpoint: IDC's full-precision teacher (soft stage)
+        "k0": 1.0, "k1": 6.0,          # soft stage: temperature, linear from k0 to k1
+        "mode": "hard",                # soft stage forward: "hard" (QGait) or "soft" (sigma)
+        "idc_weight": 1.0, "idc_beta": 1.0,
+        "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
+    },
+    "extra": {},
+}
+
+_CHOICES = {
+    ("stage",): ("fp", "qat", "soft"),
+    ("data", "sampling"): ("ordered", "unordered"),
+    ("optim", "name"): ("sgd", "adamw"),
+    ("sched", "name"): ("cosine", "step", "constant"),
+    ("train", "amp"): ("auto", "none", "bf16", "fp16"),
+    ("train", "channels_last"): ("auto", True, False),
+}
+
+
+def _merge(base: dict, over: dict, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        key = f"{path}{k}"
+        if k not in base and not path.startswith("extra"):
+            raise ValueError(f"config: unknown key {key!r} (known: {', '.join(sorted(base))})")
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            out[k] = _merge(base[k], v, key + ".")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """``"casia_b_fp"`` -> the packaged ``qgait/configs/casia_b_fp.yaml``; a path stays a path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if q.exists():
+        return q
+    known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {name_or_path!r}: no such file, and not one of {known}")
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """``["--optim.lr", "0.05", "--train.amp=none"]`` -> ``{"optim": {"lr": 0.05}, ...}``.
+
+    Values are parsed as YAML (numbers, booleans, lists like ``[001, 050]`` stay typed).
+    """
+    out: dict = {}
+    it = list(args)
+    i = 0
+    while i < len(it):
+        a = it[i]
+        if not a.startswith("--"):
+            raise ValueError(f"override {a!r}: expected --dotted.key value")
+        if "=" in a:
+            key, val = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(it):
+                raise ValueError(f"override {a!r} has no value")
+            key, val = a[2:], it[i + 1]
+            i += 2
+        d = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    for path, choices in _CHOICES.items():
+        v = cfg
+        for p in path:
+            v = v[p]
+        if v not in choices:
+            raise ValueError(f"config: {'.'.join(path)} = {v!r}, expected one of {choices}")
+    d, t = cfg["data"], cfg["train"]
+    for k in ("P", "K", "frames"):
+        if not isinstance(d[k], int) or d[k] < 1:
+            raise ValueError(f"config: data.{k} must be a positive int, got {d[k]!r}")
+    if d["K"] < 2:
+        raise ValueError("config: data.K must be >= 2 (a triplet needs a positive)")
+    if not isinstance(t["iterations"], int) or t["iterations"] < 0:
+        raise ValueError(f"config: train.iterations must be an int >= 0, got {t['iterations']!r}")
+    if cfg["optim"]["lr"] <= 0:
+        raise ValueError(f"config: optim.lr must be > 0, got {cfg['optim']['lr']}")
+    for k in ("train_ids", "test_ids"):
+        v = d[k]
+        if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 2):
+            raise ValueError(f"config: data.{k} must be [first, last], got {v!r}")
+        if v is not None:
+            d[k] = [f"{int(s):03d}" if isinstance(s, int) else str(s) for s in v]
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: dict | Sequence[str] | None = None) -> dict:
+    """Defaults <- YAML file <- overrides, validated. ``out_dir`` ``{name}`` is filled in."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if name_or_path:
+        with open(resolve_config_path(name_or_path)) as f:
+            cfg = _merge(cfg, yaml.safe_load(f) or {})
+    if overrides:
+        if not isinstance(overrides, dict):
+            overrides = parse_overrides(overrides)
+        cfg = _merge(cfg, overrides)
+    cfg = validate(cfg)
+    cfg["train"]["out_dir"] = os.path.expanduser(str(cfg["train"]["out_dir"]).format(name=cfg["name"]))
+    return cfg

@@ -1,0 +1,346 @@
+"""Tests of qgait.ops.pooling: every backend against the reference and against OpenGait's
+semantics (written here independently: view to strips, mean + max)."""
+import pytest
+import torch
+
+import qgait
+from qgait.ops import pooling as P
+from qgait.ops.pooling import (horizontal_pyramid_pool, set_pool_hpp, set_pool_hpp_ref,
+                               temporal_pool)
+
+from conftest import backend_params
+
+
+# ---- OpenGait semantics, written independently of qgait's reference -------------------------
+def opengait_hpp(x, bins):
+    """HorizontalPoolingPyramid: x [n, c, h, w] -> [n, c, sum(bins)] (bins divide h)."""
+    n, c = x.shape[:2]
+    feats = []
+    for b in bins:
+        z = x.view(n, c, b, -1)
+        z = z.mean(-1) + z.max(-1)[0]
+        feats.append(z)
+    return torch.cat(feats, -1)
+
+
+def opengait_set_pool(x, seqL=None):
+    """PackSequenceWrapper(torch.max) over dim 2."""
+    if seqL is None:
+        return torch.max(x, dim=2)[0]
+    starts = [sum(seqL[:i]) for i in range(len(seqL))]
+    rets = [torch.max(x.narrow(2, s, l), dim=2)[0] for s, l in zip(starts, seqL)]
+    return torch.cat(rets)
+
+
+def rand_x(shape, dtype=torch.float32, kind="randn", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        x = torch.randn(shape, generator=g)
+    elif kind == "binary":  # silhouette-like feature maps: many exact ties
+        x = (torch.rand(shape, generator=g) > 0.5).float()
+    elif kind == "const":
+        x = torch.full(shape, 0.25)
+    else:  # few distinct values: ties everywhere, but not all equal
+        x = torch.randint(0, 3, shape, generator=g).float()
+    return x.to(dtype)
+
+
+# ---- the reference itself -------------------------------------------------------------------
+@pytest.mark.parametrize("bins", [(16, 8, 4, 2, 1), (16,), (1, 2, 4, 8, 16)])
+@pytest.mark.parametrize("seqL", [None, [3, 1, 4]])
+def test_reference_matches_opengait(bins, seqL):
+    x = rand_x((1 if seqL else 2, 5, 8, 16, 7))
+    want = opengait_hpp(opengait_set_pool(x, seqL), bins)
+    got = set_pool_hpp_ref(x, seqL, bins)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_gradcheck_float64():
+    x = rand_x((1, 2, 5, 6, 3), torch.float64).requires_grad_()
+    torch.autograd.gradcheck(lambda t: set_pool_hpp_ref(t, [2, 3], (3, 2, 4)), (x,))
+
+
+def test_strip_bounds_adaptive():
+    assert P.strip_bounds(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert P.strip_bounds(10, 3) == [(0, 4), (3, 7), (6, 10)]
+    assert P.strip_bounds(10, 3) == [(i * 10 // 3, -(-(i + 1) * 10 // 3)) for i in range(3)]
+
+
+# ---- every backend against the reference ----------------------------------------------------
+BACKENDS = backend_params("cpu")
+KINDS = ["randn", "binary", "const", "few"]
+
+
+def _close_mean(got, want, dtype):
+    """max terms are exact; mean terms differ by the order of an fp32 sum (1e-6 relative)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # one rounding to the output dtype of values that agree to fp32 precision
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=eps)
+
+
+def _grads(fn, x, w):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    (g,) = torch.autograd.grad((y.float() * w).sum(), x)
+    return y.detach(), g
+
+
+CASES = [  # (shape [N, C, T, H, W], seqL, bins)
+    ((2, 3, 5, 16, 7), None, (16, 8, 4, 2, 1)),
+    ((1, 4, 6, 16, 11), [2, 1, 3], (16,)),
+    ((1, 2, 7, 16, 3), [7], (1, 2, 4, 8, 16)),
+    ((2, 2, 3, 10, 5), None, (3, 4)),                # H not divisible by a bin
+    ((1, 1, 1, 64, 2), None, (64,)),                 # T = 1, N*C = 1, one row per strip
+    ((1, 3, 9, 12, 4), [1, 1, 1, 1, 1, 1, 1, 1, 1], (5, 2, 1)),  # many length-1 sequences
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["mean+max", "max", "mean"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_set_pool_hpp_matches_reference(backend, kind, mode, case):
+    shape, seqL, bins = CASES[case]
+    if backend == "triton" and (kind in ("const", "few") or mode == "mean"):
+        pytest.skip("triton interpreter: a subset of the grid keeps the run short")
+    x = rand_x(shape, kind=kind, seed=case)
+    n_out = len(seqL) if seqL else shape[0]
+    w = rand_x((n_out, shape[1], sum(bins)), seed=100 + case)
+    y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, mode, backend=backend), x, w)
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins, mode), x, w)
+    if mode == "max":
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    else:
+        _close_mean(y, y_ref, torch.float32)
+    _close_mean(g, g_ref, torch.float32)
+    # the max terms' gradient lands on exactly one element per strip (first index on ties)
+    if mode == "max":
+        assert int((g != 0).sum()) <= w.numel()
+    if all(shape[3] % b == 0 for b in bins) and mode == "mean+max":
+        want = opengait_hpp(opengait_set_pool(x, seqL), bins)
+        _close_mean(y, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["randn", "binary"])
+@pytest.mark.parametrize("seqL", [None, [4], [1, 3, 2]])
+def test_temporal_pool_matches_reference(backend, kind, seqL):
+    shape = (2 if seqL is None else 1, 3, sum(seqL) if seqL else 6, 5, 7)
+    x = rand_x(shape, kind=kind)
+    w = rand_x((len(seqL) if seqL else 2, 3, 5, 7), seed=7)
+    y, g = _grads(lambda t: temporal_pool(t, seqL, backend=backend), x, w)
+    y_ref, g_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, w)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)  # a pure scatter: exact
+    torch.testing.assert_close(y, opengait_set_pool(x, seqL), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bins", [(16, 8, 4, 2, 1), (3,), (1, 2, 4, 8, 16)])
+def test_hpp_matches_reference(backend, bins):
+    x = rand_x((2, 3, 16, 6), kind="binary")
+    w = rand_x((2, 3, sum(bins)), seed=3)
+    y, g = _grads(lambda t: horizontal_pyramid_pool(t, bins, backend=backend), x, w)
+    y_ref, g_ref = _grads(lambda t: P.horizontal_pyramid_pool_ref(t, bins), x, w)
+    _close_mean(y, y_ref, torch.float32)
+    _close_mean(g, g_ref, torch.float32)
+    if 16 % max(bins) == 0 and all(16 % b == 0 for b in bins):
+        _close_mean(y, opengait_hpp(x, bins), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["randn", "binary"])
+def test_fused_grad_equals_composed(backend, kind):
+    """The fused op's gradient is that of temporal_pool then horizontal_pyramid_pool."""
+    x = rand_x((1, 4, 6, 16, 5), kind=kind)
+    seqL, bins = [2, 4], (16, 8, 4, 2, 1)
+    w = rand_x((2, 4, sum(bins)), seed=1)
+    y1, g1 = _grads(lambda t: set_pool_hpp(t, seqL, bins, backend=backend), x, w)
+    y2, g2 = _grads(lambda t: horizontal_pyramid_pool(temporal_pool(t, seqL, backend=backend),
+                                                      bins, backend=backend), x, w)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_first_index(backend):
+    x = torch.zeros(1, 1, 3, 4, 2)  # all equal: frame 0, then the first (h, w) of each strip
+    x.requires_grad_()
+    y = set_pool_hpp(x, None, (2,), "max", backend=backend)
+    y.sum().backward()
+    want = torch.zeros_like(x)
+    want[0, 0, 0, 0, 0] = 1
+    want[0, 0, 0, 2, 0] = 1
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    base = rand_x((2, 16, 5, 4, 3))  # [N, H, T, C, W] permuted to [N, C, T, H, W]
+    x = base.permute(0, 3, 2, 1, 4)
+    assert not x.is_contiguous()
+    w = rand_x((2, 4, 31), seed=2)
+    y, g = _grads(lambda t: set_pool_hpp(t, backend=backend), x, w)
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t), x, w)
+    _close_mean(y, y_ref, torch.float32)
+    _close_mean(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["mean+max", "max"])
+def test_low_precision(backend, dtype, mode):
+    x = rand_x((1, 3, 5, 16, 7), dtype=dtype)
+    seqL, bins = [2, 3], (16, 4, 1)
+    w = rand_x((2, 3, sum(bins)), seed=4)
+    y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, mode, backend=backend), x, w)
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins, mode), x, w)
+    assert y.dtype == dtype and g.dtype == dtype
+    if mode == "max":
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    else:
+        _close_mean(y, y_ref, dtype)
+    _close_mean(g, g_ref, dtype)
+
+
+def test_every_simd_level(cpu_isa):
+    """H*W = 35 has tails for every vector width; all levels agree exactly with each other's
+    math (same comparisons) and with the reference."""
+    x = rand_x((1, 3, 7, 5, 7), kind="few")
+    seqL, bins = [3, 4], (5, 2, 1)
+    w = rand_x((2, 3, 8), seed=5)
+    y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, backend="cpu"), x, w)
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins), x, w)
+    _close_mean(y, y_ref, torch.float32)
+    _close_mean(g, g_ref, torch.float32)
+    z, gz = _grads(lambda t: temporal_pool(t, seqL, backend="cpu"), x, rand_x((2, 3, 5, 7)))
+    z_ref, gz_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, rand_x((2, 3, 5, 7)))
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gz, gz_ref, rtol=0, atol=0)
+
+
+def test_no_indices_without_grad():
+    if not qgait.backends()["cpu"]["available"]:
+        pytest.skip("qgait._C not built")
+    x = rand_x((2, 3, 4, 16, 5))
+    out, targ, sarg = torch.ops.qgait.set_pool_hpp(x, [], [16], 0, False)
+    assert targ.numel() == 0 and sarg.numel() == 0
+    out2, targ2, sarg2 = torch.ops.qgait.set_pool_hpp(x, [], [16], 0, True)
+    assert targ2.shape == (2, 3, 16, 5) and sarg2.shape == (2, 3, 16)
+    assert targ2.dtype == torch.int32
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    torch.testing.assert_close(targ2, x.max(dim=2)[1].int(), rtol=0, atol=0)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+BAD = [
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), [2, 2]), "seqL sums to 4"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), [5, 0]), "must be > 0"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), [6, -1]), "must be > 0"),
+    (lambda: set_pool_hpp(rand_x((2, 2, 5, 16, 3)), [5]), "N must be 1"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), torch.tensor([2.0, 3.0])), "integer"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), None, ()), "non-empty"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), None, (4, 0)), "> 0"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 8, 3)), None, (16,)), "smaller than the largest"),
+    (lambda: set_pool_hpp(rand_x((2, 5, 16, 3))), "must have 5 dims"),
+    (lambda: set_pool_hpp(torch.ones(1, 2, 5, 16, 3, dtype=torch.int32)), "floating-point"),
+    (lambda: set_pool_hpp(rand_x((1, 2, 5, 16, 3)), mode="sum"), "mode must be"),
+    (lambda: temporal_pool(rand_x((1, 2, 5, 16, 3)), [3, 3]), "seqL sums to 6"),
+    (lambda: horizontal_pyramid_pool(rand_x((1, 2, 5, 16, 3))), "must have 4 dims"),
+    (lambda: horizontal_pyramid_pool(rand_x((1, 2, 4, 3))), "smaller than the largest"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_input_names_the_op(i):
+    fn, msg = BAD[i]
+    with pytest.raises((ValueError, TypeError)) as e:
+        fn()
+    assert "qgait::" in str(e.value) and msg in str(e.value)
+
+
+def test_cpp_op_checks_name_the_op():
+    if not qgait.backends()["cpu"]["available"]:
+        pytest.skip("qgait._C not built")
+    x = rand_x((1, 2, 5, 16, 3))
+    with pytest.raises(RuntimeError, match="qgait::set_pool_hpp: seqL sums to 4"):
+        torch.ops.qgait.set_pool_hpp(x, [2, 2], [16], 0, False)
+    with pytest.raises(RuntimeError, match="qgait::set_pool_hpp: H=16 is smaller"):
+        torch.ops.qgait.set_pool_hpp(x, [], [32], 0, False)
+    with pytest.raises(RuntimeError, match="qgait::temporal_pool: x must be float32"):
+        torch.ops.qgait.temporal_pool(x.double(), [], False)
+    with pytest.raises(RuntimeError, match="qgait::set_pool_hpp_backward: targ must be int32"):
+        torch.ops.qgait.set_pool_hpp_backward(torch.ones(1, 2, 16), torch.ones(3), torch.ones(3),
+                                              [1, 2, 5, 16, 3], [], [16], 0)
+
+
+# ---- torch.library: opcheck and torch.compile -----------------------------------------------
+def _op_names(backend):
+    suffix = "_triton" if backend == "triton" else ""
+    return (getattr(torch.ops.qgait, "set_pool_hpp" + suffix).default,
+            getattr(torch.ops.qgait, "temporal_pool" + suffix).default)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    sph, tp = _op_names(backend)
+    utils = torch.library._OPCHECK_DEFAULT_UTILS
+    if backend == "triton" and not torch.cuda.is_available():
+        # AOT tracing goes inside a triton_op and would run the interpreter on fake tensors;
+        # that part of opcheck needs real Triton (a GPU).
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x = rand_x((1, 3, 5, 16, 3))
+    xg = x.clone().requires_grad_()
+    opcheck = lambda op, args: torch.library.opcheck(op, args, test_utils=utils)  # noqa: E731
+    opcheck(sph, (xg, [2, 3], [16, 4, 1], 0, True))
+    opcheck(sph, (x, [], [8, 2], 1, False))
+    opcheck(sph, (xg[:, :, :1].detach().requires_grad_(), [], [16], 2, True))
+    opcheck(tp, (xg, [4, 1], True))
+    opcheck(tp, (x, [], False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("compiling through a triton_op traces its kernels, which the Triton "
+                    "interpreter cannot do on fake tensors (needs a GPU)")
+    torch._dynamo.reset()
+    head = qgait.ops.SetPoolHPP(bins=(16, 8, 4, 2, 1))
+    head.backend = backend
+
+    def f(x):
+        return head(x, [2, 3]) * 2.0
+
+    x = rand_x((1, 2, 5, 16, 3)).requires_grad_()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    y.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    (set_pool_hpp_ref(x, [2, 3]) * 2.0).sum().backward()
+    _close_mean(y.detach(), set_pool_hpp_ref(x.detach(), [2, 3]) * 2.0, torch.float32)
+    _close_mean(g, x.grad, torch.float32)
+
+
+def test_torch_compile_inductor_cpu():
+    if not qgait.backends()["cpu"]["available"]:
+        pytest.skip("qgait._C not built")
+    torch._dynamo.reset()
+    x = rand_x((2, 3, 4, 16, 5))
+    f = torch.compile(lambda t: set_pool_hpp(t, bins=(16, 2), backend="cpu"), fullgraph=True)
+    _close_mean(f(x), set_pool_hpp_ref(x, None, (16, 2)), torch.float32)
+
+
+# ---- modules --------------------------------------------------------------------------------
+def test_modules():
+    x = rand_x((1, 4, 6, 16, 5))
+    assert qgait.ops.SetPoolHPP(bins=(16,))(x, [2, 4]).shape == (2, 4, 16)
+    assert qgait.ops.TemporalPool()(x, [2, 4]).shape == (2, 4, 16, 5)
+    assert qgait.ops.HorizontalPyramidPool(bins=(4, 1), mode="max")(x[:, :, 0]).shape == (1, 4, 5)
+    torch.testing.assert_close(qgait.ops.SetPoolHPP(bins=(16,), mode="max")(x, [2, 4]),
+                               set_pool_hpp_ref(x, [2, 4], (16,), "max"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mode"):
+        qgait.ops.SetPoolHPP(mode="avg")
+    with pytest.raises(ValueError, match="bins"):
+        qgait.ops.SetPoolHPP(bins=())

@@ -1,0 +1,208 @@
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gait_fakes import FakeGaitDataset
+from qgait.train import (batch_all_triplet_loss, build_trainer, load_config, parse_overrides,
+                         part_cross_entropy)
+from qgait.train.trainer import atomic_save, lr_lambda
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def fake():
+    return FakeGaitDataset(n_subjects=5, conds=["nm-01", "nm-02", "bg-01"], views=["000", "090"],
+                           frames=10)
+
+
+def small_cfg(out_dir, **over):
+    base = {"data": {"P": 3, "K": 2, "frames": 6, "prefetch": 2},
+            "model": {"width": 0.25},
+            "optim": {"name": "adamw", "lr": 0.003},
+            "sched": {"warmup": 2},
+            "train": {"iterations": 8, "out_dir": str(out_dir), "progress": False,
+                      "ckpt_every": 0, "amp": "none", "threads": 1}}
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return load_config(None, base)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_triplet_loss_matches_brute_force():
+    torch.manual_seed(0)
+    emb = torch.randn(6, 4, 3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    margin = 0.5
+    loss, info = batch_all_triplet_loss(emb, labels, margin)
+    parts = []
+    for p in range(3):
+        x = emb[:, :, p].double()
+        hinges = []
+        for a in range(6):
+            for q in range(6):
+                for n in range(6):
+                    if q != a and labels[q] == labels[a] and labels[n] != labels[a]:
+                        hinges.append(max(0.0, margin + float((x[a] - x[q]).norm())
+                                          - float((x[a] - x[n]).norm())))
+        nz = sum(h > 0 for h in hinges)
+        parts.append(sum(hinges) / max(nz, 1))
+    assert loss.item() == pytest.approx(sum(parts) / 3, rel=1e-5)
+    assert 0 < info["triplet_nonzero"] <= 1
+
+
+def test_triplet_loss_zero_when_separated():
+    emb = torch.zeros(4, 2, 1)
+    emb[2:, 0, 0] = 10.0  # two tight clusters far apart
+    loss, info = batch_all_triplet_loss(emb, torch.tensor([0, 0, 1, 1]), 0.2)
+    assert loss.item() == 0.0 and info["triplet_nonzero"] == 0
+
+
+def test_part_cross_entropy_matches_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3)
+    labels = torch.tensor([0, 4, 2, 2])
+    loss, info = part_cross_entropy(logits, labels, label_smoothing=0.1)
+    manual = 0.0
+    for p in range(3):
+        logp = torch.log_softmax(logits[:, :, p], 1)
+        for i, y in enumerate(labels):
+            manual += -(0.9 * logp[i, y] + 0.1 * logp[i].mean()).item()
+    assert loss.item() == pytest.approx(manual / 12, rel=1e-5)
+    assert info["accuracy"] == pytest.approx(
+        (logits.argmax(1) == labels[:, None]).float().mean().item())
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_overrides_and_validation(tmp_path):
+    over = parse_overrides(["--optim.lr", "0.05", "--train.amp=none", "--data.train_ids", "[1, 20]"])
+    cfg = load_config("casia_b_fp", over)
+    assert cfg["optim"]["lr"] == 0.05 and cfg["train"]["amp"] == "none"
+    assert cfg["data"]["train_ids"] == ["001", "020"]
+    assert cfg["train"]["out_dir"] == "runs/casia_b_fp"
+    with pytest.raises(ValueError, match="unknown key 'optim.lrr'"):
+        load_config("casia_b_fp", {"optim": {"lrr": 1}})
+    with pytest.raises(ValueError, match="sched.name"):
+        load_config(None, {"sched": {"name": "linear"}})
+    with pytest.raises(FileNotFoundError, match="no_such_config"):
+        load_config("no_such_config")
+    assert load_config("synthetic_fp")["stage"] == "fp"
+
+
+def test_lr_schedule():
+    cfg = load_config(None, {"sched": {"name": "cosine", "warmup": 4, "min_lr_ratio": 0.0}})
+    f = lr_lambda(cfg, 104)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(54) == pytest.approx(0.5) and f(104) == pytest.approx(0.0, abs=1e-12)
+    cfg = load_config(None, {"sched": {"name": "step", "warmup": 0, "milestones": [10, 20]}})
+    f = lr_lambda(cfg, 30)
+    assert (f(9), f(10), f(25)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+
+
+def test_atomic_save_leaves_no_tmp(tmp_path):
+    atomic_save({"a": torch.arange(3)}, tmp_path / "x.pt")
+    assert os.listdir(tmp_path) == ["x.pt"]
+    assert torch.load(tmp_path / "x.pt")["a"].tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_lowers_the_loss(fake, tmp_path):
+    cfg = small_cfg(tmp_path, train={"iterations": 24}, sched={"warmup": 3})
+    tr = build_trainer(cfg, fake)
+    hist = tr.train()
+    tr.batches.close()
+    losses = [r["loss"] for r in hist]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6])
+    assert (tmp_path / "last.pt").exists()
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert lines[0].startswith("step,") and len(lines) == 25
+
+
+def test_resume_reproduces_the_uninterrupted_run(fake, tmp_path):
+    full = build_trainer(small_cfg(tmp_path / "a"), fake)
+    ref = [r["loss"] for r in full.train()]
+    full.batches.close()
+
+    first = build_trainer(small_cfg(tmp_path / "b"), fake)
+    part1 = [r["loss"] for r in first.train(iterations=3)]
+    first.batches.close()
+    # Scramble the global RNGs: the resumed run must restore them from the checkpoint.
+    torch.manual_seed(1234)
+    np.random.seed(4321)
+    second = build_trainer(small_cfg(tmp_path / "b"), fake, resume=tmp_path / "b" / "last.pt")
+    assert second.step == 3 and second.batches.sampler.step == 3
+    part2 = [r["loss"] for r in second.train()]
+    second.batches.close()
+    assert part1 + part2 == ref  # exactly: same batches, same states, same arithmetic
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_extra_loss_term_and_stage_hook(fake, tmp_path):
+    from qgait.train import register_stage
+    from qgait.train.trainer import STAGES
+    seen = {}
+
+    def prepare(model, cfg):
+        seen["prepared"] = True
+        return model
+    register_stage("qat", prepare)
+    try:
+        tr = build_trainer(small_cfg(tmp_path, train={"iterations": 2}) | {"stage": "qat"}, fake)
+    finally:
+        STAGES.pop("qat")
+    assert seen["prepared"]
+    tr.add_loss_term("l2", lambda t, out, x, y: ((out["embeddings"] ** 2).mean(),
+                                                 {"scale": 1.0}), 0.5)
+    rec = tr.train()[-1]
+    tr.batches.close()
+    assert "l2" in rec and rec["l2_scale"] == 1.0
+    assert rec["loss"] == pytest.approx(rec["triplet"] + rec["ce"] + 0.5 * rec["l2"], rel=1e-5)
+    with pytest.raises(ValueError, match="exists"):
+        tr.add_loss_term("l2", lambda *a: None)
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported()
+                    if hasattr(torch.cpu, "_is_avx512_bf16_supported") else True,
+                    reason="CPU without native bf16")
+def test_bf16_autocast_step(fake, tmp_path):
+    tr = build_trainer(small_cfg(tmp_path, train={"iterations": 2, "amp": "bf16"}), fake)
+    assert tr.amp_dtype == torch.bfloat16 and tr.channels_last
+    hist = tr.train()
+    tr.batches.close()
+    assert all(math.isfinite(r["loss"]) for r in hist)
+
+
+# ----------------------------------------------------------------------------- DDP
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_cpu_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", "--master_port=0", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", str(HERE / "ddp_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights_rank0.pt")
+    w1 = torch.load(tmp_path / "weights_rank1.pt")
+    # DDP averages gradients, so the parameters stay identical although the ranks saw
+    # different batches (BatchNorm running statistics are per rank and do differ).
+    params = [k for k in w0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) > 10
+    for k in params:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if k.endswith("running_mean"))
+    b0 = torch.load(tmp_path / "batches_rank0.pt")
+    b1 = torch.load(tmp_path / "batches_rank1.pt")
+    for s0, s1 in zip(b0, b1):  # each step's shards are disjoint
+        assert len(s0) == 4 and not set(s0).intersection(s1)
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "log.csv").exists()
