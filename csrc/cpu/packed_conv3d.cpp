@@ -451,10 +451,10 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   std::vector<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
   if (buf.size() < total) buf.resize(total);
-  // padding (and the channel tail) holds the code of zero; interiors are overwritten below
-  at::parallel_for(0, static_cast<int64_t>(total), 1 << 20, [&](int64_t b, int64_t e) {
-    std::memset(buf.data() + b, zp, static_cast<size_t>(e - b));
-  });
+  // padding (and the channel tail) holds the code of zero; interiors are overwritten below.
+  // One thread: a memset is memory-bound, and every parallel region is a point where a busy
+  // machine can stall the call until all threads are scheduled again.
+  std::memset(buf.data(), zp, total);
   std::vector<int64_t> pc(g.C);
   for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
   const auto st = x.strides();
@@ -465,7 +465,9 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  at::parallel_for(0, g.N * g.T * g.H, 16, [&](int64_t b, int64_t e) {
+  // codes only need copying (one thread); floats are quantized in parallel
+  const int64_t grain = flt ? 16 : g.N * g.T * g.H;
+  at::parallel_for(0, g.N * g.T * g.H, grain, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> tmp(g.C * g.W);
     for (int64_t row = b; row < e; ++row) {
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
