@@ -276,3 +276,18 @@ def test_opcheck():
     args = (x, torch.tensor(0.1), -128, 127, wp, ws, 4, 3, [1] * 3, [1] * 3, [1] * 3,
             torch.randn(5), None, None, 1, 0.0, 1, torch.tensor(0.2), 0, 255)
     torch.library.opcheck(torch.ops.qgait.packed_conv3d.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] != "cpu"])
+@pytest.mark.parametrize("out", ["float", "quant"])
+def test_gpu_backends_epilogue_exact(backend, out):
+    """Fused epilogue (bias, folded BN, LeakyReLU; fp32 or requantized) bit for bit."""
+    dev = device_of(backend)
+    case = TINY[0]
+    x, wp, ws, kw = make_case(case, 4, "float_unsigned")
+    args = dict(act="leaky_relu", neg_slope=0.1, out=out, out_scale=torch.tensor(0.07),
+                **_epilogue_args(case[2]), **kw)
+    ref = packed_conv3d(x, wp, ws, backend="reference", **args)
+    on = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    got = packed_conv3d(x.to(dev), wp.to(dev), ws.to(dev), backend=backend, **on)
+    assert got.dtype == ref.dtype and torch.equal(got.cpu(), ref)

@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -400,6 +401,20 @@ namespace {
 
 enum class Path { Scalar, AVX2, VNNI };
 
+// Work items handed out in small chunks from a shared counter: on a loaded machine a thread
+// that is descheduled for a while no longer holds up a fixed half of the work (a static split
+// made two threads slower than one here).
+template <typename F>
+void parallel_dynamic(int64_t n, const F& f) {
+  const int64_t nt = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, n / (nt * 32));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(chunk); b < n; b = next.fetch_add(chunk))
+      f(b, std::min(n, b + chunk));
+  });
+}
+
 Path choose_path() {
   const Isa isa = cpu_isa();
   if (isa >= Isa::AVX512 && cpu_has_vnni()) return Path::VNNI;
@@ -436,10 +451,10 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   std::vector<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
   if (buf.size() < total) buf.resize(total);
-  // padding (and the channel tail) holds the code of zero; interiors are overwritten below
-  at::parallel_for(0, static_cast<int64_t>(total), 1 << 20, [&](int64_t b, int64_t e) {
-    std::memset(buf.data() + b, zp, static_cast<size_t>(e - b));
-  });
+  // padding (and the channel tail) holds the code of zero; interiors are overwritten below.
+  // One thread: a memset is memory-bound, and every parallel region is a point where a busy
+  // machine can stall the call until all threads are scheduled again.
+  std::memset(buf.data(), zp, total);
   std::vector<int64_t> pc(g.C);
   for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
   const auto st = x.strides();
@@ -450,7 +465,9 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  at::parallel_for(0, g.N * g.T * g.H, 16, [&](int64_t b, int64_t e) {
+  // codes only need copying (one thread); floats are quantized in parallel
+  const int64_t grain = flt ? 16 : g.N * g.T * g.H;
+  at::parallel_for(0, g.N * g.T * g.H, grain, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> tmp(g.C * g.W);
     for (int64_t row = b; row < e; ++row) {
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
@@ -594,7 +611,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
             }
           }
     const int64_t items = rows * ((c.Coutp + 63) / 64);
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    parallel_dynamic(items, [&](int64_t b, int64_t e) {
       if (i4v) items_vnni<true>(c, wv.data(), b, e);
       else items_vnni<false>(c, wv.data(), b, e);
     });
@@ -607,7 +624,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
           w2[((k * k2 + ch / 2) * c.Coutp + co) * 2 + (ch & 1)] =
               static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
     const int64_t items = rows * (c.Coutp / 16);
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
+    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
   } else {
     std::vector<int16_t> ws(static_cast<size_t>(g.Co * ntaps * c.Cp), 0);
     for (int64_t co = 0; co < g.Co; ++co)
@@ -615,7 +632,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
         for (int64_t ch = 0; ch < g.C; ++ch)
           ws[(co * ntaps + k) * c.Cp + ch] =
               static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
+    parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
   }
   return y;
 }
