@@ -546,14 +546,16 @@ def test_cli_export_gaitlite3d_checkpoint(tmp_path, monkeypatch, capsys):
     assert main_export_onnx(args) == 0
     assert "wrote" in capsys.readouterr().out
     info = json.loads((tmp_path / "last.json").read_text())
-    assert info["path"] == str(tmp_path / "last.onnx") and info["quant_layers"] == 6
+    # 6 convs + the per-part FC (SoftQuantPartLinear)
+    assert info["path"] == str(tmp_path / "last.onnx") and info["quant_layers"] == 7
     # 4-bit activation steps are ~16x coarser than 8-bit ones, so flips are ~16x rarer than in
     # the W8A8 GaitLite3D of the test below (measured here: 5e-7)
     assert info["max_rel_diff"] <= RTOL_SUM and info["int4_weights"] == INT4_OK
     g = onnx.load(info["path"]).graph
     assert [o.name for o in g.output] == ["embeddings"]
     assert sum(n.op_type == "Conv" for n in g.node) == 6
-    assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 6  # stem's binary input too
+    assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 7  # stem's binary input too
+    assert sum(n.op_type == "MatMul" for n in g.node) == 1  # the per-part FC, batched
 
 
 def test_failed_export_restores_the_model(models, tmp_path, monkeypatch):
@@ -581,8 +583,8 @@ def _with_outputs(path, names):
 
 
 def test_flips_on_gaitlite3d_are_near_ties_and_as_large_as_torchs_own(tmp_path):
-    """A calibrated W8A8 GaitLite3D does flip codes (its per-part FC is float, so a flip in the
-    trunk reaches the embedding). Checks the mechanism and the size:
+    """A calibrated W8A8 GaitLite3D does flip codes (a flip in the trunk reaches the embedding
+    through the per-part FC). Checks the mechanism and the size:
 
     * every code onnxruntime computes differs from qgait's by at most one step, and in the first
       quantizer where any differs, each differing value lay within the summation noise
@@ -606,7 +608,7 @@ def test_flips_on_gaitlite3d_are_near_ties_and_as_large_as_torchs_own(tmp_path):
     sess = ort.InferenceSession(_with_outputs(info["path"], names),
                                 providers=["CPUExecutionProvider"])
     layers = [mod for mod in m.modules() if isinstance(mod, SOFT_QUANT_MODULES)]
-    assert len(layers) == len(qnodes) == 6  # graph order = module order here
+    assert len(layers) == len(qnodes) == 7  # graph order = module order here
     seen = []
     hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append(i[0])) for mod in layers]
     x = default_example(m, 16, seed=77)
@@ -615,7 +617,11 @@ def test_flips_on_gaitlite3d_are_near_ties_and_as_large_as_torchs_own(tmp_path):
         h.remove()
     outs = sess.run(None, {INPUT: x.numpy()})[1:]
     first = True
+    from qgait.nn.soft_quant import SoftQuantPartLinear
+
     for mod, inp, dq in zip(layers, seen, outs):
+        if isinstance(mod, SoftQuantPartLinear):
+            inp = inp.permute(2, 0, 1)  # the graph quantizes the FC input after its Transpose
         qn, qp = qgait.ops.quant_grid(mod.a_bits, mod.a_signed)
         v = (inp * (1.0 / mod.a_scale.detach())).numpy()
         codes = np.clip(np.rint(v), qn, qp)
