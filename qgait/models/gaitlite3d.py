@@ -23,7 +23,6 @@ later ``convert()`` can fold BN + activation into a packed conv, and every conv 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
