@@ -131,13 +131,14 @@ def load_checkpoint_model(path):
 @command("data", "data tools: import-png (raw silhouette PNG tree -> OpenGait pickles)")
 def _data(p: argparse.ArgumentParser):
     p.add_argument("action", choices=["import-png"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's own arguments")
 
     def run(args, rest):
         try:
             from qgait.data import import_png
         except ImportError as e:
             raise SystemExit(f"qgait data import-png: qgait.data.import_png is unavailable ({e})")
-        return import_png.main(rest) or 0
+        return import_png.main(list(args.args) + list(rest)) or 0
     return run
 
 

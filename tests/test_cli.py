@@ -43,3 +43,19 @@ def test_train_then_eval_on_synthetic(tmp_path, capsys):
 def test_bad_override_is_reported():
     with pytest.raises(ValueError, match="unknown key"):
         main(["train", "--config", "synthetic_fp", "--optim.lrr", "1"])
+
+
+def test_data_import_png(tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+    from qgait.data import OpenGaitDataset
+    src = tmp_path / "png" / "001" / "nm-01" / "090"
+    src.mkdir(parents=True)
+    for t in range(3):
+        img = np.zeros((120, 80), np.uint8)
+        img[20:110, 30 + t:50 + t] = 255  # a standing figure, shifting right
+        Image.fromarray(img).save(src / f"{t:03d}.png")
+    assert main(["data", "import-png", str(tmp_path / "png"), str(tmp_path / "pkl"),
+                 "--workers", "0", "--no-progress"]) == 0
+    ds = OpenGaitDataset(tmp_path / "pkl", progress=False)
+    assert len(ds) == 1 and ds.n_frames(0) == 3 and ds.frames(0).max() == 1
