@@ -69,7 +69,7 @@ def _eval(p: argparse.ArgumentParser):
         from qgait.evaluation import evaluate, model_embed_fn
         from qgait.train.build import load_dataset
         from qgait.train.trainer import resolve_amp
-        model, cfg = load_checkpoint_model(args.checkpoint)
+        model, cfg, step = load_checkpoint_model(args.checkpoint)
         if args.data:
             cfg["data"]["root"] = args.data
         if args.ids:
@@ -84,7 +84,7 @@ def _eval(p: argparse.ArgumentParser):
         res = evaluate(fn, ds, args.protocol,
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
                        progress=not args.no_progress, min_frames=args.min_frames)
-        res["checkpoint"] = str(args.checkpoint)
+        res["checkpoint"], res["step"] = str(args.checkpoint), step
         res["amp"] = str(amp)
         _print_results(res)
         if "filtered" in res:
@@ -111,7 +111,8 @@ def _print_results(res):
 
 
 def load_checkpoint_model(path):
-    """``(model, cfg)`` from a training checkpoint (stage preparation applied, weights loaded)."""
+    """``(model, cfg, step)`` from a training checkpoint (stage preparation applied, weights
+    loaded, eval mode)."""
     import torch
     from qgait.models import build_model
     from qgait.train.trainer import STAGES
@@ -124,7 +125,7 @@ def load_checkpoint_model(path):
                         embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
     model = STAGES[cfg["stage"]].prepare(model, cfg)
     model.load_state_dict(sd)
-    return model.eval(), cfg
+    return model.eval(), cfg, int(ck["step"])
 
 
 # ----------------------------------------------------------------------------- data

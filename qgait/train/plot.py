@@ -25,14 +25,13 @@ def read_log(path) -> dict[str, np.ndarray]:
 def read_evals(run_dir) -> list[tuple[int, dict]]:
     out = []
     for p in sorted(Path(run_dir).glob("*.eval.json")):
-        m = re.search(r"ckpt_(\d+)", p.name)
-        if not m:
-            continue
         with open(p) as f:
             res = json.load(f)
-        if "casia_b" in res:
-            out.append((int(m.group(1)), {c: v["mean"] for c, v in res["casia_b"]["cross_view"].items()}))
-    return sorted(out)
+        m = re.search(r"ckpt_(\d+)", p.name)
+        step = res.get("step", int(m.group(1)) if m else None)
+        if step is not None and "casia_b" in res:
+            out.append((step, {c: v["mean"] for c, v in res["casia_b"]["cross_view"].items()}))
+    return sorted(dict(out).items())  # one point per step
 
 
 def smooth(v: np.ndarray, n: int) -> np.ndarray:
