@@ -205,3 +205,15 @@ def test_ddp_two_cpu_processes(tmp_path):
     for s0, s1 in zip(b0, b1):  # each step's shards are disjoint
         assert len(s0) == 4 and not set(s0).intersection(s1)
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "log.csv").exists()
+
+
+def test_init_from_loads_weights_only(fake, tmp_path):
+    a = build_trainer(small_cfg(tmp_path / "a", train={"iterations": 2}), fake)
+    a.train()
+    a.batches.close()
+    b = build_trainer(small_cfg(tmp_path / "b", train={"init_from": str(tmp_path / "a" / "last.pt"),
+                                                        "iterations": 2}), fake)
+    assert b.step == 0 and not b.optimizer.state  # a new run ...
+    for k, v in a.unwrapped.state_dict().items():  # ... from the old weights
+        torch.testing.assert_close(b.unwrapped.state_dict()[k], v, rtol=0, atol=0)
+    b.batches.close()

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"iterations": 1000, "amp": "auto", "channels_last": "auto",
               "log_every": 10, "ckpt_every": 200, "keep_every": 0,
               "out_dir": "runs/{name}", "threads": 0, "progress": True,
-              "deterministic": True},
+              "init_from": None},             # checkpoint whose model weights start a new run
     "eval": {"max_frames": 720, "metric": "euc"},
     "extra": {},
 }
