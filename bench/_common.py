@@ -1,4 +1,5 @@
 """Shared helpers for benchmarks: machine facts and timing helpers."""
+import os
 import platform
 
 import torch
@@ -22,4 +23,5 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "qgait_isa": qgait.cpu_isa(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
     }

@@ -31,7 +31,8 @@ inline std::vector<PoolSeq> pool_sequences(const char* op, const at::Tensor& x,
   const int64_t N = x.size(0), T = x.size(2);
   std::vector<PoolSeq> seqs;
   if (seqL.empty()) {
-    for (int64_t n = 0; n < N; ++n) seqs.push_back({static_cast<int32_t>(n), 0, static_cast<int32_t>(T)});
+    for (int64_t n = 0; n < N; ++n)
+      seqs.push_back({static_cast<int32_t>(n), 0, static_cast<int32_t>(T)});
     return seqs;
   }
   QGAIT_CHECK(N == 1, op, "with seqL the sequences are packed along T, so N must be 1, got N=", N);
@@ -56,7 +57,8 @@ inline std::vector<PoolStrip> pool_strips(const char* op, int64_t H, at::IntArra
     QGAIT_CHECK(b <= H, op, "H=", H, " is smaller than the bin ", b, " (a strip would have no rows)");
     // adaptive pooling's boundaries: [floor(i H / b), ceil((i + 1) H / b))
     for (int64_t i = 0; i < b; ++i)
-      strips.push_back({static_cast<int32_t>(i * H / b), static_cast<int32_t>(((i + 1) * H + b - 1) / b)});
+      strips.push_back({static_cast<int32_t>(i * H / b),
+                        static_cast<int32_t>(((i + 1) * H + b - 1) / b)});
   }
   return strips;
 }

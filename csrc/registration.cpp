@@ -59,4 +59,15 @@ TORCH_LIBRARY(qgait, m) {
         " int[] bins, int mode) -> Tensor");
   m.def("temporal_pool(Tensor x, int[] seqL, bool need_idx) -> (Tensor, Tensor)");
   m.def("temporal_pool_backward(Tensor grad, Tensor targ, int[] x_shape, int[] seqL) -> Tensor");
+  // --- packed_conv3d (qgait/ops/packed_conv3d.py documents the math and the layouts) ------
+  // x: float32 (quantized here with x_scale on the grid [in_qn, in_qp]), int8 / uint8 codes,
+  // or bool (binary). w_packed: [C_out, kT, kH, kW, C_in] int8 (w_bits 8) or
+  // [C_out, kT, kH, kW, ceil(C_in/2)] uint8 (w_bits 4, low nibble = even channel).
+  // act: 0 none, 1 relu, 2 leaky relu. out_mode: 0 float32, 1 requantized to out_scale on
+  // [out_qn, out_qp] (int8 if out_qn < 0 else uint8), 2 the int32 accumulators.
+  // The output is [N, C_out, T', H', W'] in channels_last_3d memory order.
+  m.def("packed_conv3d(Tensor x, Tensor x_scale, int in_qn, int in_qp, Tensor w_packed,"
+        " Tensor w_scale, int w_bits, int c_in, int[] stride, int[] padding, int[] dilation,"
+        " Tensor? bias, Tensor? bn_scale, Tensor? bn_shift, int act, float neg_slope,"
+        " int out_mode, Tensor? out_scale, int out_qn, int out_qp) -> Tensor");
 }

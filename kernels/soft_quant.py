@@ -38,6 +38,21 @@ def _tanh(z):
 
 
 @triton.jit
+def _cast_out(v, ptr):
+    # Narrow to the output dtype rounding to nearest even, as torch's .to() does. bf16 is
+    # rounded by hand on the fp32 bits (the interpreter truncates in its own conversion);
+    # the rounded value then converts exactly.
+    if ptr.dtype.element_ty == tl.float32:
+        return v
+    elif ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT: tl.constexpr, K0: tl.constexpr):
     """Returns (v, c, g, q) of the math for fp32 x and reciprocal step r."""
     v = x * r
@@ -77,7 +92,8 @@ def _sfq_fwd_kernel(x_ptr, y_ptr, s_ptr, r_ptr, N, C, inner, qn, qp, k, tanh_sca
         s = tl.load(s_ptr)
         r = tl.load(r_ptr)
     v, c, g, q = _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT, K0)
-    tl.store(y_ptr + offs, (q * s).to(y_ptr.dtype.element_ty), mask=mask)
+    # + 0.0: -0 -> +0, bit-identical to torch ((round(v) + zp) - zp)
+    tl.store(y_ptr + offs, _cast_out(q * s + 0.0, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -99,7 +115,7 @@ def _sfq_bwd_kernel(gy_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, r_ptr, C, inner, nb,
     above = v > qp
     if NEED_DX:
         dx = tl.where(below | above, 0.0, gy * g)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, _cast_out(dx, dx_ptr), mask=mask)
     if NEED_DS:
         term = gy * tl.where(below, qn, tl.where(above, qp, q - v * g))
         term = tl.where(mask, term, 0.0)

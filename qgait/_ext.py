@@ -12,8 +12,9 @@ import torch
 
 C_ERROR: str | None = None
 try:
-    from qgait import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    import importlib
 
+    _C = importlib.import_module("qgait._C")  # importing runs the TORCH_LIBRARY registrations
     HAS_C = True
 except ImportError as e:  # pragma: no cover - exercised by the no-extension CI job
     HAS_C = False

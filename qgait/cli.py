@@ -27,6 +27,9 @@ def command(name: str, help: str):
 @command("train", "train a model from a config (qgait/configs/<name>.yaml or a path)")
 def _train(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, help="config name (e.g. casia_b_fp) or YAML path")
+    p.add_argument("--stage", choices=["fp", "qat", "soft"],
+                   help="QGait stage: fp (stage 0), qat (stage 1, straight-through), soft "
+                        "(stage 2, soft quantizer + IDC); overrides the config's stage")
     p.add_argument("--data", help="data root (overrides data.root)")
     p.add_argument("--out", help="output folder (overrides train.out_dir)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -39,6 +42,8 @@ def _train(p: argparse.ArgumentParser):
         over = parse_overrides(rest)
         if args.data:
             over.setdefault("data", {})["root"] = args.data
+        if args.stage:
+            over["stage"] = args.stage
         if args.out:
             over.setdefault("train", {})["out_dir"] = args.out
         cfg = load_config(args.config, over)
@@ -50,7 +55,10 @@ def _train(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- eval
 @command("eval", "evaluate a checkpoint (CASIA-B tables, rank-k / mAP / mINP)")
 def _eval(p: argparse.ArgumentParser):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by qgait train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint (qgait train / pipeline: fp or fake-quant), a packed model "
+                        "(qgait convert) or an ONNX model (qgait export-onnx)")
+    p.add_argument("--config", help="data config for an ONNX model (default casia_b_fp)")
     p.add_argument("--data", help="data root (default: the checkpoint config's data.root)")
     p.add_argument("--ids", nargs=2, metavar=("FIRST", "LAST"),
                    help="test subject id range (default: the config's data.test_ids)")
@@ -69,22 +77,35 @@ def _eval(p: argparse.ArgumentParser):
         from qgait.evaluation import evaluate, model_embed_fn
         from qgait.train.build import load_dataset
         from qgait.train.trainer import resolve_amp
-        model, cfg, step = load_checkpoint_model(args.checkpoint)
+        model, cfg = load_any_model(args.checkpoint)
+        is_onnx = str(args.checkpoint).endswith(".onnx")
+        if cfg is None:
+            from qgait.train import load_config
+            cfg = load_config(args.config or "casia_b_fp")
         if args.data:
             cfg["data"]["root"] = args.data
         if args.ids:
             cfg["data"]["test_ids"] = list(args.ids)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        amp = resolve_amp(args.amp, device)
-        model = model.to(device)
-        if amp is not None and device.type == "cpu":
-            model = model.to(memory_format=torch.channels_last_3d)
+        device = torch.device("cuda" if torch.cuda.is_available() and not is_onnx else "cpu")
+        # quantized models (fake-quant, packed, ONNX) are evaluated in fp32 by default: an
+        # autocast would round their exact fake-quant values to bf16
+        quantized = is_onnx or cfg.get("stage", "fp") != "fp" or not hasattr(model, "parameters")
+        amp = None if (quantized and args.amp == "auto") else resolve_amp(args.amp, device)
+        if is_onnx:
+            def fn(x, seqL):
+                return model(x, seqL)["embeddings"].float()
+        else:
+            model = model.to(device)
+            if amp is not None and device.type == "cpu":
+                model = model.to(memory_format=torch.channels_last_3d)
         ds = load_dataset(cfg, "test", progress=not args.no_progress)
-        fn = model_embed_fn(model, device, amp, channels_last=amp is not None and device.type == "cpu")
+        if not is_onnx:
+            fn = model_embed_fn(model, device, amp,
+                                channels_last=amp is not None and device.type == "cpu")
         res = evaluate(fn, ds, args.protocol,
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
                        progress=not args.no_progress, min_frames=args.min_frames)
-        res["checkpoint"], res["step"] = str(args.checkpoint), step
+        res["checkpoint"], res["step"] = str(args.checkpoint), _checkpoint_step(args.checkpoint)
         res["amp"] = str(amp)
         _print_results(res)
         if "filtered" in res:
@@ -110,9 +131,18 @@ def _print_results(res):
                                   for k, v in g.items()))
 
 
+def _checkpoint_step(path):
+    """The training step a ``.pt`` checkpoint was written at (None for other model files)."""
+    if not str(path).endswith(".pt"):
+        return None
+    import torch
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ck["step"]) if isinstance(ck, dict) and "step" in ck else None
+
+
 def load_checkpoint_model(path):
-    """``(model, cfg, step)`` from a training checkpoint (stage preparation applied, weights
-    loaded, eval mode)."""
+    """``(model, cfg)`` from a training checkpoint (stage preparation applied, weights loaded,
+    eval mode)."""
     import torch
     from qgait.models import build_model
     from qgait.train.trainer import STAGES
@@ -123,9 +153,10 @@ def load_checkpoint_model(path):
     num_classes = sd["head.weight"].shape[-1] if "head.weight" in sd else 0
     model = build_model(m["name"], num_classes=num_classes, width=m["width"],
                         embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
-    model = STAGES[cfg["stage"]].prepare(model, cfg)
+    from qgait.pipeline.stages import checkpoint_prepare
+    model = STAGES[cfg["stage"]].prepare(model, checkpoint_prepare(cfg))
     model.load_state_dict(sd)
-    return model.eval(), cfg, int(ck["step"])
+    return model.eval(), cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,6 +190,136 @@ def _info(p: argparse.ArgumentParser):
         m = cfg["model"]
         build_model(m["name"], num_classes=50, width=m["width"], embed_dim=m["embed_dim"],
                     bins=tuple(m["bins"]), scale=m["scale"]).summary()
+        return 0
+    return run
+
+
+# ----------------------------------------------------------------------------- QGait pipeline
+@command("export-onnx", "a quantized checkpoint -> a QDQ ONNX model (onnxruntime-ready)")
+def _export_onnx(p: argparse.ArgumentParser):
+    from qgait.export.cli import add_export_onnx_args, main_export_onnx
+    add_export_onnx_args(p)
+    return lambda args, rest: main_export_onnx(args, rest)
+
+
+@command("demo", "the QGait pipeline end to end on built-in synthetic data (CPU, ~5 min)")
+def _demo(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="runs/demo", help="output folder (resumes if it exists)")
+    p.add_argument("--data", help="an OpenGait pickle tree instead of the synthetic one "
+                   "(then set --data.train_ids / --data.test_ids for its split)")
+    p.add_argument("--fast", action="store_true", help="a tiny run in well under a minute")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(args, rest):
+        from qgait.pipeline.demo import run_demo
+        run_demo(args.out, args.data, args.fast, threads=args.threads,
+                 progress=not args.no_progress, overrides=parse_rest(rest))
+        return 0
+    return run
+
+
+@command("pipeline", "fp -> stage 1 (QAT) -> stage 2 (soft + IDC) for each variant, resumable")
+def _pipeline(p: argparse.ArgumentParser):
+    p.add_argument("--config", required=True, help="config name or YAML path (with a pipeline: "
+                   "section)")
+    p.add_argument("--out", required=True, help="output folder; finished stages are skipped")
+    p.add_argument("--data", help="data root (overrides data.root)")
+    p.add_argument("--variants", nargs="+", help="variants to build (default: the config's); "
+                   "known: w8a8 w4a4 w4a4-ste w4a4-soft1 w4a4-noidc")
+    p.add_argument("--fp-checkpoint", help="start from this fp checkpoint instead of stage 0")
+
+    def run(args, rest):
+        from qgait.pipeline.run import run_pipeline
+        from qgait.train import load_config
+        over = parse_rest(rest) or {}
+        if args.data:
+            over.setdefault("data", {})["root"] = args.data
+        cfg = load_config(args.config, over)
+        done = run_pipeline(cfg, args.out, args.variants, fp_checkpoint=args.fp_checkpoint)
+        for k, v in done.items():
+            print(f"{k:<12s} {v}")
+        return 0
+    return run
+
+
+@command("convert", "a quantized checkpoint -> a packed int8/int4 inference model (torch.save)")
+def _convert(p: argparse.ArgumentParser):
+    p.add_argument("checkpoint", help="a qat/soft checkpoint written by qgait train/pipeline")
+    p.add_argument("--out", required=True, help="where to write the packed model (.pt)")
+
+    def run(args, rest):
+        import copy
+
+        import torch
+
+        from qgait.pipeline.demo import inference_nbytes, max_embedding_diff
+        from qgait.quant import convert
+        model, cfg = load_checkpoint_model(args.checkpoint)
+        if cfg["stage"] == "fp":
+            raise SystemExit("qgait convert: this is a full-precision checkpoint; convert the "
+                             "output of stage qat or soft")
+        packed = convert(copy.deepcopy(model).eval())
+        g = torch.Generator().manual_seed(0)
+        x = (torch.rand(1, 1, 30, 64, 44, generator=g) > 0.5).float()
+        diff = max_embedding_diff(model, packed, x)
+        from qgait.train.trainer import atomic_save
+        atomic_save({"model": packed, "config": cfg, "format": "qgait-packed-1"}, args.out)
+        print(f"packed model: {inference_nbytes(packed):,d} bytes (fake-quant fp32 model "
+              f"{inference_nbytes(model):,d}); embeddings vs fake-quant: max relative "
+              f"difference {diff:.2e}; wrote {args.out}")
+        return 0 if diff < 1e-3 else 1
+    return run
+
+
+def load_any_model(path):
+    """A training checkpoint, a packed model (qgait convert) or an ONNX file -> (model-like
+    callable with ``(x, seqL) -> {"embeddings"}``, config or None)."""
+    import torch
+    if str(path).endswith(".onnx"):
+        from qgait.export import OnnxEmbedder
+        emb = OnnxEmbedder(path)
+        return (lambda x, seqL=None: {"embeddings": emb(x, seqL)}), None
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(ck, dict) and ck.get("format") == "qgait-packed-1":
+        return ck["model"].eval(), ck["config"]
+    return load_checkpoint_model(path)
+
+
+@command("embed", "print or save the embedding of one silhouette sequence")
+def _embed(p: argparse.ArgumentParser):
+    p.add_argument("model", help="a checkpoint, a packed model (.pt) or an ONNX model")
+    p.add_argument("sequence", help="a folder of silhouette PNGs, or an OpenGait .pkl/.pkl.gz")
+    p.add_argument("--save", help="write the embedding [C, P] here (.npy)")
+
+    def run(args, rest):
+        import numpy as np
+        import torch
+
+        from qgait.data.pickle_io import load_pickle
+        seq = Path(args.sequence)
+        if seq.is_dir():
+            from qgait.data.import_png import load_png_sequence
+            frames = load_png_sequence(seq)
+        else:
+            frames = load_pickle(seq)
+        frames = np.asarray(frames)
+        if frames.ndim != 3 or frames.shape[1:] not in ((64, 64), (64, 44)):
+            raise SystemExit(f"qgait embed: {seq}: expected frames [T, 64, 64] or [T, 64, 44], "
+                             f"got {frames.shape}")
+        if frames.shape[2] == 64:
+            frames = frames[:, :, 10:54]
+        x = torch.from_numpy((frames > 127 if frames.max() > 1 else frames > 0)
+                             .astype(np.float32))[None, None]
+        model, _ = load_any_model(args.model)
+        with torch.inference_mode():
+            e = model(x)["embeddings"][0].float()
+        if args.save:
+            np.save(args.save, e.numpy())
+            print(f"wrote {args.save} {tuple(e.shape)}")
+        else:
+            torch.set_printoptions(precision=4, threshold=64)
+            print(f"embedding {tuple(e.shape)} (channels x parts):\n{e}")
         return 0
     return run
 

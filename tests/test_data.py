@@ -8,15 +8,22 @@ import json
 import os
 import pickle
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from qgait.data import (DataError, OpenGaitDataset, SeqInfo, TripletSampler, iter_test_batches,
-                        load_pickle, make_train_batch, save_pickle)
+from qgait.data import (
+    DataError,
+    OpenGaitDataset,
+    SeqInfo,
+    TripletSampler,
+    iter_test_batches,
+    load_pickle,
+    make_train_batch,
+    save_pickle,
+)
 
 # The project root's sibling shared/ (QGAIT_CASIA_B overrides, e.g. from a git worktree).
 REAL = Path(os.environ.get("QGAIT_CASIA_B",
@@ -194,12 +201,18 @@ def test_dataset_bad_files_raise_or_skip(tmp_path):
 
 
 @needs_real
-def test_real_casia_b_sample():
+def test_real_casia_b_sample(tmp_path):
+    part = tmp_path / "CASIA-B.json"  # OpenGait's layout; 075-124 are not in the shared copy
+    part.write_text(json.dumps({"TRAIN_SET": ["004", "005"],
+                                "TEST_SET": [f"{i:03d}" for i in range(75, 125)]}))
+    ds = OpenGaitDataset(REAL, partition_json=part, progress=False)
+    assert ds.subjects == ["004", "005"]
+    assert {q.view for q in ds.seqs if q.subject == "005"} == {"054", "090", "126", "180"}
     ds = OpenGaitDataset(REAL, id_range=("001", "003"), progress=False)
     assert ds.subjects == ["001", "002", "003"]
     assert len(ds) == 3 * 10 * 5  # all 150 sequences of 001-003 are present
     for i in (0, len(ds) // 2, len(ds) - 1):
-        x, label, q = ds[i]
+        x, _, q = ds[i]
         raw = load_pickle(q.path)
         assert x.shape == (raw.shape[0], 64, 44) and set(np.unique(x)) <= {0, 1}
         assert np.array_equal(x, (raw[:, :, 10:54] > 127))
@@ -343,9 +356,9 @@ def test_normalise_frame_rectangle_and_centroid():
 def _syn_tree(root, seed=0, workers=1, **kw):
     from qgait.data import synthetic
 
-    args = dict(n_subjects=3, views=("000", "090"), conditions=("nm-01", "nm-02", "bg-01",
-                                                                "cl-01"),
-                frames=(12, 20), seed=seed, workers=workers, progress=False)
+    args = {"n_subjects": 3, "views": ("000", "090"),
+            "conditions": ("nm-01", "nm-02", "bg-01", "cl-01"), "frames": (12, 20),
+            "seed": seed, "workers": workers, "progress": False}
     args.update(kw)
     return synthetic.generate(root, **args)
 
@@ -358,7 +371,11 @@ def test_synthetic_tree_deterministic_and_loadable(tmp_path):
     stats = _syn_tree(tmp_path / "a", workers=1)
     _syn_tree(tmp_path / "b", workers=2)
     _syn_tree(tmp_path / "c", seed=1)
+    _syn_tree(tmp_path / "z", gzip=True)
     a, b, c = (_tree_bytes(tmp_path / x) for x in "abc")
+    z = {str(p.relative_to(tmp_path / "z")): p for p in (tmp_path / "z").rglob("*.pkl.gz")}
+    assert {k + ".gz" for k in a} == z.keys()
+    assert all(gzip.decompress(z[k + ".gz"].read_bytes()) == a[k] for k in a)
     assert len(a) == stats["sequences"] == 3 * 2 * 4
     assert a == b  # same seed, any worker count: same bytes
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a)
@@ -462,3 +479,20 @@ def test_import_png(tmp_path):
         rel = Path(q.path).relative_to(tmp_path / "pkl")
         assert np.array_equal(load_pickle(tmp_path / "cli" / (str(rel) + ".gz")),
                               load_pickle(q.path))
+
+
+def test_gei_rank1_baseline(tmp_path):
+    from qgait.data.baseline import gei_rank1
+
+    # nm-05 is an exact copy of nm-01 (same view): same-view NM rank-1 must be 100%;
+    # cross-view pairs of random sequences are at chance level, far from 100%.
+    _write_tree(tmp_path, [f"{i:03d}" for i in range(1, 7)], conds=("nm-01", "nm-02", "bg-01"),
+                views=("000", "090"), T=(8, 8))
+    for p in tmp_path.glob("*/nm-01/*/*.pkl"):
+        dst = p.parent.parent.parent / "nm-05" / p.parent.name / p.name
+        dst.parent.mkdir(parents=True)
+        dst.write_bytes(p.read_bytes())
+    r = gei_rank1(OpenGaitDataset(tmp_path, progress=False))
+    assert r["NM"]["same_view"] == 100.0
+    assert r["NM"]["cross_view"] < 100.0
+    assert np.isnan(r["CL"]["same_view"])  # no cl sequences

@@ -64,7 +64,8 @@ def test_casia_b_rank1_hand_computed():
     assert nm == {"000": {"000": 50.0, "090": 50.0}, "090": {"000": 50.0, "090": 100.0}}
     assert res["cross_view"]["NM"] == {"000": 50.0, "090": 50.0, "mean": 50.0}
     assert res["same_view"]["NM"] == {"000": 50.0, "090": 100.0, "mean": 75.0}
-    # CL probes at 000: gallery 000 -> 052 (wrong), 051 (wrong); gallery 090 -> 051 (right), 051 (wrong)
+    # CL probes at 000: gallery 000 -> 052 (wrong), 051 (wrong);
+    #                   gallery 090 -> 051 (right), 051 (wrong)
     assert cl == {"000": {"000": 0.0, "090": 50.0}}
     assert res["cross_view"]["CL"]["mean"] == 50.0 and res["same_view"]["CL"]["mean"] == 0.0
     assert "BG" not in res["table"]

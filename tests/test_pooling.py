@@ -344,3 +344,18 @@ def test_modules():
         qgait.ops.SetPoolHPP(mode="avg")
     with pytest.raises(ValueError, match="bins"):
         qgait.ops.SetPoolHPP(bins=())
+
+
+def test_large_backward_streaming_stores(cpu_isa):
+    """dx >= 8 MiB takes the non-temporal store path; H*W = 35 leaves every frame misaligned."""
+    x = rand_x((1, 64, 1000, 5, 7), kind="few")
+    seqL, bins = [500, 1, 499], (5, 2, 1)
+    w = rand_x((3, 64, 8), seed=6)
+    y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, backend="cpu"), x, w)
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins), x, w)
+    _close_mean(g, g_ref, torch.float32)
+    x1 = rand_x((64, 64, 1, 33, 37))  # T = 1: dx is a copy of dL/dz
+    w1 = rand_x((64, 64, 4), seed=8)
+    _, g1 = _grads(lambda t: set_pool_hpp(t, None, (3, 1), backend="cpu"), x1, w1)
+    _, g1_ref = _grads(lambda t: set_pool_hpp_ref(t, None, (3, 1)), x1, w1)
+    _close_mean(g1, g1_ref, torch.float32)

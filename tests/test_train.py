@@ -81,7 +81,8 @@ def test_part_cross_entropy_matches_manual():
 
 # ----------------------------------------------------------------------------- config
 def test_config_overrides_and_validation(tmp_path):
-    over = parse_overrides(["--optim.lr", "0.05", "--train.amp=none", "--data.train_ids", "[1, 20]"])
+    over = parse_overrides(["--optim.lr", "0.05", "--train.amp=none",
+                            "--data.train_ids", "[1, 20]"])
     cfg = load_config("casia_b_fp", over)
     assert cfg["optim"]["lr"] == 0.05 and cfg["train"]["amp"] == "none"
     assert cfg["data"]["train_ids"] == ["001", "020"]
@@ -195,7 +196,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     w1 = torch.load(tmp_path / "weights_rank1.pt")
     # DDP averages gradients, so the parameters stay identical although the ranks saw
     # different batches (BatchNorm running statistics are per rank and do differ).
-    params = [k for k in w0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    params = [k for k in w0 if not k.endswith(buffers)]
     assert len(params) > 10
     for k in params:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0)

@@ -23,7 +23,8 @@ static void sfq_fwd(const float* x, float* y, int64_t n, const float* sp, const 
       const Vec t = vtanh(kk * (c - fl - half));
       q = vfma(t, tscale, fl + half);
     }
-    vstore(yi, q * s);
+    // + 0 turns -0 into +0, as torch computes (round(v) + zp) - zp: bit-identical results
+    vstore(yi, q * s + vset1(0.f));
   };
   Vec s = vset1(sp[0]), r = vset1(rp[0]);
   int64_t i = 0;
@@ -72,11 +73,11 @@ static float sfq_bwd(const float* gy, const float* x, float* dx, int64_t n, cons
     } else {
       const Vec fl = vfloor(c);
       const Vec t = vtanh(kk * (c - fl - half));
-      g = gscale * (one - t * t);
+      g = gscale * vfma(vset1(0.f) - t, t, one);  // 1 - t^2, one rounding
       q = P.soft ? vfma(t, tscale, fl + half) : vrint(c);
     }
     if (dxi != nullptr) vstore(dxi, select(mor(below, above), zero, g_y * g));
-    const Vec term = g_y * select(below, qn, select(above, qp, q - v * g));
+    const Vec term = g_y * select(below, qn, select(above, qp, vfma(vset1(0.f) - v, g, q)));
     if (PE) {
       vstore(acci, vload(acci) + term);
     } else {

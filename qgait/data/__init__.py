@@ -6,13 +6,19 @@
 * :func:`make_train_batch`, :func:`iter_test_batches`: model inputs.
 * :mod:`qgait.data.import_png`: raw silhouette PNG trees -> the pickle tree.
 * :mod:`qgait.data.synthetic`: a procedural walking-silhouette generator with the same layout.
+* :func:`gei_rank1`: a training-free baseline (GEI + nearest neighbour, CASIA-B protocol).
 """
-from qgait.data.batch import iter_test_batches, make_train_batch  # noqa: F401
-from qgait.data.dataset import (CROP, HEIGHT, WIDTH, OpenGaitDataset, SeqInfo,  # noqa: F401
-                                select_subjects)
-from qgait.data.pickle_io import DataError, load_pickle, save_pickle  # noqa: F401
-from qgait.data.sampler import TripletSampler  # noqa: F401
-# the submodule, not its function of the same name: from qgait.data.import_png import import_png
-from qgait.data import import_png  # noqa: F401,E402
-from qgait.data import synthetic  # noqa: F401,E402
-from qgait.data.preprocess import normalise_frame, normalise_frames  # noqa: F401,E402
+from qgait.data import import_png, synthetic
+from qgait.data.baseline import gei_rank1, geis
+from qgait.data.batch import iter_test_batches, make_train_batch
+from qgait.data.dataset import CROP, HEIGHT, WIDTH, OpenGaitDataset, SeqInfo, select_subjects
+from qgait.data.pickle_io import DataError, load_pickle, save_pickle
+from qgait.data.preprocess import normalise_frame, normalise_frames
+from qgait.data.sampler import TripletSampler
+
+# import_png is the submodule (its function: from qgait.data.import_png import import_png)
+__all__ = [
+    "CROP", "HEIGHT", "WIDTH", "DataError", "OpenGaitDataset", "SeqInfo", "TripletSampler",
+    "gei_rank1", "geis", "import_png", "iter_test_batches", "load_pickle", "make_train_batch",
+    "normalise_frame", "normalise_frames", "save_pickle", "select_subjects", "synthetic",
+]

@@ -1,12 +1,12 @@
 """Training and test batches from an :class:`~qgait.data.OpenGaitDataset`."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["make_train_batch", "iter_test_batches"]
+__all__ = ["iter_test_batches", "make_train_batch"]
 
 
 def _as_rng(rng) -> np.random.Generator:

@@ -14,21 +14,24 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from qgait.data.pickle_io import SIL_SIZE, DataError, load_pickle
 
-__all__ = ["SeqInfo", "OpenGaitDataset", "select_subjects", "HEIGHT", "WIDTH", "CROP"]
+__all__ = ["CROP", "HEIGHT", "WIDTH", "OpenGaitDataset", "SeqInfo", "select_subjects"]
 
 HEIGHT = 64
 CROP = 10  # columns dropped on each side
 WIDTH = SIL_SIZE - 2 * CROP  # 44
 _BITS = HEIGHT * WIDTH  # 2816 bits = 352 bytes per frame
 _THRESHOLD = 127
+_CACHE = 256  # packed sequences kept when not preloading (~30 KB each)
 
 
 class SeqInfo(NamedTuple):
@@ -120,6 +123,7 @@ class OpenGaitDataset:
         preload: read everything now (parallel gunzip, bit-packed in memory); else read a file
             each time its sequence is accessed.
         progress: show a tqdm bar while preloading.
+        workers: threads for preloading (default: CPUs + 2, at most 8; gunzip releases the GIL).
 
     Attributes:
         subjects: sorted subject names that have at least one sequence.
@@ -156,6 +160,7 @@ class OpenGaitDataset:
         self._bits: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
         self._lengths: dict[int, int] = {}
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.preload:
             seqs = self._preload(seqs, on_error, progress, workers)
             if not seqs:
@@ -214,8 +219,16 @@ class OpenGaitDataset:
         i = self._check(i)
         if self._bits is not None:
             return self._bits[self._offsets[i]:self._offsets[i + 1]]
-        p = _pack(load_pickle(self.seqs[i].path))
-        self._lengths[i] = p.shape[0]
+        p = self._cache.get(i)
+        if p is None:
+            p = _pack(load_pickle(self.seqs[i].path))
+            self._lengths[i] = p.shape[0]
+            # a small cache of recent sequences: a batch asks n_frames(i), then frames_at(i)
+            self._cache[i] = p
+            if len(self._cache) > _CACHE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
         return p
 
     def frames(self, i: int) -> np.ndarray:
@@ -223,7 +236,7 @@ class OpenGaitDataset:
         return _unpack(self.packed(i))
 
     def frames_at(self, i: int, t: np.ndarray) -> np.ndarray:
-        """Frames ``t`` (int array, repeats allowed) of sequence ``i``: uint8 ``[len(t), 64, 44]``."""
+        """Frames ``t`` (ints, repeats allowed) of sequence ``i``: uint8 ``[len(t), 64, 44]``."""
         return _unpack(self.packed(i)[np.asarray(t, dtype=np.int64)])
 
     def n_frames(self, i: int) -> int:

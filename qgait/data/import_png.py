@@ -24,7 +24,7 @@ import numpy as np
 from qgait.data.pickle_io import save_pickle
 from qgait.data.preprocess import normalise_frames
 
-__all__ = ["import_png", "find_sequences", "main"]
+__all__ = ["find_sequences", "import_png", "main"]
 
 
 def _dirs(p: Path) -> list[Path]:
@@ -50,6 +50,18 @@ def _read_png(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("L"))
+
+
+def load_png_sequence(folder, min_pixels: int = 100) -> np.ndarray:
+    """One folder of raw silhouette PNGs -> normalised uint8 frames [T, 64, 64] (the same
+    preprocessing as ``import_png``)."""
+    pngs = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() == ".png")
+    if not pngs:
+        raise ValueError(f"{folder}: no PNG files")
+    arr = normalise_frames([_read_png(f) for f in pngs], min_pixels=min_pixels)
+    if arr.shape[0] == 0:
+        raise ValueError(f"{folder}: no frame has a silhouette of >= {min_pixels} pixels")
+    return arr
 
 
 def _convert(job):

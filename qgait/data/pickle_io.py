@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "load_pickle", "save_pickle", "SIL_SIZE"]
+__all__ = ["SIL_SIZE", "DataError", "load_pickle", "save_pickle"]
 
 SIL_SIZE = 64  # OpenGait's CASIA-B pickles are [T, 64, 64]
 
@@ -58,7 +58,7 @@ del _probe
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # noqa: D401 - pickle's hook
+    def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
@@ -117,7 +117,7 @@ def load_pickle(path: str | os.PathLike, *, check_shape: bool = True) -> np.ndar
     return obj
 
 
-def save_pickle(path: str | os.PathLike, array: np.ndarray) -> None:
+def save_pickle(path: str | os.PathLike, array: np.ndarray, compresslevel: int = 6) -> None:
     """Writes ``array`` as OpenGait does (pickle protocol 4; gzip when ``path`` ends in .gz).
 
     The file is written to a temporary name and renamed, so a crash never leaves half a file.
@@ -126,7 +126,7 @@ def save_pickle(path: str | os.PathLike, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array)
     data = pickle.dumps(array, protocol=4)
     if path.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=6, mtime=0)  # mtime=0: reproducible bytes
+        data = gzip.compress(data, compresslevel=compresslevel, mtime=0)  # mtime=0: reproducible bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(data)

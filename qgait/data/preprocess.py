@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["resize_weights", "resize", "normalise_frame", "normalise_frames"]
+__all__ = ["normalise_frame", "normalise_frames", "resize", "resize_weights"]
 
 OUT = 64
 
@@ -64,7 +64,7 @@ def normalise_frame(img: np.ndarray, min_pixels: int = 1) -> np.ndarray | None:
     cols = np.flatnonzero(fg.any(axis=0))
     crop = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     h, w = crop.shape
-    new_w = max(1, int(round(w * OUT / h)))
+    new_w = max(1, round(w * OUT / h))
     r = resize(crop, OUT, new_w)
     col = r.sum(axis=0)
     mass = np.cumsum(col)

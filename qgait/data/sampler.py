@@ -1,7 +1,7 @@
 """P x K identity sampling for triplet training, deterministic, resumable, sharded for DDP."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -19,18 +19,23 @@ Model (units: about one stature; x forward, y up, z to the walker's left):
   the hip angle is sinusoidal, the knee flexes with a swing bump and a stance bump, the foot
   pitches with the shank, arms swing in anti-phase with the legs, the pelvis yaws and the
   shoulders counter-rotate; small per-frame angle jitter.
-* **Views.** CASIA-B's convention (000 front, 090 side, 180 back): image column
-  ``u = -x sin v + z cos v``, depth ``d = x cos v + z sin v`` with weak perspective
-  ``f / (f - d)`` (f of 4-8 statures, per sequence), so 000 / 180 are not exact mirrors;
-  +-3 degrees of view jitter per sequence.
+* **Views.** CASIA-B's convention (000 front, 090 side, 180 back). Each view is one fixed
+  camera of the tree: a pinhole 2.2-3.2 statures away, 8-18 degrees above, looking down at
+  the hips (image column ``u = -x sin v + z cos v``, depth along ``x cos v + z sin v``), with
+  its own segmentation habits (fatter or thinner masks, where holes appear, how often floor
+  shadows show). Perspective, pitch, the floor shadow of the lower legs under a fixed room
+  light and those habits make 000 / 180 and 054 / 126 differ, as in CASIA-B (a symmetric body
+  under orthographic projection would look the same from both). Per sequence, +-1.5 degrees
+  of view jitter and +-5% distance.
 * **Covariates.** ``bg``: a per-subject bag (backpack, shoulder bag at the hip, or hand-held bag
-  that also damps that arm's swing). ``cl``: a per-subject coat: bulkier torso and upper arms,
-  a skirt from the pelvis to mid-thigh whose width follows the stride.
-* **Segmentation noise** per frame, its strength drawn per sequence: random 3x3 dilation or
-  erosion, boundary pixel flips, a missing elliptic chunk (background that matched the
-  clothes), a shadow blob at the feet.
+  that also damps that arm's swing; carrying damps both arms a little, a backpack adds lean).
+  ``cl``: a per-subject coat: bulkier torso, upper arms and thighs, and a skirt from the waist
+  down to 40-110% of the thigh whose width follows the stride.
+* **Segmentation noise**, its strength drawn per sequence, events per frame: the boundary grows
+  or shrinks by a pixel in blobs (a coarse random field picks dilation or erosion), a missing
+  elliptic chunk (background that matched the clothes), a shadow blob at the feet.
 
-Frames are rasterised on a ~64-pixel-tall canvas (each primitive in a small window, vectorised
+Frames are rasterised at 62 pixels per stature (a ~60-pixel-tall person) (each primitive in a small window, vectorised
 over frames), then go through :func:`qgait.data.preprocess.normalise_frame` exactly as real
 frames do, and are written as uint8 ``[T, 64, 64]`` pickles:
 ``root/<subject>/<condition>/<view>/<view>.pkl``.
@@ -42,17 +47,24 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from qgait.data.pickle_io import save_pickle
-from qgait.data.preprocess import normalise_frame
+from qgait.data.preprocess import normalise_frame, resize_weights
 
-__all__ = ["CONDITIONS", "VIEWS", "ALL_VIEWS", "generate", "generate_sequence",
-           "sample_identity", "preview"]
+__all__ = [
+    "ALL_VIEWS",
+    "CONDITIONS",
+    "VIEWS",
+    "generate",
+    "generate_sequence",
+    "preview",
+    "sample_identity",
+]
 
 CONDITIONS = tuple([f"nm-0{i}" for i in range(1, 7)] + ["bg-01", "bg-02", "cl-01", "cl-02"])
 ALL_VIEWS = tuple(f"{a:03d}" for a in range(0, 181, 18))  # CASIA-B's 11 views
@@ -136,7 +148,7 @@ def _pose(p: dict, phi: np.ndarray, rng: np.random.Generator, handbag_side: int 
     """Joint positions [F, 3] (x, y, z) over gait phases ``phi`` [F]."""
     F = phi.shape[0]
     zero = np.zeros(F)
-    jit = lambda s: rng.normal(0.0, s, F)  # noqa: E731 - per-frame angle tremor
+    jit = lambda s: rng.normal(0.0, s, F)
     pelvis = np.stack([zero, p["leg"] + 0.01 * np.cos(2 * phi), p["sway"] * np.sin(phi)], -1)
     yaw = p["yaw"] * np.sin(phi)
     leg_len = p["leg"] * 1.03  # knees never fully straight: a little longer than hip height
@@ -187,26 +199,43 @@ def _pose(p: dict, phi: np.ndarray, rng: np.random.Generator, handbag_side: int 
 
 
 class _Camera:
-    """Weak-perspective projection for a CASIA-B view angle (degrees)."""
+    """A pinhole camera at horizontal distance ``dist`` (statures) from the walker, in the
+    direction of CASIA-B view ``view_deg``, looking down by ``pitch`` (radians) at the
+    point ``aim`` statures above the floor. Nearer parts look bigger and, the camera being
+    above, lower: a walker seen from 054 and from 126 (or 000 / 180) differs, as in CASIA-B,
+    where a symmetric body under orthographic projection would look identical."""
 
-    def __init__(self, view_deg: float, f: float, y_cam: float = 0.5):
+    def __init__(self, view_deg: float, dist: float, pitch: float = 0.0, aim: float = 0.5):
         v = view_deg * _D
-        self.s, self.c, self.f, self.y_cam = np.sin(v), np.cos(v), f, y_cam
+        self.s, self.c, self.dist = np.sin(v), np.cos(v), dist
+        self.cp, self.sp = np.cos(pitch), np.sin(pitch)
+        self.height = aim + dist * np.tan(pitch)
 
     def __call__(self, P):
-        """[..., 3] -> (u, v, scale) in statures."""
+        """[..., 3] -> (u, v, scale): image coordinates (statures at the aim point, v up)
+        and the local magnification."""
         x, y, z = P[..., 0], P[..., 1], P[..., 2]
-        d = x * self.c + z * self.s
-        k = self.f / (self.f - d)
-        return (-x * self.s + z * self.c) * k, (y - self.y_cam) * k + self.y_cam, k
+        fwd = self.dist - (x * self.c + z * self.s)  # horizontal distance along the view
+        up = y - self.height
+        depth = fwd * self.cp - up * self.sp
+        k = self.dist / self.cp / depth
+        return (-x * self.s + z * self.c) * k, (up * self.cp + fwd * self.sp) * k, k
 
     def width(self, a, b):
         """Projected half-width of a horizontal ellipse with lateral a, sagittal b."""
         return np.sqrt((a * self.c) ** 2 + (b * self.s) ** 2)
 
 
-def _shapes(J: dict, p: dict, cam: _Camera, cond: str, ident: dict, phi: np.ndarray):
-    """Primitives in image space: list of ("cap", p0, p1, r0, r1) / ("ell", c, rx, ry)."""
+# The room's light, fixed relative to the walking path as CASIA-B's cameras are: it casts a
+# floor shadow of the lower legs whose image shape depends on the view (and differs between
+# front and back views, which a symmetric body alone would make near mirror images).
+_LIGHT = np.array([0.45, -1.0, 0.6]) / np.linalg.norm([0.45, -1.0, 0.6])
+
+
+def _shapes(J: dict, p: dict, cam: _Camera, cond: str, ident: dict, phi: np.ndarray,
+            shadow: float = 0.0):
+    """Primitives in image space: lists of (p0, p1, r0, r1, flat) capsules, (c, rx, ry)
+    ellipses; ``shadow`` in [0, 1] is how much of the shank casts a visible floor shadow."""
     caps, ells = [], []
     coat = cond.startswith("cl")
     ct = ident["coat"]
@@ -271,8 +300,9 @@ def _shapes(J: dict, p: dict, cam: _Camera, cond: str, ident: dict, phi: np.ndar
             c = J["shoulder_c"] + np.array([-(p["depth"] + 0.045 * sx), -0.09 - b["drop"], 0.0])
             rl, rs, ry = 0.10 * sz, 0.05 * sx, 0.11 * sy
         elif b["kind"] == 1:  # shoulder bag hanging at the hip
-            c = J["pelvis"] + np.stack([-0.02 + 0.015 * np.sin(phi), -0.03 - b["drop"] + 0 * phi,
-                                        b["side"] * (p["hip_w"] + 0.06) + 0 * phi], -1)
+            c = J["pelvis"] + np.stack([-0.02 + 0.015 * np.sin(phi),  # swings a little
+                                        np.full_like(phi, -0.03 - b["drop"]),
+                                        np.full_like(phi, b["side"] * (p["hip_w"] + 0.06))], -1)
             rl, rs, ry = 0.035 * sz, 0.09 * sx, 0.08 * sy
         else:  # a bag held in one hand
             side = "L" if b["side"] > 0 else "R"
@@ -280,6 +310,14 @@ def _shapes(J: dict, p: dict, cam: _Camera, cond: str, ident: dict, phi: np.ndar
             rl, rs, ry = 0.03 * sz, 0.08 * sx, 0.065 * sy
         uc, vc, kc = cam(c)
         ells.append((np.stack([uc, vc], -1), cam.width(rl, rs) * kc, ry * kc))
+    if shadow > 0:
+        def floor(P):
+            return P - (P[:, 1:2] / _LIGHT[1]) * _LIGHT
+
+        for sd in "LR":
+            top = J["ankle" + sd] + shadow * (J["knee" + sd] - J["ankle" + sd])
+            cap(floor(top), floor(J["ankle" + sd]), 0.012, 0.02)
+            cap(floor(J["heel" + sd]), floor(J["toe" + sd]), 0.02, 0.016)
     return caps, ells
 
 
@@ -308,22 +346,24 @@ def _raster(caps, ells, F: int, res: float):
     fi = np.arange(F)[:, None, None]
     for q, win in zip(prims, wins):
         o = np.floor(q[5]).astype(int)  # window origin per frame (col, row)
-        xs = (o[:, 0, None] + np.arange(win[0])[None] + 0.5)[:, None, :]  # [F, 1, wx]
-        ys = (o[:, 1, None] + np.arange(win[1])[None] + 0.5)[:, :, None]  # [F, wy, 1]
+        # coordinates relative to the window origin: small numbers, float32 is exact enough
+        xs = (np.arange(win[0], dtype=np.float32) + 0.5)[None, None, :]  # [1, 1, wx]
+        ys = (np.arange(win[1], dtype=np.float32) + 0.5)[None, :, None]  # [1, wy, 1]
         if q[0] != "ell":
             # tapered capsule: distance to the axis point t, radius interpolated along it;
             # "flat" ones (torso, coat) end square: a trapezoid
-            a, b, ra, rb = q[1], q[2], q[3], q[4]
+            a, b = (q[1] - o).astype(np.float32), (q[2] - o).astype(np.float32)
+            ra, rb = q[3].astype(np.float32)[:, None, None], q[4].astype(np.float32)[:, None, None]
             ex, ey = (b - a)[:, 0, None, None], (b - a)[:, 1, None, None]
             dx, dy = xs - a[:, 0, None, None], ys - a[:, 1, None, None]
             t_raw = (dx * ex + dy * ey) / np.maximum(ex * ex + ey * ey, 1e-9)
             t = np.clip(t_raw, 0.0, 1.0)
-            r = ra[:, None, None] + t * (rb - ra)[:, None, None]
+            r = ra + t * (rb - ra)
             m = (dx - t * ex) ** 2 + (dy - t * ey) ** 2 < r * r
             if q[0] == "flat":
                 m &= t == t_raw
         else:
-            c, r = q[1], q[2]
+            c, r = (q[1] - o).astype(np.float32), q[2].astype(np.float32)
             m = (((xs - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2
                  + ((ys - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2) < 1.0
         Y = o[:, 1, None, None] - lo[1] + np.arange(win[1])[None, :, None]
@@ -342,8 +382,18 @@ def _shift_or(m, op):
     return out
 
 
-def _noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Segmentation noise, strength drawn per sequence, events per frame."""
+def _camera_style(seed: int, view: str) -> dict:
+    """One camera's fixed geometry and segmentation habits (its background and lighting):
+    the same for every sequence seen by that view, different between views."""
+    r = np.random.default_rng([seed, 3, int(view)])
+    return {"dist": r.uniform(2.2, 3.2), "pitch": r.uniform(8, 18) * _D,
+            "bias": r.normal(0.0, 0.5), "hole_rate": r.uniform(0.0, 0.3),
+            "hole_band": r.uniform(0.25, 0.85), "shadow": r.uniform(0.2, 1.0)}
+
+
+def _noise(canvas: np.ndarray, rng: np.random.Generator, style: dict) -> np.ndarray:
+    """Segmentation noise: the camera's habits, a strength drawn per sequence, events per
+    frame."""
     F, H, W = canvas.shape
     q = rng.uniform(0.0, 1.0)
     dil = _shift_or(canvas, np.logical_or)
@@ -352,42 +402,39 @@ def _noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # upsampled) picks where the boundary grows (dilation) or shrinks (erosion), so edges
     # wobble in blobs as real segmentation does, not pixel by pixel
     cell = 6
-    gh, gw = H // cell + 2, W // cell + 2
-    coarse = rng.standard_normal((F, gh, gw)).astype(np.float32)
-    ry = np.arange(H) / cell
-    rx = np.arange(W) / cell
-    y0, x0 = ry.astype(int), rx.astype(int)
-    fy, fx = (ry - y0)[None, :, None], (rx - x0)[None, None, :]
-    field = ((1 - fy) * (1 - fx) * coarse[:, y0][:, :, x0] + (1 - fy) * fx * coarse[:, y0][:, :, x0 + 1]
-             + fy * (1 - fx) * coarse[:, y0 + 1][:, :, x0] + fy * fx * coarse[:, y0 + 1][:, :, x0 + 1])
+    coarse = rng.standard_normal((F, H // cell + 2, W // cell + 2)).astype(np.float32)
+    field = resize_weights(coarse.shape[1], H) @ coarse @ resize_weights(coarse.shape[2], W).T
     # per frame, a global bias: some frames are fatter or thinner overall
-    bias = rng.normal(0.0, 0.3 + 0.4 * q, F)[:, None, None]
+    field += rng.normal(style["bias"], 0.3 + 0.4 * q, F).astype(np.float32)[:, None, None]
     thr = 1.2 - 0.5 * q
-    out = np.where(field + bias > thr, dil, np.where(field + bias < -thr, ero, canvas))
-    yy, xx = np.arange(H)[None, :, None], np.arange(W)[None, None, :]
+    out = np.where(field > thr, dil, np.where(field < -thr, ero, canvas))
     rows = canvas.any(axis=2)
     top = rows.argmax(axis=1)
     bot = H - 1 - rows[:, ::-1].argmax(axis=1)
     cols = canvas.any(axis=1)
     left = cols.argmax(axis=1)
     right = W - 1 - cols[:, ::-1].argmax(axis=1)
-    # a missing chunk: background matched the clothes somewhere inside the body's box
-    hole = rng.random(F) < 0.05 + 0.25 * q
-    if hole.any():
-        cy = top + rng.uniform(0.15, 0.9, F) * (bot - top)
-        cx = left + rng.uniform(0.0, 1.0, F) * (right - left)
-        ry, rx = rng.uniform(2, 7, F), rng.uniform(2, 9, F)
-        m = (((yy - cy[:, None, None]) / ry[:, None, None]) ** 2
-             + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2) < 1
-        out &= ~(m & hole[:, None, None])
+    yy, xx = np.arange(H)[None, :, None], np.arange(W)[None, None, :]
+
+    def ellipses(f, cy, cx, ry, rx):  # bool [len(f), H, W]
+        return (((yy - cy[:, None, None]) / ry[:, None, None]) ** 2
+                + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2) < 1
+
+    # a missing chunk: background matched the clothes somewhere inside the body's box, at
+    # the height this camera's background tends to match
+    f = np.flatnonzero(rng.random(F) < 0.03 + 0.15 * q + style["hole_rate"])
+    if f.size:
+        n = f.size
+        cy = top[f] + np.clip(rng.normal(style["hole_band"], 0.2, n), 0.1, 0.95) * (bot[f] - top[f])
+        cx = left[f] + rng.uniform(0.0, 1.0, n) * (right[f] - left[f])
+        out[f] &= ~ellipses(f, cy, cx, rng.uniform(2, 7, n), rng.uniform(2, 9, n))
     # a shadow blob at the feet
-    shadow = rng.random(F) < 0.03 + 0.12 * q
-    if shadow.any():
-        cx = 0.5 * (left + right) + rng.normal(0, 3, F)
-        ry, rx = rng.uniform(1, 2.5, F), rng.uniform(4, 10, F)
-        m = (((yy - bot[:, None, None]) / ry[:, None, None]) ** 2
-             + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2) < 1
-        out |= m & shadow[:, None, None]
+    f = np.flatnonzero(rng.random(F) < 0.03 + 0.12 * q)
+    if f.size:
+        n = f.size
+        cx = 0.5 * (left[f] + right[f]) + rng.normal(0, 3, n)
+        out[f] |= ellipses(f, bot[f].astype(float), cx, rng.uniform(1, 2.5, n),
+                           rng.uniform(4, 10, n))
     return out
 
 
@@ -423,30 +470,37 @@ def generate_sequence(seed: int, subject: int, condition: str, view: str,
         if bag["kind"] == 0:
             p["lean"] += 2 * _D
     J = _pose(p, phi, rng, handbag_side=handbag)
-    cam = _Camera(float(view) + rng.normal(0, 1.5), f=rng.uniform(4.0, 8.0))
-    caps, ells = _shapes(J, p, cam, condition, ident, phi)
+    # Each view is one fixed camera of the tree (CASIA-B's are a few metres away, above the
+    # walker), jittered a little per sequence.
+    style = _camera_style(seed, view)
+    cam = _Camera(float(view) + rng.normal(0, 1.5), dist=style["dist"] * rng.uniform(0.95, 1.05),
+                  pitch=style["pitch"] + rng.normal(0, 1) * _D)
+    shadow = rng.uniform(0.2, 0.8) if rng.random() < style["shadow"] else 0.0
+    caps, ells = _shapes(J, p, cam, condition, ident, phi, shadow)
     canvas = _raster(caps, ells, T, res)
     if noise:
-        canvas = _noise(canvas, rng)
+        canvas = _noise(canvas, rng, style)
     out = [normalise_frame(f.view(np.uint8) * np.uint8(255)) for f in canvas]
     out = [f for f in out if f is not None]
     return np.stack(out)
 
 
 def _subject_job(args):
-    root, seed, subject, conditions, views, frames = args
+    root, seed, subject, conditions, views, frames, gz = args
     n = 0
     for c in conditions:
         for v in views:
             arr = generate_sequence(seed, subject, c, v, frames)
-            save_pickle(Path(root) / f"{subject + 1:03d}" / c / v / f"{v}.pkl", arr)
+            name = f"{v}.pkl.gz" if gz else f"{v}.pkl"
+            save_pickle(Path(root) / f"{subject + 1:03d}" / c / v / name, arr, compresslevel=1)
             n += arr.shape[0]
     return n
 
 
 def generate(root, n_subjects: int = 40, views: Sequence[str] = VIEWS,
              conditions: Sequence[str] = CONDITIONS, frames: tuple[int, int] = (60, 100),
-             seed: int = 0, workers: int | None = None, progress: bool = True) -> dict:
+             seed: int = 0, workers: int | None = None, progress: bool = True,
+             gzip: bool = False) -> dict:
     """Writes a synthetic CASIA-B-like tree ``root/<subject>/<condition>/<view>/<view>.pkl``.
 
     Args:
@@ -458,6 +512,7 @@ def generate(root, n_subjects: int = 40, views: Sequence[str] = VIEWS,
         seed: the tree's seed; the same seed gives the same bytes whatever ``workers`` is.
         workers: processes (default: CPU count; 0 or 1 runs in this process).
         progress: show a tqdm bar.
+        gzip: write ``<view>.pkl.gz`` (about 8x smaller, ~20% slower) instead of ``.pkl``.
 
     Returns:
         ``{"subjects": n, "sequences": n, "frames": n}``.
@@ -473,9 +528,9 @@ def generate(root, n_subjects: int = 40, views: Sequence[str] = VIEWS,
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root), seed, s, list(conditions), views, tuple(frames))
+    jobs = [(str(root), seed, s, list(conditions), views, tuple(frames), bool(gzip))
             for s in range(n_subjects)]
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     bar = None
     if progress:
         from tqdm import tqdm

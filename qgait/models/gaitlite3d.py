@@ -45,7 +45,7 @@ def conv_block(cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1)) -> nn.Se
 
 
 class SeparateFCs(nn.Module):
-    """One linear map per part: ``[N, C_in, P] -> [N, C_out, P]`` with ``weight [P, C_in, C_out]``."""
+    """One linear map per part: ``[N, C_in, P] -> [N, C_out, P]``, ``weight [P, C_in, C_out]``."""
 
     def __init__(self, parts: int, in_channels: int, out_channels: int):
         super().__init__()
@@ -121,7 +121,8 @@ class GaitLite3D(nn.Module):
         self.parts = sum(self.bins)
         self.embed_dim = embed_dim or 8 * c
         self.fc = SeparateFCs(self.parts, self.out_channels, self.embed_dim)
-        self.head = BNNeckHead(self.parts, self.embed_dim, num_classes, scale) if num_classes else None
+        self.head = (BNNeckHead(self.parts, self.embed_dim, num_classes, scale)
+                     if num_classes else None)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, 1, T, H, W] -> [N, 8c, T, H/4, W/4]`` feature maps (before pooling)."""
@@ -129,7 +130,8 @@ class GaitLite3D(nn.Module):
 
     def forward(self, x: torch.Tensor, seqL: Sequence[int] | None = None) -> dict:
         if x.dim() != 5 or x.shape[1] != 1:
-            raise ValueError(f"GaitLite3D: expected x of shape [N, 1, T, H, W], got {tuple(x.shape)}")
+            raise ValueError("GaitLite3D: expected x of shape [N, 1, T, H, W], "
+                             f"got {tuple(x.shape)}")
         if seqL is not None:
             seqL = [int(s) for s in seqL]
             if x.shape[0] != 1 or sum(seqL) != x.shape[2] or min(seqL) < 1:

@@ -134,6 +134,8 @@ def _sph_setup(ctx, inputs, output):
     ctx.save_for_backward(targ, sarg)
     ctx.args = (list(x.shape), seqL, bins, mode, need_idx)
     ctx.mark_non_differentiable(targ, sarg)
+    # The index outputs get no gradient; without this autograd would allocate zeros for them.
+    ctx.set_materialize_grads(False)
 
 
 def _tp_setup(ctx, inputs, output):
@@ -142,12 +144,15 @@ def _tp_setup(ctx, inputs, output):
     ctx.save_for_backward(targ)
     ctx.args = (list(x.shape), seqL, need_idx)
     ctx.mark_non_differentiable(targ)
+    ctx.set_materialize_grads(False)
 
 
 def _make_sph_backward(backward_op):
     def backward(ctx, grad_out, _g_targ, _g_sarg):
         targ, sarg = ctx.saved_tensors
         x_shape, seqL, bins, mode, need_idx = ctx.args
+        if grad_out is None:
+            return None, None, None, None, None
         if not need_idx:
             raise RuntimeError(f"qgait::{OP_SPH}: backward needs the arg-max indices; the forward "
                                "ran with need_idx=False (call it with need_idx=True)")
@@ -161,6 +166,8 @@ def _make_tp_backward(backward_op):
     def backward(ctx, grad_out, _g_targ):
         (targ,) = ctx.saved_tensors
         x_shape, seqL, need_idx = ctx.args
+        if grad_out is None:
+            return None, None, None
         if not need_idx:
             raise RuntimeError(f"qgait::{OP_TP}: backward needs the arg-max indices; the forward "
                                "ran with need_idx=False (call it with need_idx=True)")
@@ -179,10 +186,12 @@ if _has_c_ops():
     torch.library.register_fake(f"qgait::{OP_TP}")(_fake_tp)
     torch.library.register_fake(f"qgait::{OP_TP}_backward")(_fake_tp_bwd)
     torch.library.register_autograd(
-        f"qgait::{OP_SPH}", _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_backward(*a)),
+        f"qgait::{OP_SPH}",
+        _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_backward(*a)),
         setup_context=_sph_setup)
     torch.library.register_autograd(
-        f"qgait::{OP_TP}", _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_backward(*a)),
+        f"qgait::{OP_TP}",
+        _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_backward(*a)),
         setup_context=_tp_setup)
 
 # ---------------------------------------------------------------------------------------------

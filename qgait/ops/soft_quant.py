@@ -91,7 +91,7 @@ def _ref_parts(x, scale, axis, qn, qp, k, soft):
 def soft_fake_quant_ref(x, scale, axis=-1, qn=-128, qp=127, k=0.0, soft=False):
     """Reference forward: ``y = q(c) * s`` in x's dtype."""
     v, c, g, q, s = _ref_parts(x, scale, axis, qn, qp, k, soft)
-    return (q * s).to(x.dtype)
+    return (q * s + 0.0).to(x.dtype)  # + 0: -0 -> +0, bit-identical to torch
 
 
 def soft_fake_quant_backward_ref(grad_y, x, scale, axis=-1, qn=-128, qp=127, k=0.0, soft=False,
@@ -184,6 +184,10 @@ if _TRITON_OK:
                         need_ds: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return _tk.backward(grad_y, x, scale, axis, qn, qp, k, soft, gamma, need_dx, need_ds)
 
+    # Explicit fake impls: triton_op would otherwise trace the launcher with fake tensors,
+    # which Triton's CPU interpreter cannot run.
+    _sfq_triton.register_fake(_fake_forward)
+    _sfq_triton_bwd.register_fake(_fake_backward)
     torch.library.register_autograd(
         f"qgait::{OP}_triton",
         _make_backward(lambda *a: torch.ops.qgait.soft_fake_quant_triton_backward(*a)),
@@ -194,13 +198,19 @@ if _TRITON_OK:
 # ---------------------------------------------------------------------------------------------
 # Backends and the public function.
 # ---------------------------------------------------------------------------------------------
+# Looked up once: the dispatcher's registrations do not change after import, and keeping the
+# query out of the call path lets torch.compile trace through backend selection.
+_HAS_CPU = _ext.has_kernel(OP, "CPU")
+_HAS_CUDA = _ext.has_kernel(OP, "CUDA")
+
+
 def _why_not_reference(x, scale):
     return []
 
 
 def _why_not_cpu(x, scale):
     why = []
-    if not _ext.has_kernel(OP, "CPU"):
+    if not _HAS_CPU:
         why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
                    else "qgait._C has no CPU kernel")
     if x.device.type != "cpu":
@@ -214,7 +224,7 @@ def _why_not_cpu(x, scale):
 
 def _why_not_cuda(x, scale):
     why = []
-    if not _ext.has_kernel(OP, "CUDA"):
+    if not _HAS_CUDA:
         why.append("qgait._C was built without CUDA" if _ext.HAS_C
                    else f"qgait._C is not loaded ({_ext.C_ERROR})")
     if x.device.type != "cuda":

@@ -36,7 +36,8 @@ def resolve_root(cfg: dict) -> Path:
     """The data root; generates the synthetic tree there first if asked and missing."""
     d = cfg["data"]
     root = Path(os.path.expanduser(str(d["root"])))
-    if not root.exists() and d.get("synthetic"):
+    empty = not root.exists() or not any(root.rglob("*.pkl*"))
+    if empty and d.get("synthetic"):
         from qgait.data import synthetic
         root.mkdir(parents=True, exist_ok=True)
         synthetic.generate(str(root), **d["synthetic"])
@@ -102,6 +103,9 @@ def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = No
                       start_step=start)
     if ck is not None:
         trainer.load_state_dict(ck)
+    stage = STAGES[cfg["stage"]]
+    if stage.setup is not None:
+        stage.setup(trainer, cfg)
     return trainer
 
 

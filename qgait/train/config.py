@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "root": "../shared/data/casia-b/pkl",
         "train_ids": ["001", "050"],  # inclusive id range
         "test_ids": ["051", "074"],
-        "synthetic": None,            # {n_subjects, views, conditions, frames}: generate if root missing
+        "synthetic": None,            # synthetic.generate() kwargs: generate if root is empty
         "P": 8, "K": 8,
         "frames": 30,
         "sampling": "ordered",        # "ordered": a contiguous clip; "unordered": random frames
@@ -41,8 +41,22 @@ DEFAULTS: dict[str, Any] = {
     "train": {"iterations": 1000, "amp": "auto", "channels_last": "auto",
               "log_every": 10, "ckpt_every": 200, "keep_every": 0,
               "out_dir": "runs/{name}", "threads": 0, "progress": True,
-              "init_from": None},             # checkpoint whose model weights start a new run
+              "init_from": None},  # weights to start a new run from (QAT pipeline: quant.*)
     "eval": {"max_frames": 720, "metric": "euc"},
+    # QGait stages "qat" (stage 1) and "soft" (stage 2); see qgait/pipeline/stages.py
+    "quant": {
+        "w_bits": 4, "a_bits": 4,
+        "binary_input": ["stem.0"],    # layers whose input is the binary silhouette: not quantized
+        "keep_8bit": ["stem", "fc"],   # module prefixes kept at W8A8 (first conv, per-part FCs)
+        "init_from": None,             # checkpoint to start from (fp, or a quantized stage)
+        "teacher": None,               # fp checkpoint: IDC's full-precision teacher (soft stage)
+        "k0": 1.0, "k1": 6.0,          # soft stage: temperature, linear from k0 to k1
+        "mode": "hard",                # soft stage forward: "hard" (QGait) or "soft" (sigma)
+        "idc_weight": 1.0, "idc_beta": 1.0,
+        "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
+    },
+    # qgait pipeline: per-stage overrides and the variants to build (qgait/pipeline/run.py)
+    "pipeline": {"fp": {}, "qat": {}, "soft": {}, "variants": ["w8a8", "w4a4"]},
     "extra": {},
 }
 
@@ -60,7 +74,7 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         key = f"{path}{k}"
-        if k not in base and not path.startswith("extra"):
+        if k not in base and not path.startswith(("extra", "pipeline")):
             raise ValueError(f"config: unknown key {key!r} (known: {', '.join(sorted(base))})")
         if isinstance(v, dict) and isinstance(base.get(k), dict):
             out[k] = _merge(base[k], v, key + ".")
@@ -135,7 +149,8 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
-def load_config(name_or_path: str | None = None, overrides: dict | Sequence[str] | None = None) -> dict:
+def load_config(name_or_path: str | None = None,
+                overrides: dict | Sequence[str] | None = None) -> dict:
     """Defaults <- YAML file <- overrides, validated. ``out_dir`` ``{name}`` is filled in."""
     cfg = copy.deepcopy(DEFAULTS)
     if name_or_path:
@@ -146,5 +161,6 @@ def load_config(name_or_path: str | None = None, overrides: dict | Sequence[str]
             overrides = parse_overrides(overrides)
         cfg = _merge(cfg, overrides)
     cfg = validate(cfg)
-    cfg["train"]["out_dir"] = os.path.expanduser(str(cfg["train"]["out_dir"]).format(name=cfg["name"]))
+    out = str(cfg["train"]["out_dir"]).format(name=cfg["name"])
+    cfg["train"]["out_dir"] = os.path.expanduser(out)
     return cfg

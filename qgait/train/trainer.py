@@ -38,15 +38,18 @@ LossFn = Callable[..., tuple]
 class Stage:
     name: str
     prepare: Callable[[nn.Module, dict], nn.Module]
+    setup: Callable[["Trainer", dict], None] | None = None
 
 
 STAGES: dict[str, Stage] = {"fp": Stage("fp", lambda model, cfg: model)}
 
 
-def register_stage(name: str, prepare: Callable[[nn.Module, dict], nn.Module]) -> None:
+def register_stage(name: str, prepare: Callable[[nn.Module, dict], nn.Module],
+                   setup: Callable[["Trainer", dict], None] | None = None) -> None:
     """Registers a training stage: ``prepare(model, cfg)`` turns the built model into the one
-    trained (e.g. ``qgait.quantize_`` for QAT)."""
-    STAGES[name] = Stage(name, prepare)
+    trained (e.g. ``qgait.quantize_`` for QAT); ``setup(trainer, cfg)``, if given, runs once
+    the trainer exists (to add loss terms or step hooks, e.g. IDC and the k schedule)."""
+    STAGES[name] = Stage(name, prepare, setup)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -129,15 +132,24 @@ def lr_lambda(cfg: dict, iterations: int) -> Callable[[int], float]:
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW; BatchNorm parameters and biases get no weight decay."""
+    """SGD or AdamW; BatchNorm parameters and biases get no weight decay. Quantizer steps
+    (``w_scale`` / ``a_scale`` of the SoftQuant layers) get their own group, without decay and
+    with ``lr * quant.step_lr_mult``: an adaptive optimizer moves every parameter by ~lr per
+    step, which would be a large relative change of a small step size."""
     o = cfg["optim"]
-    decay, no_decay = [], []
+    decay, no_decay, steps = [], [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        if n.endswith(("w_scale", "a_scale")):
+            steps.append(p)
+        else:
+            (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": o["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
+    if steps:
+        mult = float(cfg.get("quant", {}).get("step_lr_mult", 1.0))
+        groups.append({"params": steps, "weight_decay": 0.0, "lr": o["lr"] * mult})
     if o["name"] == "sgd":
         return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"])
     return torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
@@ -169,13 +181,15 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
         cl = cfg["train"]["channels_last"]
         self.channels_last = (self.amp_dtype is not None) if cl == "auto" else bool(cl)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
         self.loss_terms: list[tuple[str, LossFn, float]] = []
         L = cfg["loss"]
         if L["triplet_weight"]:
             self.add_loss_term("triplet", _triplet_term, L["triplet_weight"])
         if L["ce_weight"]:
             self.add_loss_term("ce", _ce_term, L["ce_weight"])
+        self.step_hooks: list[Callable[["Trainer"], None]] = []
         self.history: list[dict] = []
         self._stop = False
 
@@ -194,8 +208,15 @@ class Trainer:
             raise ValueError(f"Trainer.add_loss_term: a term named {name!r} exists already")
         self.loss_terms.append((name, fn, float(weight)))
 
+    def add_step_hook(self, fn: Callable[["Trainer"], None]) -> None:
+        """``fn(trainer)`` runs before every step (``trainer.step`` is the step about to run),
+        e.g. to follow a schedule of the quantizer's temperature."""
+        self.step_hooks.append(fn)
+
     # ---------------------------------------------------------------- one step
     def train_step(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        for hook in self.step_hooks:
+            hook(self)
         self.model.train()
         x = x.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)

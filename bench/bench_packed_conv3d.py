@@ -1,0 +1,113 @@
+"""packed_conv3d against the convolutions a user would otherwise run, in one run.
+
+    pytest bench/bench_packed_conv3d.py --benchmark-only --benchmark-min-rounds=2
+
+Layers (kernel 3x3x3, padding 1): A [4, 32, 30, 64, 44] -> 64, B [4, 64, 30, 32, 22] -> 128.
+Modes:
+  f32io  float32 in, float32 out. qgait int8 / int4 (activation quantized inside the op);
+         torch fp32 conv3d; torch bf16 channels-last conv3d; torch.ao.nn.quantized.Conv3d (x86
+         engine) including its quantize_per_tensor and dequantize.
+  q8io   8-bit codes in, 8-bit codes out (channels-last): qgait int8 / int4 with requantized
+         output; torch.ao.nn.quantized.Conv3d on a quint8 channels-last tensor.
+extra_info: ops = 2 * MACs (TOPS), weight_bytes.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qgait.ops import packed_conv3d
+from qgait.quant import pack_weight
+
+from _common import machine_info
+
+LAYERS = {"A": ((4, 32, 30, 64, 44), 64), "B": ((4, 64, 30, 32, 22), 128)}
+X_SCALE, OUT_SCALE = 0.01, 0.05
+
+
+def _layer(name):
+    (n, ci, t, h, w), co = LAYERS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, ci, t, h, w, generator=g)  # post-ReLU activations
+    w_int = torch.randint(-8, 8, (co, ci, 3, 3, 3), generator=g)
+    w_scale = torch.rand(co, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(co, generator=g) * 0.1
+    macs = n * t * h * w * ci * co * 27
+    return x, w_int, w_scale, bias, macs
+
+
+def _qgait(bits, mode, x, w_int, w_scale, bias):
+    wp = pack_weight(w_int, bits)
+    ci = x.shape[1]
+    kw = dict(w_bits=bits, c_in=ci, x_scale=torch.tensor(X_SCALE), padding=1, bias=bias,
+              act="relu")
+    if mode == "f32io":
+        return (lambda: packed_conv3d(x, wp, w_scale, **kw)), wp.numel()
+    xq = torch.round(torch.clamp(x / X_SCALE, 0, 255)).to(torch.uint8).contiguous(
+        memory_format=torch.channels_last_3d)
+    return (lambda: packed_conv3d(xq, wp, w_scale, out="quant", out_scale=torch.tensor(OUT_SCALE),
+                                  **kw)), wp.numel()
+
+
+def _torch_ao(mode, x, w_int, w_scale, bias):
+    import torch.ao.nn.quantized as nnq
+
+    torch.backends.quantized.engine = "x86"
+    co, ci = w_int.shape[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = nnq.Conv3d(ci, co, 3, padding=1)
+        qw = torch.quantize_per_channel(w_int.float() * w_scale.reshape(-1, 1, 1, 1, 1), w_scale,
+                                        torch.zeros(co, dtype=torch.long), 0, torch.qint8)
+        conv.set_weight_bias(qw, bias)
+        conv.scale, conv.zero_point = OUT_SCALE, 0
+        relu = torch.nn.ReLU()
+        if mode == "f32io":
+            def run():
+                q = torch.quantize_per_tensor(x, X_SCALE, 0, torch.quint8)
+                return relu(conv(q)).dequantize()
+            return run, co * ci * 27
+        q = torch.quantize_per_tensor(x, X_SCALE, 0, torch.quint8).contiguous(
+            memory_format=torch.channels_last_3d)
+        return (lambda: conv(q)), co * ci * 27
+
+
+def _torch_float(dtype, x, w_int, w_scale, bias):
+    w = (w_int.float() * w_scale.reshape(-1, 1, 1, 1, 1))
+    if dtype == torch.float32:
+        return (lambda: F.relu(F.conv3d(x, w, bias, padding=1))), w.numel() * 4
+    xb = x.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    wb = w.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    bb = bias.to(dtype)
+    return (lambda: F.relu(F.conv3d(xb, wb, bb, padding=1))), w.numel() * 2
+
+
+PROVIDERS = [  # (provider, mode, role)
+    ("qgait_int8", "f32io", "qgait"), ("qgait_int4", "f32io", "qgait"),
+    ("torch_fp32", "f32io", "baseline"), ("torch_bf16_cl", "f32io", "baseline"),
+    ("torch_ao_x86", "f32io", "baseline"),
+    ("qgait_int8", "q8io", "qgait"), ("qgait_int4", "q8io", "qgait"),
+    ("torch_ao_x86", "q8io", "baseline"),
+]
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("provider,mode,role", PROVIDERS,
+                         ids=[f"{p}-{m}" for p, m, _ in PROVIDERS])
+def test_packed_conv3d(benchmark, provider, mode, role, layer):
+    x, w_int, w_scale, bias, macs = _layer(layer)
+    if provider.startswith("qgait"):
+        fn, wbytes = _qgait(8 if provider == "qgait_int8" else 4, mode, x, w_int, w_scale, bias)
+    elif provider == "torch_ao_x86":
+        if "x86" not in torch.backends.quantized.supported_engines:
+            pytest.skip("torch has no x86 quantized engine")
+        fn, wbytes = _torch_ao(mode, x, w_int, w_scale, bias)
+    else:
+        fn, wbytes = _torch_float(torch.float32 if provider == "torch_fp32" else torch.bfloat16,
+                                  x, w_int, w_scale, bias)
+    benchmark.group = f"packed_conv3d layer{layer} {mode}"
+    benchmark.extra_info.update(provider=provider, role=role, ops=2 * macs, weight_bytes=wbytes,
+                                **machine_info())
+    with torch.no_grad():
+        benchmark(fn)

@@ -1,0 +1,79 @@
+"""Temporal pooling + horizontal pyramid pooling: qgait's fused op against the chain of eager
+calls every gait codebase runs (torch.max over T, then view / mean / max per bin), that chain
+under torch.compile, and ``x.sum()`` of the same tensor as the one-read floor.
+
+    pytest bench/bench_pooling.py --benchmark-only --benchmark-min-rounds=5
+
+Shapes are the heads of real models (GaitBase-like on 64x44 silhouettes: [N, 128, 30, 16, 11];
+a wider backbone: [N, 256, 30, 32, 22]); forward and forward+backward (the gradient is taken with
+torch.autograd.grad, so no .grad accumulation is timed).
+"""
+import pytest
+import torch
+
+import qgait
+from qgait.ops import set_pool_hpp
+
+from _common import machine_info
+
+SHAPES = {"N32-C128-T30-H16-W11": (32, 128, 30, 16, 11),
+          "N8-C256-T30-H32-W22": (8, 256, 30, 32, 22)}
+BINS = {"bins16": (16,), "bins16-8-4-2-1": (16, 8, 4, 2, 1)}
+PROVIDERS = {"qgait-cpu": "qgait", "eager": "baseline", "compiled": "baseline", "x.sum": "ceiling"}
+MODES = ("forward", "forward+backward")
+
+
+def opengait_chain(x, bins):
+    """What OpenGait runs: PackSequenceWrapper(torch.max) then HorizontalPoolingPyramid."""
+    z = torch.max(x, dim=2)[0]
+    n, c = z.shape[:2]
+    feats = []
+    for b in bins:
+        s = z.view(n, c, b, -1)
+        feats.append(s.mean(-1) + s.max(-1)[0])
+    return torch.cat(feats, -1)
+
+
+_COMPILED = {}
+
+
+def _fn(provider, bins):
+    if provider == "qgait-cpu":
+        return lambda x: set_pool_hpp(x, bins=bins, backend="cpu")
+    if provider == "eager":
+        return lambda x: opengait_chain(x, bins)
+    if provider == "compiled":
+        if bins not in _COMPILED:
+            _COMPILED[bins] = torch.compile(lambda x: opengait_chain(x, bins), dynamic=False)
+        return _COMPILED[bins]
+    return lambda x: x.sum()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("bins", list(BINS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_set_pool_hpp(benchmark, provider, mode, bins, shape):
+    if provider == "qgait-cpu" and not qgait.backends()["cpu"]["available"]:
+        pytest.skip("qgait._C not built")
+    if provider == "x.sum" and mode != "forward":
+        pytest.skip("x.sum() is the floor of the forward only")
+    dims, b = SHAPES[shape], BINS[bins]
+    x = torch.randn(dims)
+    fn = _fn(provider, b)
+    nbytes = x.numel() * x.element_size()
+    if mode == "forward":
+        run = lambda: fn(x)  # noqa: E731
+    else:
+        x.requires_grad_()
+        g = torch.randn(dims[0], dims[1], sum(b))
+
+        def run():
+            return torch.autograd.grad(fn(x), x, g)[0]
+
+        nbytes *= 2  # read x, write dx
+    run()  # warm-up (compilation for the compiled chain)
+    benchmark.group = f"set_pool_hpp {shape} {bins} {mode}"
+    benchmark.extra_info.update(provider=provider, role=PROVIDERS[provider], bytes=nbytes,
+                                **machine_info())
+    benchmark(run)

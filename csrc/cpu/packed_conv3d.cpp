@@ -1,0 +1,627 @@
+// CPU packed low-bit Conv3d: direct convolution over a channels-last, spatially padded copy of
+// the input held as uint8 codes, with int8 (or int4) weights and exact int32 accumulation.
+//
+//   x codes      u[n, t, h, w, c] = x_int + zp       (zp = 128 for a signed grid, else 0)
+//   accumulator  acc[co] = sum_{tap, c} u * w_int - zp * sum_{tap, c} w_int   (exact int32)
+//
+// The shift by zp makes every activation code unsigned, which is what the u8 x s8 dot products
+// (vpdpbusd) need; padding is filled with zp, i.e. with the code of x_int = 0, so the
+// correction zp * sum(w) is one constant per output channel, whatever the border.
+//
+// Code paths (cpu/isa.h picks one at run time; the cap makes tests run each):
+//   avx512 + VNNI  tile of 6 output pixels x 64 output channels in 24 zmm accumulators; each
+//                  step broadcasts 4 input channels of a pixel (one int32) and runs vpdpbusd
+//                  against 16 channels x 4 weights. int4 weights stay packed in memory and are
+//                  sign-extended in registers with one vpshufb per nibble (a 16-entry table).
+//   avx2           vpmaddwd on u8 / s8 values widened to 16 bits (vpmaddubsw would saturate:
+//                  255 * 128 * 2 > 2^15), tile 4 pixels x 16 channels. Also used by AVX-512
+//                  CPUs without VNNI.
+//   scalar         plain loops.
+// The epilogue (rescale, bias, folded BatchNorm, activation, fp32 store or requantization to
+// the next layer's grid) uses the same fp32 operations in the same order on every path, with
+// no FMA contraction, so all paths and the reference agree bit for bit.
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "packed_conv3d.h"
+
+// The epilogue must round like the reference (a multiply, then an add); g++ would otherwise
+// contract them into FMAs, also across intrinsics.
+#pragma GCC optimize("fp-contract=off")
+
+namespace qgait {
+namespace {
+
+struct Epi {
+  const int32_t* comp;  // zp * sum(w_int) per output channel
+  const float* m1;      // x_scale * w_scale[co]
+  const float* bias;    // bias (zeros when absent)
+  const float* g;       // folded BatchNorm scale, or nullptr
+  const float* beta;    // folded BatchNorm shift
+  int64_t act;
+  float slope;
+  int64_t mode;
+  float r_out, qn, qp;  // requantization: q = rint(clamp(y * r_out, qn, qp))
+};
+
+// Work description shared by the paths.
+struct Ctx {
+  ConvGeom g;
+  int64_t Tp, Hp, Wp, Cp;  // padded input buffer [N, Tp, Hp, Wp, Cp] (uint8 codes)
+  const uint8_t* xp;
+  std::vector<int64_t> toff;  // byte offset of each tap relative to the window's corner
+  int64_t Coutp;              // output channels rounded up to 16
+  void* y;                    // output [N, To, Ho, Wo, Co]
+  Epi E;
+
+  const uint8_t* row_base(int64_t n, int64_t t, int64_t h) const {
+    return xp + (((n * Tp + t * g.sT) * Hp + h * g.sH) * Wp) * Cp;
+  }
+  int64_t out_pixel(int64_t n, int64_t t, int64_t h, int64_t w) const {
+    return ((n * g.To + t) * g.Ho + h) * g.Wo + w;
+  }
+};
+
+// ---- epilogue, scalar (used by the avx2 and scalar paths) ---------------------------------
+inline void epi_one(const Epi& E, int64_t co, int32_t a, void* y, int64_t idx) {
+  a -= E.comp[co];
+  if (E.mode == kOutAcc) {
+    static_cast<int32_t*>(y)[idx] = a;
+    return;
+  }
+  float z = static_cast<float>(a) * E.m1[co];
+  z = z + E.bias[co];
+  if (E.g) {
+    z = z * E.g[co];
+    z = z + E.beta[co];
+  }
+  if (E.act == kActRelu) z = z < 0.f ? 0.f : z;
+  else if (E.act == kActLeaky) z = z < 0.f ? z * E.slope : z;
+  if (E.mode == kOutFloat) {
+    static_cast<float*>(y)[idx] = z;
+    return;
+  }
+  float v = z * E.r_out;
+  v = std::min(std::max(v, E.qn), E.qp);
+  const int q = static_cast<int>(std::nearbyint(v));
+  if (E.qn < 0.f) static_cast<int8_t*>(y)[idx] = static_cast<int8_t>(q);
+  else static_cast<uint8_t*>(y)[idx] = static_cast<uint8_t>(q);
+}
+
+// ---- input quantization: codes u = rint(clamp(x * r, qn, qp)) + zp --------------------------
+// A NaN maps to qn (the comparisons below are false for NaN), like vmaxps in the AVX-512 row.
+using QuantRowFn = void (*)(const float*, int64_t, uint8_t*, float, float, float, int);
+void quant_row_scalar(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] * r;
+    v = v > qn ? v : qn;
+    v = v < qp ? v : qp;
+    u[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + zp);
+  }
+}
+
+// ---- scalar path ----------------------------------------------------------------------------
+// ws: int16 weights [Co][taps][Cp] (int4 already unpacked).
+void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
+  const ConvGeom& g = c.g;
+  const int64_t ntaps = static_cast<int64_t>(c.toff.size());
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const uint8_t* base = c.row_base(n, t, h);
+    for (int64_t w = 0; w < g.Wo; ++w) {
+      const uint8_t* a = base + w * g.sW * c.Cp;
+      const int64_t pix = c.out_pixel(n, t, h, w);
+      for (int64_t co = 0; co < g.Co; ++co) {
+        int32_t acc = 0;
+        for (int64_t k = 0; k < ntaps; ++k) {
+          const uint8_t* ap = a + c.toff[k];
+          const int16_t* wp = ws + (co * ntaps + k) * c.Cp;
+          for (int64_t ch = 0; ch < c.Cp; ++ch) acc += static_cast<int32_t>(ap[ch]) * wp[ch];
+        }
+        epi_one(c.E, co, acc, c.y, pix * g.Co + co);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qgait
+
+// ---- avx2 path ------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace qgait {
+namespace {
+
+constexpr int kM2 = 4;  // output pixels per tile
+
+// w2: int16 weights [taps][Cp/2][Coutp][2]: lane co of a ymm holds the pair (2k, 2k+1).
+template <int M>
+void tile_avx2(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t ntaps,
+               const int16_t* w2, int64_t k2, int64_t Coutp, int32_t* out) {
+  __m256i acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const uint8_t* ap = a + toff[t];
+    const int16_t* wp = w2 + t * k2 * Coutp * 2;
+    for (int64_t k = 0; k < k2; ++k) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * Coutp * 2));
+      const __m256i b1 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * Coutp * 2 + 16));
+      for (int m = 0; m < M; ++m) {
+        const uint8_t* p = ap + m * astep + 2 * k;
+        // two codes zero-extended to 16 bits, as one int32 broadcast to every lane
+        const __m256i av = _mm256_set1_epi32(static_cast<int32_t>(p[0] | (uint32_t(p[1]) << 16)));
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(av, b0));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(av, b1));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16), acc[m][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16 + 8), acc[m][1]);
+  }
+}
+
+using Avx2Fn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const int16_t*, int64_t,
+                        int64_t, int32_t*);
+const Avx2Fn kAvx2Tiles[kM2] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
+
+// Work item = (output row, group of 16 output channels).
+void items_avx2(const Ctx& c, const int16_t* w2, int64_t i0, int64_t i1) {
+  const ConvGeom& g = c.g;
+  const int64_t ngrp = c.Coutp / 16, ntaps = static_cast<int64_t>(c.toff.size());
+  alignas(64) int32_t out[kM2 * 16];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t grp = i % ngrp, r = i / ngrp;
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const int64_t co0 = grp * 16, nco = std::min<int64_t>(16, g.Co - co0);
+    const uint8_t* base = c.row_base(n, t, h);
+    for (int64_t w0 = 0; w0 < g.Wo; w0 += kM2) {
+      const int M = static_cast<int>(std::min<int64_t>(kM2, g.Wo - w0));
+      kAvx2Tiles[M - 1](base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data(), ntaps,
+                        w2 + co0 * 2, c.Cp / 2, c.Coutp, out);
+      const int64_t pix = c.out_pixel(n, t, h, w0);
+      for (int m = 0; m < M; ++m)
+        for (int64_t j = 0; j < nco; ++j)
+          epi_one(c.E, co0 + j, out[m * 16 + j], c.y, (pix + m) * g.Co + co0 + j);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qgait
+#pragma GCC pop_options
+
+// ---- avx512 + VNNI path ---------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+namespace qgait {
+namespace {
+
+constexpr int kM = 6;   // output pixels per tile
+constexpr int kNB = 4;  // blocks of 16 output channels per tile
+
+inline __m512i bcast32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// int8: wv is [taps][Cp/4][Coutp][4] int8; step k broadcasts input channels 4k..4k+3.
+// int4: wv is [taps][Cp/8][Coutp][4] bytes, byte j of a lane holding input channels
+// (8k + 2j, 8k + 2j + 1) in its (low, high) nibble, i.e. the public packed order. The low
+// nibbles are channels 8k + {0,2,4,6} and the high nibbles 8k + {1,3,5,7}; the input buffer
+// stores each group of 8 channels in the order 0,2,4,6,1,3,5,7 so both halves are one
+// broadcast each.
+template <int NB, int M, bool I4>
+void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t ntaps,
+               const uint8_t* wv, int64_t ksteps, int64_t Coutp, int32_t* out, bool init) {
+  // out: [M][64] partial sums of this tile (rows of the row accumulator), read unless init
+  __m512i acc[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int nb = 0; nb < NB; ++nb)
+      acc[m][nb] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(out + m * 64 + nb * 16);
+  // nibble -> sign-extended int8 (two's complement of 4 bits)
+  const __m512i lut = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t tstride = ksteps * Coutp * 4;
+  for (int64_t t = 0; t < ntaps; ++t) {
+    const uint8_t* ap = a + toff[t];
+    const uint8_t* wp = wv + t * tstride;
+    for (int64_t k = 0; k < ksteps; ++k) {
+      const uint8_t* wk = wp + k * Coutp * 4;
+      if constexpr (!I4) {
+        __m512i b[NB];
+        for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(wk + nb * 64);
+        for (int m = 0; m < M; ++m) {
+          const __m512i av = bcast32(ap + m * astep + 4 * k);
+          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
+        }
+      } else {
+        __m512i b[NB];
+        for (int nb = 0; nb < NB; ++nb) {
+          const __m512i raw = _mm512_loadu_si512(wk + nb * 64);
+          b[nb] = _mm512_shuffle_epi8(lut, _mm512_and_si512(raw, low4));
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m512i av = bcast32(ap + m * astep + 8 * k);
+          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
+        }
+        for (int nb = 0; nb < NB; ++nb) {
+          const __m512i raw = _mm512_loadu_si512(wk + nb * 64);
+          b[nb] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m512i av = bcast32(ap + m * astep + 8 * k + 4);
+          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + m * 64 + nb * 16, acc[m][nb]);
+}
+
+using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const uint8_t*, int64_t,
+                        int64_t, int32_t*, bool);
+
+template <bool I4, int NB>
+constexpr VnniFn vnni_for(int M) {
+  switch (M) {
+    case 1: return tile_vnni<NB, 1, I4>;
+    case 2: return tile_vnni<NB, 2, I4>;
+    case 3: return tile_vnni<NB, 3, I4>;
+    case 4: return tile_vnni<NB, 4, I4>;
+    case 5: return tile_vnni<NB, 5, I4>;
+    default: return tile_vnni<NB, 6, I4>;
+  }
+}
+
+template <bool I4>
+VnniFn vnni_fn(int NB, int M) {
+  switch (NB) {
+    case 1: return vnni_for<I4, 1>(M);
+    case 2: return vnni_for<I4, 2>(M);
+    case 3: return vnni_for<I4, 3>(M);
+    default: return vnni_for<I4, 4>(M);
+  }
+}
+
+// Vectorized epilogue for M pixels x nco channels (acc rows of 64); the same fp32 operations as
+// epi_one, 16 channels at a time.
+void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nco, int64_t Co,
+                void* y, int64_t pix) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 slope = _mm512_set1_ps(E.slope), r = _mm512_set1_ps(E.r_out);
+  const __m512 qn = _mm512_set1_ps(E.qn), qp = _mm512_set1_ps(E.qp);
+  for (int64_t j = 0; j < nco; j += 16) {
+    const __mmask16 mk = nco - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nco - j)) - 1);
+    const int64_t co = co0 + j;
+    const __m512i comp = _mm512_maskz_loadu_epi32(mk, E.comp + co);
+    const __m512 m1 = _mm512_maskz_loadu_ps(mk, E.m1 + co);
+    const __m512 bias = _mm512_maskz_loadu_ps(mk, E.bias + co);
+    __m512 g = zero, beta = zero;
+    if (E.g) {
+      g = _mm512_maskz_loadu_ps(mk, E.g + co);
+      beta = _mm512_maskz_loadu_ps(mk, E.beta + co);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t idx = (pix + m) * Co + co;
+      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(acc + m * 64 + j), comp);
+      if (E.mode == kOutAcc) {
+        _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + idx, mk, a);
+        continue;
+      }
+      __m512 z = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m1), bias);
+      if (E.g) z = _mm512_add_ps(_mm512_mul_ps(z, g), beta);
+      if (E.act != kActNone) {
+        const __mmask16 neg = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
+        z = E.act == kActRelu ? _mm512_mask_mov_ps(z, neg, zero)
+                              : _mm512_mask_mul_ps(z, neg, z, slope);
+      }
+      if (E.mode == kOutFloat) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + idx, mk, z);
+        continue;
+      }
+      __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(z, r), qn), qp);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // values are inside the 8-bit grid, so keeping the low byte is exact for int8 and uint8
+      _mm512_mask_cvtepi32_storeu_epi8(static_cast<uint8_t*>(y) + idx, mk,
+                                       _mm512_cvtps_epi32(v));
+    }
+  }
+}
+
+void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp,
+                      int zp) {
+  const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vr);
+    v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);  // max(NaN, qn) = qn
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+    _mm512_mask_cvtepi32_storeu_epi8(u + i, mk, q);  // 0..255 after the shift
+  }
+}
+
+// Work item = (output row, group of up to 64 output channels). The taps are walked in blocks
+// whose weights (taps x Cp x 64 bytes) fit in L1 next to the input rows; each block runs over
+// the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
+// Without the blocking every 6-pixel tile streams all weights of the layer (55-110 KB for the
+// benchmark layers) from L2; on this (shared) machine the two orders measured the same.
+template <bool I4>
+void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
+  const ConvGeom& g = c.g;
+  const int64_t ngrp = (c.Coutp + 63) / 64, ntaps = static_cast<int64_t>(c.toff.size());
+  const int64_t ksteps = I4 ? c.Cp / 8 : c.Cp / 4;
+  const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
+  const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
+  const int64_t tstride = ksteps * c.Coutp * 4;
+  std::vector<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t grp = i % ngrp, r = i / ngrp;
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const int64_t co0 = grp * 64, nco = std::min<int64_t>(64, g.Co - co0);
+    const int NB = static_cast<int>((nco + 15) / 16);
+    const uint8_t* base = c.row_base(n, t, h);
+    for (int64_t tb = 0; tb < ntaps; tb += tblock) {
+      const int64_t nt = std::min(tblock, ntaps - tb);
+      for (int64_t w0 = 0; w0 < g.Wo; w0 += kM) {
+        const int M = static_cast<int>(std::min<int64_t>(kM, g.Wo - w0));
+        vnni_fn<I4>(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data() + tb, nt,
+                           wv + tb * tstride + co0 * 4, ksteps, c.Coutp,
+                           rowacc.data() + w0 * 64, tb == 0);
+      }
+    }
+    for (int64_t w0 = 0; w0 < g.Wo; w0 += kM) {
+      const int M = static_cast<int>(std::min<int64_t>(kM, g.Wo - w0));
+      epi_avx512(c.E, rowacc.data() + w0 * 64, M, co0, nco, g.Co, c.y,
+                 c.out_pixel(n, t, h, w0));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qgait
+#pragma GCC pop_options
+
+namespace qgait {
+namespace {
+
+enum class Path { Scalar, AVX2, VNNI };
+
+Path choose_path() {
+  const Isa isa = cpu_isa();
+  if (isa >= Isa::AVX512 && cpu_has_vnni()) return Path::VNNI;
+  if (isa >= Isa::AVX2) return Path::AVX2;
+  return Path::Scalar;
+}
+
+void check_positive(const at::Tensor& t, const char* name) {
+  const at::Tensor c = t.contiguous();
+  const float* p = c.data_ptr<float>();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    QGAIT_CHECK(std::isfinite(p[i]) && p[i] > 0.f, kPackedConv, name,
+                " must be finite and > 0, got ", p[i], " at index ", i);
+}
+
+// Position of input channel ch in the buffer: identity, or (int4 VNNI) each group of 8 stored
+// as 0,2,4,6,1,3,5,7 so that low and high nibbles meet contiguous channels.
+inline int64_t buf_channel(int64_t ch, bool perm) {
+  if (!perm) return ch;
+  const int64_t j = ch & 7;
+  return (ch & ~int64_t(7)) | ((j & 1) ? 4 + (j >> 1) : (j >> 1));
+}
+
+// Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
+// The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
+// this size would page-fault on first touch at every call.
+std::vector<uint8_t>& input_scratch() {
+  static thread_local std::vector<uint8_t> buf;
+  return buf;
+}
+
+uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp, int64_t Wp,
+                     int64_t Cp, int zp, bool perm, float r, float qn, float qp) {
+  std::vector<uint8_t>& buf = input_scratch();
+  const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
+  if (buf.size() < total) buf.resize(total);
+  // padding (and the channel tail) holds the code of zero; interiors are overwritten below
+  at::parallel_for(0, static_cast<int64_t>(total), 1 << 20, [&](int64_t b, int64_t e) {
+    std::memset(buf.data() + b, zp, static_cast<size_t>(e - b));
+  });
+  std::vector<int64_t> pc(g.C);
+  for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
+  const auto st = x.strides();
+  const auto dt = x.scalar_type();
+  const bool flt = dt == at::kFloat;
+  const void* xv = x.const_data_ptr();
+  const QuantRowFn qrow = cpu_isa() >= Isa::AVX512 ? quant_row_avx512 : quant_row_scalar;
+  // rows of channels (channels-last) or rows of W (any other order with unit W stride)
+  const bool clast = st[1] == 1 && g.C > 1;
+  const bool wrows = !clast && st[4] == 1;
+  at::parallel_for(0, g.N * g.T * g.H, 16, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> tmp(g.C * g.W);
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
+      uint8_t* dst = buf.data() + (((n * Tp + t + g.pT) * Hp + h + g.pH) * Wp + g.pW) * Cp;
+      const int64_t off = n * st[0] + t * st[2] + h * st[3];
+      if (clast) {
+        // one pixel's channels are contiguous
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t o = off + w * st[4];
+          uint8_t* d = dst + w * Cp;
+          if (flt) {
+            qrow(static_cast<const float*>(xv) + o, g.C, tmp.data(), r, qn, qp, zp);
+          } else if (dt == at::kChar) {
+            const int8_t* src = static_cast<const int8_t*>(xv) + o;
+            for (int64_t ch = 0; ch < g.C; ++ch) tmp[ch] = static_cast<uint8_t>(src[ch] + zp);
+          } else {  // uint8 / bool (zp = 0): the codes themselves
+            std::memcpy(tmp.data(), static_cast<const uint8_t*>(xv) + o, g.C);
+          }
+          if (!perm) std::memcpy(d, tmp.data(), g.C);
+          else for (int64_t ch = 0; ch < g.C; ++ch) d[pc[ch]] = tmp[ch];
+        }
+        continue;
+      }
+      // channel rows into tmp [C][W], then transposed into the channels-last buffer
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const int64_t o = off + ch * st[1];
+        uint8_t* tr = tmp.data() + ch * g.W;
+        if (flt && wrows) {
+          qrow(static_cast<const float*>(xv) + o, g.W, tr, r, qn, qp, zp);
+          continue;
+        }
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t i = o + w * st[4];
+          if (flt) quant_row_scalar(static_cast<const float*>(xv) + i, 1, tr + w, r, qn, qp, zp);
+          else if (dt == at::kChar) tr[w] = static_cast<uint8_t>(static_cast<const int8_t*>(xv)[i] + zp);
+          else tr[w] = static_cast<const uint8_t*>(xv)[i];  // uint8 / bool
+        }
+      }
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t ch = 0; ch < g.C; ++ch) dst[w * Cp + pc[ch]] = tmp[ch * g.W + w];
+    }
+  });
+  return buf.data();
+}
+
+// Integer weight w[co][tap][ch] from the public packed tensor [Co, kT, kH, kW, Cb].
+inline int32_t weight_at(const uint8_t* wp, int64_t w_bits, int64_t cb, int64_t ntaps, int64_t co,
+                         int64_t tap, int64_t ch) {
+  const uint8_t byte = wp[(co * ntaps + tap) * cb + (w_bits == 8 ? ch : ch >> 1)];
+  if (w_bits == 8) return static_cast<int8_t>(byte);
+  const int nib = (ch & 1) ? (byte >> 4) : (byte & 0x0F);
+  return (nib ^ 8) - 8;
+}
+
+at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int64_t in_qn,
+                             int64_t in_qp, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                             int64_t w_bits, int64_t c_in, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& bn_scale,
+                             const std::optional<at::Tensor>& bn_shift, int64_t act,
+                             double neg_slope, int64_t out_mode,
+                             const std::optional<at::Tensor>& out_scale, int64_t out_qn,
+                             int64_t out_qp) {
+  const ConvGeom g = check_packed_conv3d_args(x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits,
+                                              c_in, stride, padding, dilation, bias, bn_scale,
+                                              bn_shift, act, out_mode, out_scale, out_qn, out_qp);
+  check_positive(x_scale, "x_scale");
+  check_positive(w_scale, "w_scale");
+  if (out_mode == kOutRequant) check_positive(*out_scale, "out_scale");
+  at::Tensor y = packed_conv3d_output(x, g, out_mode, out_qn);
+  if (x.numel() == 0 || y.numel() == 0) return y;
+
+  const Path path = choose_path();
+  const bool i4v = path == Path::VNNI && w_bits == 4;  // int4 kept packed (VNNI path only)
+  Ctx c;
+  c.g = g;
+  c.Tp = g.T + 2 * g.pT;
+  c.Hp = g.H + 2 * g.pH;
+  c.Wp = g.W + 2 * g.pW;
+  c.Cp = (g.C + (i4v ? 7 : 3)) / (i4v ? 8 : 4) * (i4v ? 8 : 4);
+  c.Coutp = (g.Co + 15) / 16 * 16;
+  const int zp = in_qn < 0 ? 128 : 0;
+  const float xs = x_scale.item<float>();
+  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, i4v, 1.0f / xs,
+                     static_cast<float>(in_qn), static_cast<float>(in_qp));
+  for (int64_t kt = 0; kt < g.kT; ++kt)
+    for (int64_t kh = 0; kh < g.kH; ++kh)
+      for (int64_t kw = 0; kw < g.kW; ++kw)
+        c.toff.push_back(((kt * g.dT * c.Hp + kh * g.dH) * c.Wp + kw * g.dW) * c.Cp);
+  const int64_t ntaps = static_cast<int64_t>(c.toff.size());
+
+  // Per-channel epilogue constants, all fp32 (the same products the reference forms).
+  const at::Tensor wsc = w_scale.contiguous();
+  std::vector<float> m1(c.Coutp, 0.f), bz(c.Coutp, 0.f), bg, bb;
+  std::vector<int32_t> comp(c.Coutp, 0);
+  for (int64_t co = 0; co < g.Co; ++co) m1[co] = xs * wsc.const_data_ptr<float>()[co];
+  if (bias) {
+    const at::Tensor b = bias->contiguous();
+    std::copy(b.const_data_ptr<float>(), b.const_data_ptr<float>() + g.Co, bz.begin());
+  }
+  if (bn_scale) {
+    const at::Tensor s = bn_scale->contiguous(), sh = bn_shift->contiguous();
+    bg.assign(c.Coutp, 0.f);
+    bb.assign(c.Coutp, 0.f);
+    std::copy(s.const_data_ptr<float>(), s.const_data_ptr<float>() + g.Co, bg.begin());
+    std::copy(sh.const_data_ptr<float>(), sh.const_data_ptr<float>() + g.Co, bb.begin());
+  }
+
+  // Weights in the path's layout, and the zero-point correction zp * sum(w).
+  const at::Tensor wpk = w_packed.contiguous();
+  const uint8_t* wraw = static_cast<const uint8_t*>(wpk.const_data_ptr());
+  const int64_t cb = w_packed.size(4);
+  for (int64_t co = 0; co < g.Co; ++co) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < ntaps; ++k)
+      for (int64_t ch = 0; ch < g.C; ++ch) s += weight_at(wraw, w_bits, cb, ntaps, co, k, ch);
+    comp[co] = zp * s;
+  }
+  c.E = Epi{comp.data(), m1.data(), bz.data(), bn_scale ? bg.data() : nullptr,
+            bn_scale ? bb.data() : nullptr, act, static_cast<float>(neg_slope), out_mode,
+            out_mode == kOutRequant ? 1.0f / out_scale->item<float>() : 1.f,
+            static_cast<float>(out_qn), static_cast<float>(out_qp)};
+  c.y = y.data_ptr();
+  const int64_t rows = g.N * g.To * g.Ho;
+
+  if (path == Path::VNNI) {
+    const int64_t ksteps = i4v ? c.Cp / 8 : c.Cp / 4;
+    std::vector<uint8_t> wv(static_cast<size_t>(ntaps * ksteps * c.Coutp * 4), 0);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t k = 0; k < ntaps; ++k)
+        for (int64_t ks = 0; ks < ksteps; ++ks)
+          for (int64_t j = 0; j < 4; ++j) {
+            uint8_t* d = &wv[((k * ksteps + ks) * c.Coutp + co) * 4 + j];
+            if (i4v) {
+              const int64_t byte = ks * 4 + j;  // bytes past cb (C_in padding) stay 0
+              if (byte < cb) *d = wraw[(co * ntaps + k) * cb + byte];
+            } else {
+              const int64_t ch = ks * 4 + j;
+              if (ch < g.C) *d = static_cast<uint8_t>(weight_at(wraw, 8, cb, ntaps, co, k, ch));
+            }
+          }
+    const int64_t items = rows * ((c.Coutp + 63) / 64);
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      if (i4v) items_vnni<true>(c, wv.data(), b, e);
+      else items_vnni<false>(c, wv.data(), b, e);
+    });
+  } else if (path == Path::AVX2) {
+    const int64_t k2 = c.Cp / 2;
+    std::vector<int16_t> w2(static_cast<size_t>(ntaps * k2 * c.Coutp * 2), 0);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t k = 0; k < ntaps; ++k)
+        for (int64_t ch = 0; ch < g.C; ++ch)
+          w2[((k * k2 + ch / 2) * c.Coutp + co) * 2 + (ch & 1)] =
+              static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+    const int64_t items = rows * (c.Coutp / 16);
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
+  } else {
+    std::vector<int16_t> ws(static_cast<size_t>(g.Co * ntaps * c.Cp), 0);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t k = 0; k < ntaps; ++k)
+        for (int64_t ch = 0; ch < g.C; ++ch)
+          ws[(co * ntaps + k) * c.Cp + ch] =
+              static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qgait, CPU, m) { m.impl("packed_conv3d", &packed_conv3d_cpu); }
+
+}  // namespace qgait

@@ -1,0 +1,116 @@
+"""Running QGait's stages in sequence (``qgait pipeline``), resumable at every stage boundary.
+
+A pipeline config is a training config (qgait/configs) whose ``pipeline`` section says which
+variants to produce and how long each stage trains::
+
+    pipeline:
+      fp:   {train: {iterations: 3000}}            # overrides for stage 0
+      qat:  {train: {iterations: 1000}, optim: {lr: 0.01}}
+      soft: {train: {iterations: 1000}, optim: {lr: 0.005}}
+      variants: [w8a8, w4a4]                         # names from VARIANTS
+
+Every stage writes ``<out>/<variant>/<stage>/`` (fp: ``<out>/fp``); a finished stage leaves
+``final.pt`` there and is skipped when the pipeline runs again; an unfinished one resumes from
+its ``last.pt``. ``quant.init_from`` and ``quant.teacher`` are filled in from the stages before.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qgait.train.config import _merge, validate
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One quantized model: its bits and the stages that make it."""
+
+    w_bits: int
+    a_bits: int
+    stages: tuple[str, ...] = ("qat", "soft")  # in order; both from the fp model
+    idc: bool = True
+    label: str = ""
+
+
+# The README's results table: QGait at W8A8 and W4A4, and the W4A4 ablations. Ablations train
+# for as many steps in total as the two-stage method (the one stage gets both budgets).
+VARIANTS = {
+    "w8a8": Variant(8, 8, label="W8A8 two-stage + IDC"),
+    "w4a4": Variant(4, 4, label="W4A4 two-stage + IDC"),
+    "w4a4-ste": Variant(4, 4, ("qat",), idc=False, label="W4A4 naive STE only"),
+    "w4a4-soft1": Variant(4, 4, ("soft",), idc=False, label="W4A4 soft quantizer, one stage"),
+    "w4a4-noidc": Variant(4, 4, idc=False, label="W4A4 two-stage without IDC"),
+}
+
+
+def stage_config(cfg: dict, stage: str, out_dir: Path, **quant) -> dict:
+    """The config of one stage: base config <- pipeline.<stage> overrides <- quant fields."""
+    pipe = cfg.get("pipeline") or {}
+    c = copy.deepcopy(cfg)
+    c = _merge(c, pipe.get(stage) or {})
+    c["stage"] = stage
+    c["train"]["out_dir"] = str(out_dir)
+    c["quant"].update(quant)
+    return validate(c)
+
+
+def run_stage(cfg: dict, progress: bool = True) -> Path:
+    """Trains one stage to ``train.iterations`` (resuming if it was interrupted); returns
+    ``final.pt``. A stage whose ``final.pt`` exists is not run again."""
+    from qgait.train.build import run_training
+
+    out = Path(cfg["train"]["out_dir"])
+    final = out / "final.pt"
+    if final.exists():
+        print(f"qgait pipeline: {out} is done (final.pt), skipped", flush=True)
+        return final
+    cfg["train"]["progress"] = progress and cfg["train"]["progress"]
+    trainer = run_training(cfg, resume="auto")
+    if trainer.step < cfg["train"]["iterations"]:
+        raise RuntimeError(f"qgait pipeline: stage {cfg['stage']} stopped at step "
+                           f"{trainer.step} of {cfg['train']['iterations']}; run again to resume")
+    tmp = final.with_name("final.pt.tmp")
+    shutil.copyfile(out / "last.pt", tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def run_variant(cfg: dict, name: str, out: Path, fp_ckpt: Path, progress: bool = True) -> Path:
+    """Stages of one variant (module docstring); returns its last stage's final checkpoint."""
+    v = VARIANTS[name]
+    pipe = cfg.get("pipeline") or {}
+    prev = fp_ckpt
+    for stage in v.stages:
+        sc = stage_config(cfg, stage, out / name / stage, w_bits=v.w_bits, a_bits=v.a_bits,
+                          init_from=str(prev), teacher=str(fp_ckpt))
+        if len(v.stages) == 1 and stage != "fp":
+            # one-stage ablations get the two stages' budget
+            total = sum(int(_merge(cfg, pipe.get(s) or {})["train"]["iterations"])
+                        for s in ("qat", "soft"))
+            sc["train"]["iterations"] = total
+        if stage == "soft" and not v.idc:
+            sc["quant"]["idc_weight"] = 0.0
+        prev = run_stage(sc, progress)
+    return prev
+
+
+def run_pipeline(cfg: dict, out: str | os.PathLike, variants=None, progress: bool = True,
+                 fp_checkpoint: str | None = None) -> dict:
+    """fp (unless ``fp_checkpoint`` is given), then each variant. Returns {name: checkpoint}."""
+    out = Path(out)
+    pipe = cfg.get("pipeline") or {}
+    variants = list(variants or pipe.get("variants") or ["w8a8", "w4a4"])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"qgait pipeline: unknown variants {unknown}; known: {list(VARIANTS)}")
+    if fp_checkpoint:
+        fp = Path(fp_checkpoint)
+    else:
+        fp = run_stage(stage_config(cfg, "fp", out / "fp"), progress)
+    done = {"fp": fp}
+    for name in variants:
+        done[name] = run_variant(cfg, name, out, fp, progress)
+    return done

@@ -1,0 +1,121 @@
+"""QGait's training stages, registered with the trainer (``qgait train --stage qat|soft``).
+
+* ``qat`` (stage 1): the fp model is quantized with ``quantize_`` (weights per output channel,
+  signed; activations per tensor; the binary input left alone; ``quant.keep_8bit`` layers at
+  W8A8, the rest at ``W{w_bits}A{a_bits}``), steps are initialised from the first batch, and it
+  trains with the straight-through quantizer (k = 0) and the task losses.
+* ``soft`` (stage 2): the same quantized model, its temperature following a linear schedule
+  ``k0 -> k1`` over the stage, trained with the task losses plus ``idc_weight * L_idc`` against
+  the frozen full-precision teacher (``quant.teacher``; idc_weight = 0 turns IDC off).
+
+``quant.init_from`` names the checkpoint a stage starts from: an fp checkpoint (weights are
+loaded before quantizing, steps initialised from data) or a quantized one (loaded as is, its
+learned steps carried over).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from qgait.nn.soft_quant import SOFT_QUANT_MODULES
+from qgait.quant.api import QuantConfig, quantize_, set_quant_mode
+from qgait.quant.idc import idc_loss
+from qgait.train.trainer import register_stage
+
+
+def _matches(fqn: str, prefixes) -> bool:
+    return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
+
+
+def quantize_model(model: nn.Module, q: dict) -> nn.Module:
+    """Applies the stage's quantization config (see module docstring) in place."""
+    binary, keep = list(q["binary_input"]), list(q["keep_8bit"])
+    w8 = lambda fqn: 8 if _matches(fqn, keep) else q["w_bits"]  # noqa: E731
+    for fqn, _ in list(model.named_modules()):
+        if fqn in binary:
+            quantize_(model, QuantConfig(w_bits=w8(fqn), a_bits=None),
+                      filter_fn=lambda m, f, name=fqn: f == name)
+    quantize_(model, QuantConfig(w_bits=8, a_bits=8), filter_fn=lambda m, f: _matches(f, keep))
+    quantize_(model, QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"]))
+    return model
+
+
+def _load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def prepare_quantized(model: nn.Module, cfg: dict) -> nn.Module:
+    q = cfg["quant"]
+    ck = _load_ckpt(q["init_from"]) if q.get("init_from") else None
+    if ck is not None and ck.get("stage", "fp") == "fp":
+        model.load_state_dict(ck["model"])
+        ck = None
+    quantize_model(model, q)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    if cfg["stage"] == "soft":
+        set_quant_mode(model, k=q["k0"], mode=q["mode"])
+    else:
+        set_quant_mode(model, k=0.0, mode="hard")
+    return model
+
+
+def k_at(step: int, iterations: int, k0: float, k1: float) -> float:
+    """Linear temperature schedule over the stage's steps."""
+    if iterations <= 1:
+        return float(k1)
+    return float(k0 + (k1 - k0) * min(1.0, step / (iterations - 1)))
+
+
+def load_teacher(path, device) -> nn.Module:
+    """The frozen full-precision teacher (eval mode, no gradients) from an fp checkpoint."""
+    from qgait.cli import load_checkpoint_model
+
+    teacher, tcfg = load_checkpoint_model(path)
+    if tcfg["stage"] != "fp":
+        raise ValueError(f"quant.teacher must be a full-precision (stage fp) checkpoint, got "
+                         f"stage {tcfg['stage']!r} from {path}")
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def setup_soft(trainer, cfg: dict) -> None:
+    q = cfg["quant"]
+    iters = cfg["train"]["iterations"]
+    model = trainer.unwrapped
+
+    def schedule(tr):
+        set_quant_mode(model, k=k_at(tr.step, iters, q["k0"], q["k1"]))
+    trainer.add_step_hook(schedule)
+    if q["idc_weight"] > 0:
+        if not q.get("teacher"):
+            raise ValueError("stage soft with quant.idc_weight > 0 needs quant.teacher "
+                             "(the fp checkpoint)")
+        teacher = load_teacher(q["teacher"], trainer.device)
+        trainer.teacher = teacher
+
+        def idc_term(tr, out, x, labels):
+            with torch.no_grad():
+                t_emb = teacher(x)["embeddings"]
+            loss = idc_loss(out["embeddings"], t_emb, labels, beta=q["idc_beta"])
+            return loss, {}
+        trainer.add_loss_term("idc", idc_term, q["idc_weight"])
+
+
+def checkpoint_prepare(cfg: dict) -> dict:
+    """A copy of ``cfg`` for rebuilding a saved model: its weights come from the checkpoint."""
+    cfg = copy.deepcopy(cfg)
+    cfg.setdefault("quant", {})["init_from"] = None
+    return cfg
+
+
+def quant_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SOFT_QUANT_MODULES)]
+
+
+register_stage("qat", prepare_quantized)
+register_stage("soft", prepare_quantized, setup_soft)

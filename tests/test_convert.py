@@ -1,0 +1,105 @@
+"""convert(): a fake-quant model -> PackedConv3d; outputs, folding, chaining, save/load, size."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qgait.nn import SoftQuantConv3d
+from qgait.ops import PackedConv3d
+from qgait.quant import convert, model_nbytes
+
+
+class GaitBlock(nn.Module):
+    """A tiny gait-style backbone: binary silhouettes -> two conv stages -> a pooled head."""
+
+    def __init__(self, w_bits=4, a_bits=8):
+        super().__init__()
+        self.stem = nn.Sequential(
+            SoftQuantConv3d(1, 8, 3, padding=1, w_bits=w_bits, a_bits=None),
+            nn.BatchNorm3d(8), nn.LeakyReLU(0.01),
+            SoftQuantConv3d(8, 16, (3, 3, 3), padding=1, w_bits=w_bits, a_bits=a_bits),
+            nn.BatchNorm3d(16), nn.ReLU(),
+            SoftQuantConv3d(16, 12, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
+                            w_bits=8, a_bits=a_bits),
+        )
+        self.side = SoftQuantConv3d(12, 6, (3, 1, 1), padding=(1, 0, 0), bias=False,
+                                    w_bits=w_bits, a_bits=a_bits)
+
+    def forward(self, x):
+        return self.side(self.stem(x)).amax(dim=(2, 3, 4))
+
+
+def _trained(w_bits=4, a_bits=8, seed=0):
+    torch.manual_seed(seed)
+    m = GaitBlock(w_bits, a_bits)
+    x = (torch.rand(2, 1, 6, 16, 12) < 0.4).float()
+    m.train()
+    m(x)  # initialises the steps from a batch; also moves the BatchNorm statistics
+    for bn in (m.stem[1], m.stem[4]):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    return m.eval(), x
+
+
+@pytest.mark.parametrize("requantize", [True, False])
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_convert_matches_fake_quant(w_bits, requantize):
+    model, x = _trained(w_bits)
+    with torch.no_grad():
+        ref = model(x)
+        convert(model, requantize=requantize)
+        got = model(x)
+    # every SoftQuantConv3d replaced; BN and activations after a conv folded into Identity
+    assert not any(isinstance(m, SoftQuantConv3d) for m in model.modules())
+    assert sum(isinstance(m, PackedConv3d) for m in model.modules()) == 4
+    assert isinstance(model.stem[1], nn.Identity) and isinstance(model.stem[5], nn.Identity)
+    assert model.stem[0].bn_scale is not None and model.stem[0].act == "leaky_relu"
+    assert model.stem[3].act == "relu"
+    assert (model.stem[0].out_scale is not None) == requantize
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_convert_chain_passes_integer_codes():
+    model, x = _trained()
+    convert(model)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+             for m in model.stem if isinstance(m, PackedConv3d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    # first layer: binary (float 0/1) in, codes out; middle: codes in and out; last of the chain: float out
+    # (int8 codes where the next layer's grid is signed: after the LeakyReLU, input < 0 occurs)
+    dt = [torch.int8 if model.stem[i].a_signed else torch.uint8 for i in (3, 6)]
+    assert seen[0] == (torch.float32, dt[0]) and seen[1] == (dt[0], dt[1])
+    assert seen[2] == (dt[1], torch.float32)
+
+
+def test_save_load_and_size():
+    model, x = _trained(w_bits=4)
+    fq_bytes = model_nbytes(model)
+    convert(model)
+    y = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), y)
+    # int4 weights take 1/8 of the fp32 bytes (C_in even), plus the per-channel steps
+    conv = model.stem[3]
+    assert conv.w_packed.numel() * conv.w_packed.element_size() * 8 == 16 * 8 * 27 * 4
+    assert model_nbytes(model) < fq_bytes / 4
+    # a state_dict round trip into a freshly converted model
+    other, _ = _trained(w_bits=4, seed=1)
+    convert(other)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other(x), y)
+
+
+def test_convert_rejects_uninitialised():
+    m = nn.Sequential(SoftQuantConv3d(2, 4, 3))
+    with pytest.raises(ValueError, match="uninitialised"):
+        convert(m)

@@ -1,0 +1,278 @@
+"""packed_conv3d: every backend (and CPU ISA level) against the exact reference; packing; the
+fused epilogue against an independent float64 computation; binary input; bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qgait
+from qgait.ops import PackedConv3d, packed_conv3d, packed_conv3d_ref
+from qgait.quant import pack_weight, unpack_weight
+
+from conftest import backend_params, device_of
+
+# (N, C_in, C_out, (T, H, W), kernel, stride, padding, dilation)
+CASES = [
+    (1, 3, 5, (3, 5, 6), (3, 3, 3), 1, 1, 1),
+    (1, 1, 16, (2, 6, 5), (1, 3, 3), 1, 1, 1),            # C_in = 1 (a silhouette layer)
+    (2, 7, 17, (5, 4, 4), (3, 1, 1), 2, 0, 1),            # odd C_in / C_out, stride 2
+    (1, 9, 33, (1, 5, 7), (1, 1, 1), 1, 0, 1),            # T = 1, pointwise
+    (1, 20, 70, (4, 7, 9), (3, 3, 3), 2, 1, 2),           # dilation 2, C_out over one tile
+    (1, 36, 8, (3, 4, 13), (3, 3, 3), (1, 2, 1), (1, 0, 1), (2, 1, 1)),  # mixed per axis
+]
+TINY = [  # for the Triton interpreter
+    (1, 3, 5, (2, 3, 4), (3, 3, 3), 1, 1, 1),
+    (1, 5, 3, (3, 4, 3), (3, 1, 1), 2, 0, 1),
+    (1, 2, 4, (1, 5, 5), (1, 3, 3), 1, 1, 2),
+]
+INPUTS = ["float_unsigned", "float_signed", "int8", "uint8", "bool"]
+
+
+def _ids(cases):
+    return [f"n{c[0]}c{c[1]}o{c[2]}k{''.join(map(str, c[4]))}s{c[5]}p{c[6]}d{c[7]}"
+            for c in cases]
+
+
+def make_case(case, w_bits, kind, seed=0, device="cpu"):
+    """Random weights on the w_bits grid and an input of the given kind."""
+    n, ci, co, (t, h, w), k, s, p, d = case
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-128, 127) if w_bits == 8 else (-8, 7)
+    w_int = torch.randint(lo, hi + 1, (co, ci, *k), generator=g)
+    kw = dict(w_bits=w_bits, c_in=ci, stride=s, padding=p, dilation=d)
+    if kind.startswith("float"):
+        x = torch.randn(n, ci, t, h, w, generator=g) * 3
+        if kind == "float_unsigned":
+            x = x.abs()
+        kw.update(x_scale=torch.tensor(0.021), in_signed=kind == "float_signed")
+    elif kind == "int8":
+        x = torch.randint(-128, 128, (n, ci, t, h, w), generator=g).to(torch.int8)
+        kw.update(x_scale=torch.tensor(0.5), in_signed=True)
+    elif kind == "uint8":
+        x = torch.randint(0, 256, (n, ci, t, h, w), generator=g).to(torch.uint8)
+        kw.update(x_scale=torch.tensor(0.5), in_signed=False)
+    else:
+        x = torch.rand(n, ci, t, h, w, generator=g) < 0.5
+    w_scale = torch.rand(co, generator=g) * 0.02 + 1e-3
+    return x.to(device), pack_weight(w_int, w_bits).to(device), w_scale.to(device), kw
+
+
+# ---- packing --------------------------------------------------------------------------------
+def test_int4_pack_roundtrip_all_values():
+    vals = torch.arange(-8, 8)
+    # every (low, high) pair of values, C_in even, plus an odd C_in
+    lo, hi = torch.meshgrid(vals, vals, indexing="ij")
+    w = torch.stack((lo.flatten(), hi.flatten()), dim=1).reshape(256, 2, 1, 1, 1)
+    packed = pack_weight(w, 4)
+    assert packed.dtype == torch.uint8 and packed.shape == (256, 1, 1, 1, 1)
+    # the lower-indexed channel sits in the low nibble (two's complement nibbles)
+    expect = [(int(a) & 0xF) | ((int(b) & 0xF) << 4) for a, b in zip(lo.flatten(), hi.flatten())]
+    assert packed.flatten().tolist() == expect
+    assert torch.equal(unpack_weight(packed, 4, 2), w.to(torch.int8))
+    w3 = torch.randint(-8, 8, (4, 3, 2, 1, 3))
+    p3 = pack_weight(w3, 4)
+    assert p3.shape == (4, 2, 1, 3, 2) and bool((p3[..., 1] >> 4 == 0).all())  # odd pad is 0
+    assert torch.equal(unpack_weight(p3, 4, 3), w3.to(torch.int8))
+
+
+def test_int8_pack_layout():
+    w = torch.randint(-128, 128, (5, 3, 2, 3, 4))
+    p = pack_weight(w, 8)
+    assert p.dtype == torch.int8 and p.shape == (5, 2, 3, 4, 3)
+    assert int(p[4, 1, 2, 3, 1]) == int(w[4, 1, 1, 2, 3])
+    assert torch.equal(unpack_weight(p, 8, 3), w.to(torch.int8))
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="qgait::pack_weight"):
+        pack_weight(torch.full((1, 1, 1, 1, 1), 8), 4)
+
+
+# ---- exact integer accumulators -------------------------------------------------------------
+@pytest.mark.parametrize("kind", INPUTS)
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
+def test_cpu_acc_exact(cpu_isa, case, w_bits, kind):
+    x, wp, ws, kw = make_case(case, w_bits, kind)
+    got = packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw)
+    ref = packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw)
+    assert got.dtype == torch.int32 and got.shape == ref.shape
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] != "cpu"])
+@pytest.mark.parametrize("kind", ["float_signed", "uint8", "bool"])
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", TINY, ids=_ids(TINY))
+def test_gpu_backends_acc_exact(backend, case, w_bits, kind):
+    dev = device_of(backend)
+    x, wp, ws, kw = make_case(case, w_bits, kind, device=dev)
+    got = packed_conv3d(x, wp, ws, out="acc", backend=backend, **kw)
+    ref = packed_conv3d(x.cpu(), wp.cpu(), ws.cpu(),
+                        **{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                           for k, v in kw.items()}, out="acc", backend="reference")
+    assert torch.equal(got.cpu(), ref)
+
+
+def test_reference_acc_is_integer_conv():
+    """The reference against an independent int64 loop on a tiny case."""
+    x, wp, ws, kw = make_case((1, 2, 3, (2, 3, 3), (2, 2, 2), 1, 1, 1), 4, "int8")
+    acc = packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw)
+    w = unpack_weight(wp, 4, 2).long()
+    xp = F.pad(x.long(), (1, 1, 1, 1, 1, 1))
+    for o in range(3):
+        for t in range(acc.shape[2]):
+            for h in range(acc.shape[3]):
+                for v in range(acc.shape[4]):
+                    s = int((xp[0, :, t:t + 2, h:h + 2, v:v + 2] * w[o]).sum())
+                    assert int(acc[0, o, t, h, v]) == s
+
+
+# ---- fused epilogue -------------------------------------------------------------------------
+def _epilogue_args(co, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(bias=torch.randn(co, generator=g), bn_scale=torch.rand(co, generator=g) + 0.5,
+                bn_shift=torch.randn(co, generator=g))
+
+
+def _float64_truth(x, wp, ws, kw, bias, bn_scale, bn_shift, act, slope):
+    """Dequantized float64 convolution + affine + activation (independent of the op)."""
+    xs = kw["x_scale"].double()
+    qn, qp = (-128, 127) if kw["in_signed"] else (0, 255)
+    xq = torch.round(torch.clamp(x.double() * (1.0 / kw["x_scale"]).double(), qn, qp)) * xs
+    w = unpack_weight(wp, kw["w_bits"], kw["c_in"]).double() * ws.double().reshape(-1, 1, 1, 1, 1)
+    z = F.conv3d(xq, w, bias.double(), kw["stride"], kw["padding"], kw["dilation"])
+    z = z * bn_scale.double().reshape(1, -1, 1, 1, 1) + bn_shift.double().reshape(1, -1, 1, 1, 1)
+    return F.relu(z) if act == "relu" else F.leaky_relu(z, slope) if act == "leaky_relu" else z
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_epilogue_float_matches_float64(cpu_isa, w_bits, act):
+    case = CASES[4]
+    x, wp, ws, kw = make_case(case, w_bits, "float_signed")
+    ep = _epilogue_args(case[2])
+    y = packed_conv3d(x, wp, ws, act=act, neg_slope=0.1, backend="cpu", **ep, **kw)
+    truth = _float64_truth(x, wp, ws, kw, **ep, act=act, slope=0.1)
+    scale = truth.abs().max()
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5 * float(scale))
+    # and bit for bit with the reference's fp32 epilogue
+    ref = packed_conv3d(x, wp, ws, act=act, neg_slope=0.1, backend="reference", **ep, **kw)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("out_signed", [False, True])
+@pytest.mark.parametrize("out_bits", [8, 4])
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_requantized_output_exact(cpu_isa, w_bits, out_bits, out_signed):
+    case = CASES[0]
+    x, wp, ws, kw = make_case(case, w_bits, "float_unsigned")
+    ep = _epilogue_args(case[2])
+    args = dict(act="leaky_relu", out="quant", out_scale=torch.tensor(0.07), out_bits=out_bits,
+                out_signed=out_signed, **ep, **kw)
+    y = packed_conv3d(x, wp, ws, backend="cpu", **args)
+    ref = packed_conv3d(x, wp, ws, backend="reference", **args)
+    assert y.dtype == (torch.int8 if out_signed else torch.uint8)
+    assert torch.equal(y, ref)
+    lo, hi = (-(2 ** (out_bits - 1)), 2 ** (out_bits - 1) - 1) if out_signed else (0, 2**out_bits - 1)
+    assert int(y.min()) >= lo and int(y.max()) <= hi and int(y.max()) > int(y.min())
+
+
+def test_integer_chain_equals_reference_chain(cpu_isa):
+    """Two layers passing uint8 codes: equal to the reference run the same way."""
+    x, wp1, ws1, kw1 = make_case((1, 4, 6, (3, 5, 5), (3, 3, 3), 1, 1, 1), 4, "float_unsigned")
+    g = torch.Generator().manual_seed(5)
+    wp2 = pack_weight(torch.randint(-128, 128, (5, 6, 1, 3, 3), generator=g), 8)
+    ws2, s2 = torch.rand(5, generator=g) * 0.01 + 1e-3, torch.tensor(0.03)
+    outs = []
+    for b in ("cpu", "reference"):
+        h = packed_conv3d(x, wp1, ws1, act="relu", out="quant", out_scale=s2, backend=b, **kw1)
+        outs.append(packed_conv3d(h, wp2, ws2, w_bits=8, c_in=6, x_scale=s2, padding=(0, 1, 1),
+                                  backend=b))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_binary_input_bool_and_uint8(cpu_isa):
+    case = (2, 1, 16, (4, 9, 7), (3, 3, 3), 1, 1, 1)
+    x, wp, ws, kw = make_case(case, 4, "bool")
+    ep = _epilogue_args(16)
+    y_bool = packed_conv3d(x, wp, ws, backend="cpu", **ep, **kw)
+    y_u8 = packed_conv3d(x.to(torch.uint8), wp, ws, backend="cpu", **ep, **kw)
+    w = unpack_weight(wp, 4, 1).float() * ws.reshape(-1, 1, 1, 1, 1)
+    z = F.conv3d(x.double(), w.double(), ep["bias"].double(), padding=1)
+    truth = z * ep["bn_scale"].double().reshape(1, -1, 1, 1, 1) \
+        + ep["bn_shift"].double().reshape(1, -1, 1, 1, 1)
+    assert torch.equal(y_bool, y_u8)
+    torch.testing.assert_close(y_bool.double(), truth, rtol=1e-5, atol=1e-5 * float(truth.abs().max()))
+
+
+def test_channels_last_input_same_result():
+    x, wp, ws, kw = make_case(CASES[2], 8, "float_signed")
+    a = packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw)
+    b = packed_conv3d(x.contiguous(memory_format=torch.channels_last_3d), wp, ws, out="acc",
+                      backend="cpu", **kw)
+    c = packed_conv3d(x.transpose(3, 4).contiguous().transpose(3, 4), wp, ws, out="acc",
+                      backend="cpu", **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ---- the module -----------------------------------------------------------------------------
+def test_module_binary_float_input_and_groups():
+    m = PackedConv3d(1, 4, 3, padding=1, w_bits=4, a_bits=None)
+    x = (torch.rand(1, 1, 2, 4, 4) < 0.5).float()
+    assert torch.equal(m(x), m(x.bool()))
+    with pytest.raises(ValueError, match="qgait::packed_conv3d: .*binary"):
+        m(x * 0.5)
+    with pytest.raises(ValueError, match="qgait::packed_conv3d: .*groups=1"):
+        PackedConv3d(4, 4, 3, groups=2)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def _bad_calls():
+    x, wp, ws, kw = make_case(CASES[0], 8, "float_signed")
+    _, wp4, _, _ = make_case(CASES[0], 4, "float_signed")
+    kw4 = dict(kw, w_bits=4)
+    return {
+        "bits_mismatch": lambda: packed_conv3d(x, wp4, ws, **kw),
+        "bits_mismatch4": lambda: packed_conv3d(x, wp, ws, **kw4),
+        "packed_shape": lambda: packed_conv3d(x, wp[..., :2], ws, **kw),
+        "scale_zero": lambda: packed_conv3d(x, wp, ws * 0, **kw),
+        "scale_nan": lambda: packed_conv3d(x, wp, ws, **dict(kw, x_scale=torch.tensor(float("nan")))),
+        "x_dtype": lambda: packed_conv3d(x.double(), wp, ws, **kw),
+        "channels": lambda: packed_conv3d(x[:, :2], wp, ws, **kw),
+        "too_small": lambda: packed_conv3d(x[..., :1, :1, :1], wp, ws, **dict(kw, padding=0)),
+        "quant_no_scale": lambda: packed_conv3d(x, wp, ws, out="quant", **kw),
+        "act": lambda: packed_conv3d(x, wp, ws, act="gelu", **kw),
+    }
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_input_names_op(name, backend, monkeypatch):
+    monkeypatch.setenv("QGAIT_BACKEND", backend)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="qgait::packed_conv3d"):
+        _bad_calls()[name]()
+
+
+def test_cpu_op_checks_directly():
+    """The C++ op validates on its own (callers that bypass the Python checks)."""
+    x, wp, ws, kw = make_case(CASES[0], 8, "float_signed")
+    op = torch.ops.qgait.packed_conv3d
+    good = [x, torch.tensor(0.1), -128, 127, wp, ws, 8, 3, [1] * 3, [1] * 3, [1] * 3, None, None,
+            None, 0, 0.0, 0, None, 0, 0]
+    assert op(*good).shape == (1, 5, 3, 5, 6)
+    for i, v, msg in [(4, wp.view(torch.uint8), "dtype"), (5, -ws, "finite and > 0"),
+                      (0, x[:, :2], "input channels"), (6, 4, "w_bits=4"), (14, 7, "act"),
+                      (0, x.double(), "x must be float32")]:
+        bad = list(good)
+        bad[i] = v
+        with pytest.raises(RuntimeError, match=f"qgait::packed_conv3d: .*{msg}"):
+            op(*bad)
+
+
+def test_opcheck():
+    x, wp, ws, kw = make_case(CASES[0], 4, "float_signed")
+    args = (x, torch.tensor(0.1), -128, 127, wp, ws, 4, 3, [1] * 3, [1] * 3, [1] * 3,
+            torch.randn(5), None, None, 1, 0.0, 1, torch.tensor(0.2), 0, 255)
+    torch.library.opcheck(torch.ops.qgait.packed_conv3d.default, args)

@@ -1,0 +1,150 @@
+"""The QGait pipeline: stage transitions, the k schedule, the frozen teacher, conversion and
+the demo (fast mode), on a tiny synthetic run shared by the tests of this module."""
+import copy
+import json
+
+import pytest
+import torch
+
+import qgait
+from qgait.nn.soft_quant import SOFT_QUANT_MODULES, SoftQuantConv3d, SoftQuantPartLinear
+from qgait.pipeline.demo import run_demo
+from qgait.pipeline.stages import k_at, quantize_model
+from qgait.train.config import DEFAULTS
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    res = run_demo(out, fast=True, progress=False)
+    return out, res
+
+
+def _load(path):
+    from qgait.cli import load_checkpoint_model
+    return load_checkpoint_model(path)
+
+
+def test_demo_fast_writes_table_json_and_plot(demo):
+    out, res = demo
+    assert (out / "results.json").exists() and (out / "results.png").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["bits"] for r in saved["rows"]] == [32, 8, 4]
+    for r in saved["rows"]:
+        for c in ("NM", "BG", "CL"):
+            assert 0.0 <= r[c] <= 100.0
+        assert r["latency_ms"] > 0
+    fp, w8, w4 = saved["rows"]
+    # packed int8 / int4 models are smaller than the fp32 one, int4 smallest
+    assert w4["bytes"] < w8["bytes"] < fp["bytes"]
+    # the packed models reproduce the fake-quant models' embeddings
+    assert w8["fakequant_vs_packed_rel_diff"] < 1e-4
+    assert w4["fakequant_vs_packed_rel_diff"] < 1e-4
+
+
+def test_stage_transitions_carry_steps_and_apply_k_schedule(demo):
+    out, _ = demo
+    qat = torch.load(out / "w4a4" / "qat" / "final.pt", weights_only=False)
+    soft = torch.load(out / "w4a4" / "soft" / "final.pt", weights_only=False)
+    assert qat["stage"] == "qat" and soft["stage"] == "soft"
+    # stage 2 starts from stage 1's learned steps (and weights), exactly
+    from qgait.models import build_model
+    from qgait.pipeline.stages import prepare_quantized
+    cfg = copy.deepcopy(soft["config"])
+    m = cfg["model"]
+    model = build_model(m["name"], num_classes=5, width=m["width"], embed_dim=m["embed_dim"],
+                        bins=tuple(m["bins"]), scale=m["scale"])
+    start = prepare_quantized(model, cfg).state_dict()
+    n = 0
+    for k, v in qat["model"].items():
+        if k.endswith(("w_scale", "a_scale", "weight")):
+            assert torch.equal(start[k], v), k
+            n += k.endswith("_scale")
+    assert n > 10
+    assert start["stem.0._extra_state"]["k"] == cfg["quant"]["k0"]
+    # the k schedule ran to k1 on the last step, in every quantized layer
+    q = soft["config"]["quant"]
+    iters = soft["config"]["train"]["iterations"]
+    k_last = k_at(iters - 1, iters, q["k0"], q["k1"])
+    for k, v in soft["model"].items():
+        if k.endswith("_extra_state"):
+            assert v["k"] == pytest.approx(k_last), k
+    assert qat["model"]["stem.0._extra_state"]["k"] == 0.0
+
+
+def test_quantized_layers_follow_the_config(demo):
+    out, _ = demo
+    model, cfg = _load(out / "w4a4" / "soft" / "final.pt")
+    stem = model.stem[0]
+    assert isinstance(stem, SoftQuantConv3d) and stem.a_bits is None and stem.w_bits == 8
+    assert isinstance(model.fc, SoftQuantPartLinear) and model.fc.w_bits == 8
+    body = [m for n, m in model.named_modules() if isinstance(m, SOFT_QUANT_MODULES)
+            and not n.startswith(("stem", "fc"))]
+    assert body and all(m.w_bits == 4 and m.a_bits == 4 for m in body)
+    assert all(bool(m.initialized) for m in body)
+
+
+def test_teacher_frozen_and_in_eval_mode(demo):
+    out, _ = demo
+    from qgait.train import build_trainer, load_config
+    cfg = load_config("demo_fast", {
+        "stage": "soft", "data": {"root": str(out / "data")},
+        "train": {"out_dir": str(out / "probe_soft"), "iterations": 2, "progress": False},
+        "quant": {"w_bits": 4, "a_bits": 4, "init_from": str(out / "w4a4" / "qat" / "final.pt"),
+                  "teacher": str(out / "fp" / "final.pt")}})
+    tr = build_trainer(cfg)
+    try:
+        teacher = tr.teacher
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        tr.train()
+        assert not teacher.training
+        assert all(not p.requires_grad for p in teacher.parameters())
+        for k, v in teacher.state_dict().items():
+            assert torch.equal(v, before[k]), k  # BN statistics too: eval mode
+        assert any(n == "idc" for n, _, _ in tr.loss_terms)
+        assert "idc" in tr.history[-1]
+    finally:
+        tr.batches.close()
+
+
+def test_pipeline_resumes_and_skips_finished_stages(demo, capsys):
+    out, _ = demo
+    from qgait.pipeline.run import run_pipeline
+    from qgait.pipeline.demo import demo_config
+    cfg = demo_config(out, None, True)
+    before = (out / "w8a8" / "soft" / "final.pt").stat().st_mtime_ns
+    run_pipeline(cfg, out, ["w8a8"], progress=False)
+    assert "skipped" in capsys.readouterr().out
+    assert (out / "w8a8" / "soft" / "final.pt").stat().st_mtime_ns == before
+
+
+def test_k_schedule():
+    assert k_at(0, 10, 1.0, 6.0) == 1.0
+    assert k_at(9, 10, 1.0, 6.0) == 6.0
+    assert k_at(3, 7, 2.0, 2.0) == 2.0
+    assert k_at(0, 1, 1.0, 6.0) == 6.0
+
+
+def test_quantize_model_keeps_first_and_last_at_8_bits():
+    from qgait.models import GaitLite3D
+    m = GaitLite3D(5, width=0.25)
+    quantize_model(m, dict(DEFAULTS["quant"], w_bits=3, a_bits=5))
+    assert m.stem[0].a_bits is None and m.stem[0].w_bits == 8
+    assert m.stage2[0][0].w_bits == 3 and m.stage2[0][0].a_bits == 5
+    assert m.fc.w_bits == 8 and m.fc.a_bits == 8
+
+
+def test_part_linear_convert_is_exact():
+    from qgait.models import GaitLite3D
+    torch.manual_seed(0)
+    m = GaitLite3D(5, width=0.25)
+    quantize_model(m, dict(DEFAULTS["quant"]))
+    x = torch.rand(2, 1, 6, 64, 44).round()
+    m.train()
+    m(x)
+    m.eval()
+    p = qgait.quant.convert(copy.deepcopy(m))
+    with torch.no_grad():
+        a, b = m(x)["embeddings"], p(x)["embeddings"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert type(p.fc).__name__ == "PackedPartLinear"

@@ -1,0 +1,180 @@
+"""SoftQuantConv3d / Conv2d / Linear, quantize_, set_quant_mode and QuantConfig."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qgait
+from qgait.nn.soft_quant import lsq_weight_init, mse_act_init
+from qgait.ops import SoftQuantConv2d, SoftQuantConv3d, SoftQuantLinear, soft_fake_quant
+from qgait.ops.soft_quant import quant_grid
+
+
+def _conv3d(**kw):
+    torch.manual_seed(0)
+    return nn.Conv3d(4, 6, (3, 3, 3), stride=(1, 2, 2), padding=1, **kw)
+
+
+def test_conv3d_k0_equals_conv_on_fake_quantized_tensors():
+    conv = _conv3d()
+    q = SoftQuantConv3d.from_float(conv, w_bits=4, a_bits=4)
+    x = torch.relu(torch.randn(2, 4, 5, 9, 7))
+    y = q(x)  # first batch initialises the steps
+    assert bool(q.initialized) and not q.a_signed
+    wq = torch.fake_quantize_per_channel_affine(conv.weight, q.w_scale.detach(),
+                                                torch.zeros(6, dtype=torch.int32), 0, -8, 7)
+    xq = torch.fake_quantize_per_tensor_affine(x, q.a_scale.item(), 0, 0, 15)
+    ref = F.conv3d(xq, wq, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_constructor_mirrors_nn_conv3d():
+    q = SoftQuantConv3d(3, 8, kernel_size=(1, 3, 3), stride=2, padding=(0, 1, 1), dilation=1,
+                        bias=False, w_bits=8, a_bits=None)
+    c = nn.Conv3d(3, 8, kernel_size=(1, 3, 3), stride=2, padding=(0, 1, 1), bias=False)
+    x = torch.rand(1, 3, 4, 10, 8).round()
+    assert q(x).shape == c(x).shape
+    assert q.bias is None and q.w_scale.shape == (8,)
+
+
+def test_binary_input_untouched_with_a_bits_none():
+    q = SoftQuantConv3d.from_float(nn.Conv3d(1, 4, 3, padding=1), w_bits=8, a_bits=None)
+    x = torch.rand(2, 1, 4, 8, 6).round()
+    y = q(x)
+    assert torch.equal(q.quantized_input(x), x)
+    ref = F.conv3d(x, q.quantized_weight(), q.bias, padding=1)
+    torch.testing.assert_close(y, ref)
+
+
+def test_signed_activation_grid_for_signed_input():
+    q = SoftQuantConv3d(2, 3, 1, a_bits=8)
+    x = torch.randn(1, 2, 3, 4, 4)
+    q(x)
+    assert q.a_signed
+
+
+def test_gradients_reach_weights_and_steps():
+    q = SoftQuantConv3d.from_float(_conv3d(), w_bits=4, a_bits=4, k=3.0)
+    x = torch.relu(torch.randn(2, 4, 3, 6, 6)).requires_grad_()
+    q(x).square().mean().backward()
+    for p in (q.weight, q.bias, q.w_scale, q.a_scale, x):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
+
+
+def test_init_rules():
+    w = torch.randn(5, 3, 3)
+    s = lsq_weight_init(w, 4)
+    torch.testing.assert_close(s, 2 * w.abs().reshape(5, -1).mean(1) / 7**0.5)
+    # the MSE search beats naive max scaling on a heavy-tailed activation
+    x = torch.cat([torch.rand(10000), torch.tensor([40.0])])
+    sm = mse_act_init(x, 4, signed=False)
+    naive = x.max() / 15
+    def err(s):
+        return (torch.clamp(torch.round(x / s), 0, 15) * s - x).pow(2).sum()
+    assert err(sm) < err(naive)
+
+
+def test_conv2d_and_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 7)
+    q = SoftQuantLinear.from_float(lin, w_bits=8, a_bits=8)
+    x = torch.randn(4, 10)
+    y = q(x)
+    ref = F.linear(soft_fake_quant(x, q.a_scale.detach(), bits=8, signed=True),
+                   soft_fake_quant(lin.weight, q.w_scale.detach(), bits=8, axis=0), lin.bias)
+    torch.testing.assert_close(y, ref)
+    c2 = SoftQuantConv2d(3, 5, 3, padding=1)
+    assert c2(torch.randn(2, 3, 8, 8)).shape == (2, 5, 8, 8)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                                  nn.Conv3d(8, 8, 1))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(torch.relu(self.stem(x)))
+        return self.fc(h.mean(dim=(2, 3, 4)))
+
+
+def test_quantize_swaps_in_place_with_filter_and_per_layer_bits():
+    m = _Tiny()
+    x = torch.rand(2, 1, 3, 6, 5).round()
+    qgait.quantize_(m, qgait.QuantConfig(w_bits=8, a_bits=None),
+                    filter_fn=lambda mod, fqn: fqn == "stem")
+    qgait.quantize_(m, qgait.QuantConfig(w_bits=4, a_bits=4))
+    assert isinstance(m.stem, SoftQuantConv3d) and m.stem.w_bits == 8 and m.stem.a_bits is None
+    assert isinstance(m.body[0], SoftQuantConv3d) and m.body[0].w_bits == 4
+    assert isinstance(m.body[3], SoftQuantConv3d) and isinstance(m.fc, SoftQuantLinear)
+    assert isinstance(m.body[1], nn.BatchNorm3d)
+    m(x).sum().backward()
+    assert m.body[0].w_scale.grad is not None
+
+
+def test_set_quant_mode_and_state_dict_round_trip(tmp_path):
+    m = _Tiny()
+    qgait.quantize_(m, qgait.QuantConfig(w_bits=4, a_bits=4))
+    x = torch.rand(2, 1, 3, 6, 5).round()
+    m.eval()
+    m(x)
+    assert qgait.set_quant_mode(m, k=5.0, mode="soft") == 4
+    assert m.body[0].k == 5.0 and m.fc.mode == "soft"
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    m2 = _Tiny()
+    qgait.quantize_(m2, qgait.QuantConfig(w_bits=4, a_bits=4))
+    m2.load_state_dict(torch.load(path))
+    m2.eval()
+    assert m2.body[0].k == 5.0 and m2.body[0].mode == "soft"
+    assert bool(m2.body[0].initialized)
+    torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    m3 = _Tiny()
+    qgait.quantize_(m3, qgait.QuantConfig(w_bits=8, a_bits=4))
+    with pytest.raises(ValueError, match="w_bits"):
+        m3.load_state_dict(torch.load(path))
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(w_bits=1), "w_bits"), (dict(w_bits=9), "w_bits"), (dict(w_bits=4.0), "w_bits"),
+    (dict(a_bits=0), "a_bits"), (dict(k=-1), "k"), (dict(mode="fuzzy"), "mode"),
+])
+def test_quant_config_validates(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        qgait.QuantConfig(**kwargs)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="bits"):
+        SoftQuantConv3d(1, 2, 3, w_bits=12)
+    with pytest.raises(ValueError, match="mode"):
+        SoftQuantConv3d(1, 2, 3, mode="x")
+    with pytest.raises(TypeError, match="expected nn.Conv3d"):
+        SoftQuantConv3d.from_float(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="QuantConfig"):
+        qgait.quantize_(_Tiny(), {"w_bits": 4})
+
+
+def test_module_compiles():
+    q = SoftQuantConv3d.from_float(_conv3d(), w_bits=4, a_bits=4, k=2.0)
+    x = torch.relu(torch.randn(1, 4, 3, 6, 6))
+    q(x)  # initialise outside the compiled region
+    cq = torch.compile(q, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cq(x), q(x))
+
+
+def test_from_float_to_float_round_trip():
+    c = _conv3d()
+    q = SoftQuantConv3d.from_float(c, w_bits=4, a_bits=4)
+    c2 = q.to_float()
+    assert torch.equal(c2.weight, c.weight) and torch.equal(c2.bias, c.bias)
+    assert c2.stride == c.stride and c2.padding == c.padding
+
+
+def test_quant_grid():
+    assert quant_grid(8, True) == (-128, 127)
+    assert quant_grid(4, False) == (0, 15)
+    assert quant_grid(2, True) == (-2, 1)
