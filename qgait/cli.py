@@ -65,6 +65,8 @@ def _eval(p: argparse.ArgumentParser):
     p.add_argument("--protocol", default="casia-b", choices=["casia-b", "generic"])
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     p.add_argument("--max-frames", type=int, default=None, help="frames per test batch")
+    p.add_argument("--min-frames", type=int, default=0,
+                   help="also report the tables without sequences shorter than this")
     p.add_argument("--json", help="write the results here (default: next to the checkpoint)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -72,7 +74,7 @@ def _eval(p: argparse.ArgumentParser):
         if rest:
             raise SystemExit(f"qgait eval: unknown arguments {rest}")
         import torch
-        from qgait.evaluation import evaluate, format_casia_b, model_embed_fn
+        from qgait.evaluation import evaluate, model_embed_fn
         from qgait.train.build import load_dataset
         from qgait.train.trainer import resolve_amp
         model, cfg = load_any_model(args.checkpoint)
@@ -102,14 +104,15 @@ def _eval(p: argparse.ArgumentParser):
                                 channels_last=amp is not None and device.type == "cpu")
         res = evaluate(fn, ds, args.protocol,
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
-                       progress=not args.no_progress)
-        res["checkpoint"] = str(args.checkpoint)
+                       progress=not args.no_progress, min_frames=args.min_frames)
+        res["checkpoint"], res["step"] = str(args.checkpoint), _checkpoint_step(args.checkpoint)
         res["amp"] = str(amp)
-        if "casia_b" in res:
-            print(format_casia_b(res["casia_b"]))
-        g = res["generic"]
-        print("generic: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in g.items()))
+        _print_results(res)
+        if "filtered" in res:
+            f = res["filtered"]
+            print(f"\nwithout the {len(f['excluded'])} sequence(s) shorter than "
+                  f"{f['min_frames']} frames: {', '.join(f['excluded'])}")
+            _print_results(f)
         print(f"{res['n_sequences']} sequences in {res['seconds']:.1f} s")
         out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
         with open(out, "w") as f:
@@ -119,8 +122,27 @@ def _eval(p: argparse.ArgumentParser):
     return run
 
 
+def _print_results(res):
+    from qgait.evaluation import format_casia_b
+    if "casia_b" in res:
+        print(format_casia_b(res["casia_b"]))
+    g = res["generic"]
+    print("generic: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in g.items()))
+
+
+def _checkpoint_step(path):
+    """The training step a ``.pt`` checkpoint was written at (None for other model files)."""
+    if not str(path).endswith(".pt"):
+        return None
+    import torch
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ck["step"]) if isinstance(ck, dict) and "step" in ck else None
+
+
 def load_checkpoint_model(path):
-    """``(model, cfg)`` from a training checkpoint (stage preparation applied, weights loaded)."""
+    """``(model, cfg)`` from a training checkpoint (stage preparation applied, weights loaded,
+    eval mode)."""
     import torch
     from qgait.models import build_model
     from qgait.train.trainer import STAGES
@@ -141,13 +163,14 @@ def load_checkpoint_model(path):
 @command("data", "data tools: import-png (raw silhouette PNG tree -> OpenGait pickles)")
 def _data(p: argparse.ArgumentParser):
     p.add_argument("action", choices=["import-png"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the action's own arguments")
 
     def run(args, rest):
         try:
             from qgait.data import import_png
         except ImportError as e:
             raise SystemExit(f"qgait data import-png: qgait.data.import_png is unavailable ({e})")
-        return import_png.main(rest) or 0
+        return import_png.main(list(args.args) + list(rest)) or 0
     return run
 
 

@@ -64,7 +64,8 @@ def test_casia_b_rank1_hand_computed():
     assert nm == {"000": {"000": 50.0, "090": 50.0}, "090": {"000": 50.0, "090": 100.0}}
     assert res["cross_view"]["NM"] == {"000": 50.0, "090": 50.0, "mean": 50.0}
     assert res["same_view"]["NM"] == {"000": 50.0, "090": 100.0, "mean": 75.0}
-    # CL probes at 000: gallery 000 -> 052 (wrong), 051 (wrong); gallery 090 -> 051 (right), 051 (wrong)
+    # CL probes at 000: gallery 000 -> 052 (wrong), 051 (wrong);
+    #                   gallery 090 -> 051 (right), 051 (wrong)
     assert cl == {"000": {"000": 0.0, "090": 50.0}}
     assert res["cross_view"]["CL"]["mean"] == 50.0 and res["same_view"]["CL"]["mean"] == 0.0
     assert "BG" not in res["table"]
@@ -102,7 +103,16 @@ def test_evaluate_with_an_oracle_embed_fn(test_set):
         return e
 
     order.extend(subj[q.path] for q in test_set.seqs)
-    res = evaluate(fn, test_set, "casia-b", max_frames=30, progress=False)
+    res = evaluate(fn, test_set, "casia-b", max_frames=30, progress=False, min_frames=10)
+    short = [i for i in range(len(test_set)) if test_set.n_frames(i) < 10]
+    assert 0 < len(short) < len(test_set)
+    f = res["filtered"]
+    assert len(f["excluded"]) == len(short) and f["generic"]["rank-1"] == 100.0
+    n_probe = sum(q.condition[:2] != "nm" or q.condition >= "nm-05" for q in test_set.seqs)
+    n_probe_short = sum(test_set.seqs[i].condition[:2] != "nm"
+                        or test_set.seqs[i].condition >= "nm-05" for i in short)
+    assert res["generic"]["n_probes"] == n_probe
+    assert f["generic"]["n_probes"] == n_probe - n_probe_short
     for cond in ("NM", "BG", "CL"):
         assert res["casia_b"]["cross_view"][cond]["mean"] == 100.0
     assert res["generic"]["rank-1"] == 100.0 and res["generic"]["mAP"] == 100.0

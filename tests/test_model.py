@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 
 from qgait.models import GaitLite3D, SeparateFCs, build_model
-from qgait.models import gaitlite3d
 
 
 def _sil(N, T, seed=0):
@@ -92,13 +91,13 @@ def test_macs_per_frame_matches_traced_convs(model):
     assert f"{sum(p.numel() for p in model.parameters()):,d}" in text
 
 
-def test_pooling_shim_matches_reference():
-    x = torch.randn(2, 3, 5, 16, 11)
-    ref = gaitlite3d._set_pool_hpp_fallback(x, None)
-    torch.testing.assert_close(gaitlite3d._set_pool_hpp(x, None, gaitlite3d.DEFAULT_BINS), ref)
-    y = torch.randn(1, 3, 7, 16, 11)
-    torch.testing.assert_close(gaitlite3d._set_pool_hpp(y, [3, 4], gaitlite3d.DEFAULT_BINS),
-                               gaitlite3d._set_pool_hpp_fallback(y, [3, 4]))
+def test_forward_is_trunk_then_set_pool_hpp_then_fcs(model):
+    from qgait.ops import set_pool_hpp_ref
+    x = _sil(1, 9)
+    with torch.no_grad():
+        feats = torch.cat([model.trunk(x[:, :, :4]), model.trunk(x[:, :, 4:])], dim=2)
+        emb = model.fc(set_pool_hpp_ref(feats, [4, 5], model.bins))
+        torch.testing.assert_close(model(x, seqL=[4, 5])["embeddings"], emb, rtol=1e-5, atol=1e-6)
 
 
 def test_no_classifier_and_build_model():

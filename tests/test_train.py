@@ -1,6 +1,5 @@
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +81,8 @@ def test_part_cross_entropy_matches_manual():
 
 # ----------------------------------------------------------------------------- config
 def test_config_overrides_and_validation(tmp_path):
-    over = parse_overrides(["--optim.lr", "0.05", "--train.amp=none", "--data.train_ids", "[1, 20]"])
+    over = parse_overrides(["--optim.lr", "0.05", "--train.amp=none",
+                            "--data.train_ids", "[1, 20]"])
     cfg = load_config("casia_b_fp", over)
     assert cfg["optim"]["lr"] == 0.05 and cfg["train"]["amp"] == "none"
     assert cfg["data"]["train_ids"] == ["001", "020"]
@@ -196,7 +196,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     w1 = torch.load(tmp_path / "weights_rank1.pt")
     # DDP averages gradients, so the parameters stay identical although the ranks saw
     # different batches (BatchNorm running statistics are per rank and do differ).
-    params = [k for k in w0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    params = [k for k in w0 if not k.endswith(buffers)]
     assert len(params) > 10
     for k in params:
         torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0)
@@ -206,3 +207,15 @@ def test_ddp_two_cpu_processes(tmp_path):
     for s0, s1 in zip(b0, b1):  # each step's shards are disjoint
         assert len(s0) == 4 and not set(s0).intersection(s1)
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "log.csv").exists()
+
+
+def test_init_from_loads_weights_only(fake, tmp_path):
+    a = build_trainer(small_cfg(tmp_path / "a", train={"iterations": 2}), fake)
+    a.train()
+    a.batches.close()
+    b = build_trainer(small_cfg(tmp_path / "b", train={"init_from": str(tmp_path / "a" / "last.pt"),
+                                                        "iterations": 2}), fake)
+    assert b.step == 0 and not b.optimizer.state  # a new run ...
+    for k, v in a.unwrapped.state_dict().items():  # ... from the old weights
+        torch.testing.assert_close(b.unwrapped.state_dict()[k], v, rtol=0, atol=0)
+    b.batches.close()

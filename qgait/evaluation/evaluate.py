@@ -56,7 +56,7 @@ def extract(embed_fn: EmbedFn, dataset, indices: Sequence[int] | None = None,
 
 
 def evaluate(embed_fn: EmbedFn, dataset, protocol: str = "casia-b", max_frames: int = 720,
-             progress: bool = True) -> dict:
+             progress: bool = True, min_frames: int = 0) -> dict:
     """Embeds ``dataset`` and scores it.
 
     Args:
@@ -66,18 +66,39 @@ def evaluate(embed_fn: EmbedFn, dataset, protocol: str = "casia-b", max_frames: 
         protocol: "casia-b" (the rank-1 tables + generic metrics of all probes against the
             whole nm-01..04 gallery) or "generic" (every sequence as probe against every other
             sequence: leave-one-out retrieval).
+        min_frames: when > 0, the results are also computed without the sequences shorter
+            than this (as probes and as gallery), under ``"filtered"``, listing what was
+            left out. (The shared CASIA-B copy has a few 1-4 frame sequences, e.g. subject
+            068 at 054; one such near-empty embedding can become every probe's nearest
+            neighbour for its gallery view.)
 
     Returns:
         A JSON-serialisable dict: ``casia_b`` (see :func:`casia_b_rank1`) when applicable,
         ``generic`` (see :func:`retrieval_metrics`), ``n_sequences`` and ``seconds``.
     """
+    if protocol not in ("casia-b", "generic"):
+        raise ValueError(f"evaluate: unknown protocol {protocol!r}; expected casia-b or generic")
     t0 = time.perf_counter()
     feats = extract(embed_fn, dataset, max_frames=max_frames, progress=progress)
     subj = np.array([q.subject for q in dataset.seqs])
     cond = np.array([q.condition for q in dataset.seqs])
     view = np.array([q.view for q in dataset.seqs])
-    res: dict = {"protocol": protocol, "n_sequences": len(dataset.seqs),
-                 "embedding_shape": list(feats.shape[1:])}
+    res = score(feats, subj, cond, view, protocol)
+    res.update({"protocol": protocol, "n_sequences": len(dataset.seqs),
+                "embedding_shape": list(feats.shape[1:])})
+    if min_frames > 0:
+        keep = np.array([dataset.n_frames(i) >= min_frames for i in range(len(dataset))])
+        short = [f"{q.subject}/{q.condition}/{q.view} ({dataset.n_frames(i)} frames)"
+                 for i, q in enumerate(dataset.seqs) if not keep[i]]
+        filt = score(feats[torch.from_numpy(keep)], subj[keep], cond[keep], view[keep], protocol)
+        res["filtered"] = {"min_frames": min_frames, "excluded": short, **filt}
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def score(feats: torch.Tensor, subj, cond, view, protocol: str = "casia-b") -> dict:
+    """The metrics of :func:`evaluate` from embeddings ``[N, C, P]`` and per-sequence labels."""
+    res: dict = {}
     if protocol == "casia-b":
         res["casia_b"] = casia_b_rank1(feats, subj, cond, view)
         probes = np.isin(cond, sum(CASIA_B_PROBES.values(), ()))
@@ -88,7 +109,4 @@ def evaluate(embed_fn: EmbedFn, dataset, protocol: str = "casia-b", max_frames: 
         d = part_distance(feats, feats)
         self_pairs = np.eye(len(subj), dtype=bool)  # a sequence is not its own match
         res["generic"] = retrieval_metrics(d, subj, subj, exclude=self_pairs)
-    else:
-        raise ValueError(f"evaluate: unknown protocol {protocol!r}; expected casia-b or generic")
-    res["seconds"] = time.perf_counter() - t0
     return res

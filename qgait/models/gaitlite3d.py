@@ -7,7 +7,7 @@ Layout (``c = round(16 * width)``, input ``[N, 1, T, 64, 44]`` binary silhouette
     pool    MaxPool3d((1, 2, 2))                             -> [N, 2c, T, 16, 11]
     stage2  Conv3d(2c -> 4c, 3x3x3), Conv3d(4c -> 4c, 1x3x3) -> [N, 4c, T, 16, 11]
     stage3  Conv3d(4c -> 8c, 1x3x3)                          -> [N, 8c, T, 16, 11]
-    head    set_pool_hpp (temporal max + horizontal pyramid, bins (16, 8, 4, 2, 1))
+    head    qgait.ops.set_pool_hpp (temporal max + horizontal pyramid, bins (16, 8, 4, 2, 1))
             -> [N', 8c, 31] -> SeparateFCs -> embeddings [N', E, 31]
             -> BNNeck (BatchNorm1d over E*P) -> cosine classifier per part -> logits
 
@@ -23,36 +23,15 @@ later ``convert()`` can fold BN + activation into a packed conv, and every conv 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qgait.ops import set_pool_hpp
+
 DEFAULT_BINS = (16, 8, 4, 2, 1)
-
-
-def _set_pool_hpp_fallback(x, seqL=None, bins=DEFAULT_BINS, mode="mean+max"):
-    """Pure-PyTorch temporal max + horizontal pyramid pooling (used only until qgait.ops has it)."""
-    if seqL is None:
-        z = x.max(dim=2)[0]
-    else:
-        z = torch.cat([p.max(dim=2)[0] for p in torch.split(x, list(seqL), dim=2)], dim=0)
-    N, C, H, W = z.shape
-    outs = []
-    for b in bins:
-        if H % b:
-            raise ValueError(f"GaitLite3D: fallback pooling needs H % b == 0, got H={H}, b={b}")
-        s = z.reshape(N, C, b, (H // b) * W)
-        outs.append(s.mean(-1) + s.max(-1)[0])
-    return torch.cat(outs, dim=-1)
-
-
-try:  # shim: the fused op lands from the `pool` branch; until then the equivalent composition
-    from qgait.ops import set_pool_hpp as _set_pool_hpp
-except ImportError:  # pragma: no cover - depends on what is merged
-    _set_pool_hpp = _set_pool_hpp_fallback
 
 
 def conv_block(cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1)) -> nn.Sequential:
@@ -66,7 +45,7 @@ def conv_block(cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1)) -> nn.Se
 
 
 class SeparateFCs(nn.Module):
-    """One linear map per part: ``[N, C_in, P] -> [N, C_out, P]`` with ``weight [P, C_in, C_out]``."""
+    """One linear map per part: ``[N, C_in, P] -> [N, C_out, P]``, ``weight [P, C_in, C_out]``."""
 
     def __init__(self, parts: int, in_channels: int, out_channels: int):
         super().__init__()
@@ -142,7 +121,8 @@ class GaitLite3D(nn.Module):
         self.parts = sum(self.bins)
         self.embed_dim = embed_dim or 8 * c
         self.fc = SeparateFCs(self.parts, self.out_channels, self.embed_dim)
-        self.head = BNNeckHead(self.parts, self.embed_dim, num_classes, scale) if num_classes else None
+        self.head = (BNNeckHead(self.parts, self.embed_dim, num_classes, scale)
+                     if num_classes else None)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, 1, T, H, W] -> [N, 8c, T, H/4, W/4]`` feature maps (before pooling)."""
@@ -150,7 +130,8 @@ class GaitLite3D(nn.Module):
 
     def forward(self, x: torch.Tensor, seqL: Sequence[int] | None = None) -> dict:
         if x.dim() != 5 or x.shape[1] != 1:
-            raise ValueError(f"GaitLite3D: expected x of shape [N, 1, T, H, W], got {tuple(x.shape)}")
+            raise ValueError("GaitLite3D: expected x of shape [N, 1, T, H, W], "
+                             f"got {tuple(x.shape)}")
         if seqL is not None:
             seqL = [int(s) for s in seqL]
             if x.shape[0] != 1 or sum(seqL) != x.shape[2] or min(seqL) < 1:
@@ -160,7 +141,7 @@ class GaitLite3D(nn.Module):
             feats = torch.cat([self.trunk(p) for p in torch.split(x, seqL, dim=2)], dim=2)
         else:
             feats = self.trunk(x)
-        pooled = _set_pool_hpp(feats, seqL, self.bins)                   # [N', C, P]
+        pooled = set_pool_hpp(feats, seqL, self.bins)                    # [N', C, P]
         emb = self.fc(pooled)                                            # [N', E, P]
         out = {"embeddings": emb, "logits": None, "bnneck": emb}
         if self.head is not None:

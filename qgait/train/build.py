@@ -72,11 +72,17 @@ def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = No
     m = cfg["model"]
     model = build_model(m["name"], num_classes=len(dataset.subjects), width=m["width"],
                         embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
-    model = STAGES[cfg["stage"]].prepare(model, cfg).to(device)
     out_dir = Path(cfg["train"]["out_dir"])
-    ck = None
     if resume == "auto":
         resume = out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
+    init = cfg["train"]["init_from"]
+    if init and resume is None:
+        # Weights only (fresh optimizer, schedule and step), loaded into the model as built,
+        # i.e. before the stage's preparation: an fp checkpoint starts a QAT run.
+        src = torch.load(init, map_location="cpu", weights_only=False)
+        model.load_state_dict(src["model"] if "model" in src else src)
+    model = STAGES[cfg["stage"]].prepare(model, cfg).to(device)
+    ck = None
     if resume is not None:
         ck = torch.load(resume, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
         "root": "../shared/data/casia-b/pkl",
         "train_ids": ["001", "050"],  # inclusive id range
         "test_ids": ["051", "074"],
-        "synthetic": None,            # {n_subjects, views, conditions, frames}: generate if root missing
+        "synthetic": None,            # synthetic.generate() kwargs: generate if root is empty
         "P": 8, "K": 8,
         "frames": 30,
         "sampling": "ordered",        # "ordered": a contiguous clip; "unordered": random frames
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"iterations": 1000, "amp": "auto", "channels_last": "auto",
               "log_every": 10, "ckpt_every": 200, "keep_every": 0,
               "out_dir": "runs/{name}", "threads": 0, "progress": True,
-              "deterministic": True},
+              "init_from": None},  # weights to start a new run from (QAT pipeline: quant.*)
     "eval": {"max_frames": 720, "metric": "euc"},
     # QGait stages "qat" (stage 1) and "soft" (stage 2); see qgait/pipeline/stages.py
     "quant": {
@@ -149,7 +149,8 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
-def load_config(name_or_path: str | None = None, overrides: dict | Sequence[str] | None = None) -> dict:
+def load_config(name_or_path: str | None = None,
+                overrides: dict | Sequence[str] | None = None) -> dict:
     """Defaults <- YAML file <- overrides, validated. ``out_dir`` ``{name}`` is filled in."""
     cfg = copy.deepcopy(DEFAULTS)
     if name_or_path:
@@ -160,5 +161,6 @@ def load_config(name_or_path: str | None = None, overrides: dict | Sequence[str]
             overrides = parse_overrides(overrides)
         cfg = _merge(cfg, overrides)
     cfg = validate(cfg)
-    cfg["train"]["out_dir"] = os.path.expanduser(str(cfg["train"]["out_dir"]).format(name=cfg["name"]))
+    out = str(cfg["train"]["out_dir"]).format(name=cfg["name"])
+    cfg["train"]["out_dir"] = os.path.expanduser(out)
     return cfg

@@ -27,7 +27,7 @@ def make_ordered_batch(dataset, indices, frames: int, rng: np.random.Generator):
     out = None
     for n, i in enumerate(indices):
         T = dataset.n_frames(i)
-        start = int(rng.integers(0, max(1, T - frames + 1))) if T >= frames else int(rng.integers(0, T))
+        start = int(rng.integers(0, T - frames + 1 if T >= frames else T))
         t = (start + np.arange(frames)) % T
         f = dataset.frames_at(i, t)
         if out is None:

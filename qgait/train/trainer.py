@@ -181,7 +181,8 @@ class Trainer:
         self.amp_dtype = resolve_amp(cfg["train"]["amp"], self.device)
         cl = cfg["train"]["channels_last"]
         self.channels_last = (self.amp_dtype is not None) if cl == "auto" else bool(cl)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
         self.loss_terms: list[tuple[str, LossFn, float]] = []
         L = cfg["loss"]
         if L["triplet_weight"]:
@@ -253,7 +254,7 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=f"train[{self.cfg['stage']}]",
                        dynamic_ncols=True)
         old = None
-        if self.is_main and hasattr(signal, "SIGTERM"):
+        if hasattr(signal, "SIGTERM"):
             try:
                 old = signal.signal(signal.SIGTERM, self._on_sigterm)
             except ValueError:  # not the main thread
@@ -288,6 +289,8 @@ class Trainer:
                     self.save()
                 if t["keep_every"] and self.step % t["keep_every"] == 0:
                     self.save(self.out_dir / f"ckpt_{self.step:06d}.pt")
+                if self.world_size > 1:
+                    self._agree_on_stop()
         finally:
             self.save()
             if bar is not None:
@@ -302,6 +305,15 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame):
         self._stop = True  # finish the step, checkpoint, return
+
+    def _agree_on_stop(self) -> None:
+        # A signal may reach the ranks at different steps; a rank leaving the loop alone would
+        # leave the others blocked in their next all-reduce, so all stop when any one does.
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if self._stop else 0.0],
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop = bool(flag.item() > 0)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

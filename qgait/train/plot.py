@@ -1,0 +1,107 @@
+"""Training curves: ``python -m qgait.train.plot RUN_DIR [--out curve.png]``.
+
+Plots loss terms (a moving average over ``--smooth`` steps, raw values faint), the learning
+rate, and, when ``RUN_DIR`` holds ``*.eval.json`` files from ``qgait eval`` of
+``ckpt_<step>.pt`` checkpoints, the CASIA-B cross-view rank-1 per condition against the step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def read_log(path) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows])
+            for k in rows[0]} if rows else {}
+
+
+def read_evals(run_dir) -> list[tuple[int, dict]]:
+    out = []
+    for p in sorted(Path(run_dir).glob("*.eval.json")):
+        with open(p) as f:
+            res = json.load(f)
+        m = re.search(r"ckpt_(\d+)", p.name)
+        step = res.get("step", int(m.group(1)) if m else None)
+        if step is not None and "casia_b" in res:
+            out.append((step, {c: v["mean"] for c, v in res["casia_b"]["cross_view"].items()}))
+    return sorted(dict(out).items())  # one point per step
+
+
+def smooth(v: np.ndarray, n: int) -> np.ndarray:
+    if n <= 1 or len(v) < n:
+        return v
+    k = np.ones(n) / n
+    return np.convolve(v, k, mode="valid")
+
+
+def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
+    """Writes the PNG (default ``RUN_DIR/curve.png``) and returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run_dir = Path(run_dir)
+    log = read_log(run_dir / "log.csv")
+    evals = read_evals(run_dir)
+    n = 3 if evals else 2
+    fig, ax = plt.subplots(1, n, figsize=(5 * n, 4))
+    step = log["step"]
+    for key, color in (("loss", "k"), ("triplet", "C0"), ("ce", "C1")):
+        if key in log:
+            ax[0].plot(step, log[key], color=color, alpha=0.2, lw=0.8)
+            s = smooth(log[key], smooth_n)
+            ax[0].plot(step[len(step) - len(s):], s, color=color, label=key)
+    ax[0].set_xlabel("iteration")
+    ax[0].set_ylabel(f"loss (moving average of {smooth_n})")
+    ax[0].legend()
+    ax[0].grid(alpha=0.3)
+    ax[1].plot(step, log["lr"], color="C2", label="lr")
+    if "ce_accuracy" in log:
+        ax1b = ax[1].twinx()
+        s = smooth(log["ce_accuracy"], smooth_n)
+        ax1b.plot(step[len(step) - len(s):], s, color="C3", label="train accuracy (BNNeck)")
+        ax1b.set_ylabel("train accuracy")
+        ax1b.legend(loc="center right")
+    ax[1].set_xlabel("iteration")
+    ax[1].set_ylabel("learning rate")
+    ax[1].legend(loc="upper right")
+    ax[1].grid(alpha=0.3)
+    if evals:
+        for cond in ("NM", "BG", "CL"):
+            pts = [(s, r[cond]) for s, r in evals if cond in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax[2].plot(xs, ys, "o-", label=cond)
+                for x, y in pts:
+                    ax[2].annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                                   ha="center", fontsize=8)
+        ax[2].set_xlabel("iteration")
+        ax[2].set_ylabel("CASIA-B cross-view rank-1 (%)")
+        ax[2].set_ylim(0, 100)
+        ax[2].legend()
+        ax[2].grid(alpha=0.3)
+    fig.suptitle(f"{run_dir.name}")
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curve.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--out")
+    ap.add_argument("--smooth", type=int, default=20)
+    a = ap.parse_args(argv)
+    print(plot_run(a.run_dir, a.out, a.smooth))
+
+
+if __name__ == "__main__":
+    main()
