@@ -158,7 +158,45 @@ class _SoftQuantMixin:
                 f"k={self.k}, mode={self.mode}")
 
 
-class SoftQuantConv3d(_SoftQuantMixin, nn.Conv3d):
+class _SoftQuantConvNd(_SoftQuantMixin):
+    """Constructor, forward and float round trips shared by the quantized convolutions; a
+    subclass names its float counterpart in ``_FLOAT``."""
+
+    _FLOAT: type = nn.Conv3d
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self._setup_quant(out_channels, w_bits, a_bits, k, mode)
+
+    def forward(self, x):
+        self._prepare(x)
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, conv, **quant):
+        """A quantized layer with ``conv``'s hyper-parameters and a copy of its weights."""
+        if not isinstance(conv, cls._FLOAT):
+            raise TypeError(f"{cls.__name__}.from_float: expected nn.{cls._FLOAT.__name__}, "
+                            f"got {type(conv)}")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype, **quant)
+        _copy_params(conv, q)
+        return q
+
+    def to_float(self):
+        """The plain float convolution with this layer's (unquantized) weights."""
+        c = self._FLOAT(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                        self.padding, self.dilation, self.groups, self.bias is not None,
+                        self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        _copy_params(self, c)
+        return c
+
+
+class SoftQuantConv3d(_SoftQuantConvNd, nn.Conv3d):
     """``nn.Conv3d`` with QGait soft fake-quantization of weights and input.
 
     Same constructor and forward as ``nn.Conv3d``, plus ``w_bits`` (2..8), ``a_bits`` (2..8 or
@@ -166,60 +204,13 @@ class SoftQuantConv3d(_SoftQuantMixin, nn.Conv3d):
     Input [N, C_in, T, H, W] -> [N, C_out, T', H', W'].
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._setup_quant(out_channels, w_bits, a_bits, k, mode)
-
-    def forward(self, x):
-        self._prepare(x)
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv3d, **quant):
-        """A SoftQuantConv3d with ``conv``'s hyper-parameters and a copy of its weights."""
-        if not isinstance(conv, nn.Conv3d):
-            raise TypeError(f"SoftQuantConv3d.from_float: expected nn.Conv3d, got {type(conv)}")
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype, **quant)
-        _copy_params(conv, q)
-        return q
-
-    def to_float(self) -> nn.Conv3d:
-        """The plain nn.Conv3d with this layer's (unquantized) weights."""
-        c = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                      self.padding, self.dilation, self.groups, self.bias is not None,
-                      self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
-        _copy_params(self, c)
-        return c
+    _FLOAT = nn.Conv3d
 
 
-class SoftQuantConv2d(_SoftQuantMixin, nn.Conv2d):
+class SoftQuantConv2d(_SoftQuantConvNd, nn.Conv2d):
     """``nn.Conv2d`` counterpart of :class:`SoftQuantConv3d`."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         groups, bias, padding_mode, device, dtype)
-        self._setup_quant(out_channels, w_bits, a_bits, k, mode)
-
-    def forward(self, x):
-        self._prepare(x)
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, **quant):
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"SoftQuantConv2d.from_float: expected nn.Conv2d, got {type(conv)}")
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype, **quant)
-        _copy_params(conv, q)
-        return q
+    _FLOAT = nn.Conv2d
 
 
 class SoftQuantLinear(_SoftQuantMixin, nn.Linear):

@@ -208,32 +208,28 @@ def _why_not_reference(x, scale):
     return []
 
 
-def _why_not_cpu(x, scale):
+def _why_not_kernel(device: str, has_kernel: bool, x, scale):
+    """Reasons the C++ kernels for ``device`` ("cpu" / "cuda") cannot take these inputs."""
     why = []
-    if not _HAS_CPU:
+    if not has_kernel:
         why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
-                   else "qgait._C has no CPU kernel")
-    if x.device.type != "cpu":
-        why.append(f"inputs are on {x.device.type}, not cpu")
+                   else f"qgait._C has no {device.upper()} kernel"
+                   + (" (built without CUDA)" if device == "cuda" else ""))
+    if x.device.type != device:
+        why.append(f"inputs are on {x.device.type}, not {device}")
     if x.dtype not in _FLOATS:
         why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
     if scale.dtype != torch.float32:
         why.append(f"scale dtype {scale.dtype} is not float32")
     return why
+
+
+def _why_not_cpu(x, scale):
+    return _why_not_kernel("cpu", _HAS_CPU, x, scale)
 
 
 def _why_not_cuda(x, scale):
-    why = []
-    if not _HAS_CUDA:
-        why.append("qgait._C was built without CUDA" if _ext.HAS_C
-                   else f"qgait._C is not loaded ({_ext.C_ERROR})")
-    if x.device.type != "cuda":
-        why.append(f"inputs are on {x.device.type}, not cuda")
-    if x.dtype not in _FLOATS:
-        why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
-    if scale.dtype != torch.float32:
-        why.append(f"scale dtype {scale.dtype} is not float32")
-    return why
+    return _why_not_kernel("cuda", _HAS_CUDA, x, scale)
 
 
 def _why_not_triton(x, scale):
