@@ -228,6 +228,9 @@ def _pipeline(p: argparse.ArgumentParser):
     p.add_argument("--variants", nargs="+", help="variants to build (default: the config's); "
                    "known: w8a8 w4a4 w4a4-ste w4a4-soft1 w4a4-noidc")
     p.add_argument("--fp-checkpoint", help="start from this fp checkpoint instead of stage 0")
+    p.add_argument("--report", action="store_true",
+                   help="then print the results table (rank-1, packed bytes, CPU latency) and "
+                        "write OUT/report.json and OUT/report.png")
 
     def run(args, rest):
         from qgait.pipeline.run import run_pipeline
@@ -239,6 +242,9 @@ def _pipeline(p: argparse.ArgumentParser):
         done = run_pipeline(cfg, args.out, args.variants, fp_checkpoint=args.fp_checkpoint)
         for k, v in done.items():
             print(f"{k:<12s} {v}")
+        if args.report:
+            from qgait.pipeline.demo import report
+            report(done, cfg, args.out)
         return 0
     return run
 

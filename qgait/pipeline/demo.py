@@ -126,6 +126,48 @@ def run_demo(out="runs/demo", data=None, fast=False, variants=("w8a8", "w4a4"),
     return res
 
 
+def report(checkpoints: dict, cfg: dict, out, progress: bool = True) -> dict:
+    """The results table of a pipeline run: per variant (and fp) the cross-view rank-1, the
+    packed model's bytes and its CPU latency per 30-frame sequence. A checkpoint's evaluation
+    is read from ``<checkpoint>.eval.json`` (what ``qgait eval`` writes) when present, else run
+    and written there."""
+    from qgait.cli import load_checkpoint_model
+    from qgait.quant import convert
+
+    rows = []
+    test = None
+    for name, ck in checkpoints.items():
+        ck = Path(ck)
+        model, _ = load_checkpoint_model(ck)
+        ev_path = ck.with_suffix(".eval.json")
+        if ev_path.exists():
+            with open(ev_path) as f:
+                cross = json.load(f)["casia_b"]["cross_view"]
+            acc = {c: cross[c]["mean"] for c in cross}
+        else:
+            from qgait.train.build import load_dataset
+            test = test or load_dataset(cfg, "test", progress=False)
+            acc, full = _evaluate(model, test, cfg, progress)
+            with open(ev_path, "w") as f:
+                json.dump(full, f, indent=2)
+        if name == "fp":
+            label, bits, deployed = "FP32", 32, model
+        else:
+            v = VARIANTS[name]
+            label, bits = f"{v.label} (packed int{v.w_bits})", v.w_bits
+            deployed = convert(copy.deepcopy(model).eval())
+        rows.append({"model": label, "variant": name, "bits": bits, **acc,
+                     "bytes": inference_nbytes(deployed), "latency_ms": latency_ms(deployed),
+                     "checkpoint": str(ck)})
+    res = {"rows": rows, "threads": torch.get_num_threads()}
+    print(format_table(res))
+    out = Path(out)
+    with open(out / "report.json", "w") as f:
+        json.dump(res, f, indent=2)
+    plot_results(res, out / "report.png")
+    return res
+
+
 def format_table(res: dict) -> str:
     conds = [c for c in ("NM", "BG", "CL") if c in res["rows"][0]]
     head = f"{'model':<44s}" + "".join(f"{c:>7s}" for c in conds) + f"{'bytes':>11s}{'ms/seq':>9s}"
