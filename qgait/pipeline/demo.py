@@ -188,7 +188,9 @@ def plot_results(res: dict, path) -> None:
     except ImportError:  # pragma: no cover
         print("qgait demo: matplotlib not installed, no plot (pip install matplotlib)")
         return
-    rows = sorted(res["rows"], key=lambda r: -r["bits"])
+    # one point per bit width: fp32 and the QGait models (ablation rows stay in the table)
+    rows = [r for r in res["rows"] if r.get("variant") in (None, "fp", "w8a8", "w4a4")]
+    rows = sorted(rows, key=lambda r: -r["bits"])
     bits = [str(r["bits"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     for c, m in (("NM", "o"), ("BG", "s"), ("CL", "^")):
