@@ -19,6 +19,10 @@ from qgait.ops.soft_quant import _SoftFakeQuantRef, default_gamma
 
 from _common import machine_info
 
+# The backward-only mode calls backward on one graph repeatedly (retain_graph=True), which
+# torch.compile's donated buffers forbid; keep them off for the compiled baseline.
+torch._functorch.config.donated_buffer = False
+
 SHAPES = {
     "16M": ((4096, 4096), 0),  # (shape, channel axis for per-channel)
     "act[8,64,30,32,22]": ((8, 64, 30, 32, 22), 1),
