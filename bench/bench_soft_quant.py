@@ -21,6 +21,8 @@ from _common import machine_info
 
 # The backward-only mode calls backward on one graph repeatedly (retain_graph=True), which
 # torch.compile's donated buffers forbid; keep them off for the compiled baseline.
+import torch._functorch.config  # noqa: E402
+
 torch._functorch.config.donated_buffer = False
 
 SHAPES = {
