@@ -73,4 +73,15 @@ inline void check_sfq_args(const char* op, const at::Tensor& x, const at::Tensor
   }
 }
 
+// The backward's checks: the forward's, plus grad_y shaped and typed like x.
+inline void check_sfq_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                    const at::Tensor& scale, int64_t axis, int64_t qn, int64_t qp,
+                                    double k) {
+  check_sfq_args(op, x, scale, axis, qn, qp, k);
+  QGAIT_CHECK(grad_y.sizes() == x.sizes(), op, "grad_y shape ", grad_y.sizes(),
+              " does not match x shape ", x.sizes());
+  QGAIT_CHECK(grad_y.scalar_type() == x.scalar_type(), op, "grad_y dtype ",
+              grad_y.scalar_type(), " does not match x dtype ", x.scalar_type());
+}
+
 }  // namespace qgait

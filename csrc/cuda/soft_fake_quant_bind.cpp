@@ -43,11 +43,7 @@ at::Tensor soft_fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale, in
 std::tuple<at::Tensor, at::Tensor> soft_fake_quant_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale, int64_t axis,
     int64_t qn, int64_t qp, double k, bool soft, double gamma, bool need_dx, bool need_ds) {
-  check_sfq_args(kBwd, x, scale, axis, qn, qp, k);
-  QGAIT_CHECK(grad_y.sizes() == x.sizes(), kBwd, "grad_y shape ", grad_y.sizes(),
-              " does not match x shape ", x.sizes());
-  QGAIT_CHECK(grad_y.scalar_type() == x.scalar_type(), kBwd, "grad_y dtype ",
-              grad_y.scalar_type(), " does not match x dtype ", x.scalar_type());
+  check_sfq_backward_args(kBwd, grad_y, x, scale, axis, qn, qp, k);
   QGAIT_CHECK(x.is_cuda() && grad_y.device() == x.device(), kBwd,
               "x and grad_y must be on the same CUDA device, got ", x.device(), " and ",
               grad_y.device());
