@@ -120,6 +120,23 @@ def test_large_tensor_many_chunks_and_threads():
     assert torch.equal(results[0], results[1])
 
 
+def test_per_channel_long_rows_pieces_and_threads():
+    """Per-channel rows longer than the CPU kernel's pieces (several pieces per row, several
+    rows per step); bit-identical step gradients whatever the thread count."""
+    x, s = _inputs((3, 2, 70001), 1, seed=5)
+    _assert_matches("cpu", (3, 2, 70001), 1, 4, True, 3.0, "soft")
+    _assert_matches("cpu", (3, 2, 70001), 0, 4, True, 0.0, "hard")
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run("cpu", x, s, 1, 4, True, 3.0, "hard")[2])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("bits,signed", [(8, True), (4, True), (4, False), (2, False)])
 def test_k0_forward_equals_torch_fake_quant(bits, signed):
     qn, qp = quant_grid(bits, signed)

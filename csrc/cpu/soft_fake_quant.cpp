@@ -186,7 +186,45 @@ std::tuple<at::Tensor, at::Tensor> soft_fake_quant_backward_cpu(
   const SfqLayout L = sfq_layout(xc, axis);
   const bool pe = axis >= 0 && L.inner == 1;
   const BwdFn fn = bwd_fn(pe);
-  // Chunks of whole rows in PE mode (so a chunk's accumulator is one [C] vector).
+  float* dsp = need_ds ? ds.data_ptr<float>() : nullptr;
+  if (!pe && L.inner >= 256) {
+    // Rows (o, c) of x viewed as [outer * C, inner], each cut into pieces of at most kChunk
+    // elements: one work item and one partial per piece, so the partials cost one float per
+    // piece (not per chunk and channel), and every piece is reduced in fp32 lanes over at
+    // most kChunk elements.
+    const int64_t R = L.outer * L.C;
+    const int64_t ppr = (L.inner + kChunk - 1) / kChunk;  // pieces per row
+    const int64_t items = R * ppr;
+    std::vector<float> partial(need_ds ? items : 0, 0.f);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "qgait_sfq_bwd", [&] {
+      const scalar_t* xp = xc.data_ptr<scalar_t>();
+      const scalar_t* gp = gc.data_ptr<scalar_t>();
+      scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+      const int64_t grain = std::max<int64_t>(1, kChunk / std::min(L.inner, kChunk));
+      at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+        for (int64_t it = b; it < e; ++it) {
+          const int64_t row = it / ppr, piece = it % ppr, c = row % L.C;
+          const int64_t lo = row * L.inner + piece * kChunk;
+          const int64_t n = std::min(kChunk, L.inner - piece * kChunk);
+          const float t = bwd_span<scalar_t>(fn, gp + lo, xp + lo, dxp ? dxp + lo : nullptr, n,
+                                             &s[c], &r[c], nullptr, false, P);
+          if (need_ds) partial[it] = t;
+        }
+      });
+    });
+    if (need_ds) {
+      // Fixed-order sum per step over its rows and pieces (fp64), scaled by gamma.
+      for (int64_t c = 0; c < L.C; ++c) {
+        double acc = 0.0;
+        for (int64_t o = 0; o < L.outer; ++o)
+          for (int64_t q = 0; q < ppr; ++q) acc += partial[(o * L.C + c) * ppr + q];
+        dsp[c] = static_cast<float>(acc * gamma);
+      }
+    }
+    return {dx, ds};
+  }
+  // Short rows: fixed chunks of elements, each with one partial per step (a chunk spans
+  // several rows); in PE mode chunks of whole rows, whose accumulator is one [C] vector.
   const int64_t rows_per_chunk = pe ? std::max<int64_t>(1, kChunk / L.C) : 0;
   const int64_t chunk = pe ? rows_per_chunk * L.C : kChunk;
   const int64_t nchunks = (N + chunk - 1) / chunk;
@@ -223,7 +261,6 @@ std::tuple<at::Tensor, at::Tensor> soft_fake_quant_backward_cpu(
   });
   if (need_ds) {
     // Fixed-order sum of the chunk partials (fp64 across chunks), scaled by gamma.
-    float* dsp = ds.data_ptr<float>();
     for (int64_t c = 0; c < L.C; ++c) {
       double acc = 0.0;
       for (int64_t ch = 0; ch < nchunks; ++ch) acc += partial[ch * L.C + c];
