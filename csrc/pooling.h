@@ -63,4 +63,47 @@ inline std::vector<PoolStrip> pool_strips(const char* op, int64_t H, at::IntArra
   return strips;
 }
 
+// What a backward learns from its arguments, checked once for every backend.
+struct PoolBackward {
+  std::vector<PoolSeq> seqs;
+  std::vector<PoolStrip> strips;  // empty for temporal_pool
+  int64_t NO, C, T, H, W, HW, B;
+  bool with_t, with_s;  // arg-max indices over T (T > 1) / over strips (mode != mean) in use
+};
+
+// Checks the arguments of set_pool_hpp_backward (hpp) or temporal_pool_backward: x_shape, grad
+// (dtype and the forward's output shape) and the forward's int32 indices targ / sarg.
+inline PoolBackward check_pool_backward(const char* op, bool hpp, const at::Tensor& grad,
+                                        const at::Tensor& targ, const at::Tensor* sarg,
+                                        at::IntArrayRef x_shape, at::IntArrayRef seqL,
+                                        at::IntArrayRef bins, int64_t mode) {
+  QGAIT_CHECK(x_shape.size() == 5, op, "x_shape must have 5 entries, got ", x_shape);
+  QGAIT_CHECK(dtype_code(grad.scalar_type()) >= 0, op,
+              "grad must be float32, float16 or bfloat16, got ", grad.scalar_type());
+  PoolBackward a;
+  a.seqs = pool_sequences(op, at::empty(x_shape, grad.options().device(at::kMeta)), seqL);
+  a.C = x_shape[1], a.T = x_shape[2], a.H = x_shape[3], a.W = x_shape[4], a.HW = a.H * a.W;
+  a.NO = static_cast<int64_t>(a.seqs.size());
+  if (hpp) a.strips = pool_strips(op, a.H, bins, mode);
+  a.B = static_cast<int64_t>(a.strips.size());
+  if (hpp) {
+    QGAIT_CHECK(grad.dim() == 3 && grad.size(0) == a.NO && grad.size(1) == a.C &&
+                    grad.size(2) == a.B,
+                op, "grad must have shape [", a.NO, ", ", a.C, ", ", a.B, "], got ", grad.sizes());
+  } else {
+    QGAIT_CHECK(grad.dim() == 4 && grad.size(0) == a.NO && grad.size(1) == a.C &&
+                    grad.size(2) == a.H && grad.size(3) == a.W,
+                op, "grad must have shape [", a.NO, ", ", a.C, ", ", a.H, ", ", a.W, "], got ",
+                grad.sizes());
+  }
+  a.with_t = a.T > 1;
+  a.with_s = hpp && mode != kMean;
+  QGAIT_CHECK(!a.with_t || (targ.scalar_type() == at::kInt && targ.numel() == a.NO * a.C * a.HW),
+              op, "targ must be int32 [", a.NO, ", ", a.C, ", ", a.H, ", ", a.W,
+              "] (the forward's indices)");
+  QGAIT_CHECK(!a.with_s || (sarg->scalar_type() == at::kInt && sarg->numel() == a.NO * a.C * a.B),
+              op, "sarg must be int32 [", a.NO, ", ", a.C, ", ", a.B, "] (the forward's indices)");
+  return a;
+}
+
 }  // namespace qgait

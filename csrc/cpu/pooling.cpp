@@ -228,28 +228,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cpu(const at::Tensor
   return {out, targ, sarg};
 }
 
-void check_bwd(const char* op, const at::Tensor& grad, at::IntArrayRef x_shape) {
-  QGAIT_CHECK(x_shape.size() == 5, op, "x_shape must have 5 entries, got ", x_shape);
-  QGAIT_CHECK(dtype_code(grad.scalar_type()) >= 0, op,
-              "grad must be float32, float16 or bfloat16, got ", grad.scalar_type());
-}
-
 at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& targ,
                                      const at::Tensor& sarg, at::IntArrayRef x_shape,
                                      at::IntArrayRef seqL, at::IntArrayRef bins, int64_t mode) {
-  check_bwd(kSphB, grad, x_shape);
-  const at::Tensor meta = at::empty(x_shape, grad.options().device(at::kMeta));
-  const auto seqs = pool_sequences(kSphB, meta, seqL);
-  const int64_t C = x_shape[1], T = x_shape[2], H = x_shape[3], W = x_shape[4], HW = H * W;
-  const auto strips = pool_strips(kSphB, H, bins, mode);
-  const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
-  QGAIT_CHECK(grad.dim() == 3 && grad.size(0) == NO && grad.size(1) == C && grad.size(2) == B,
-              kSphB, "grad must have shape [", NO, ", ", C, ", ", B, "], got ", grad.sizes());
-  const bool with_t = T > 1, with_s = mode != kMean;
-  QGAIT_CHECK(!with_t || (targ.scalar_type() == at::kInt && targ.numel() == NO * C * HW), kSphB,
-              "targ must be int32 [", NO, ", ", C, ", ", H, ", ", W, "] (the forward's indices)");
-  QGAIT_CHECK(!with_s || (sarg.scalar_type() == at::kInt && sarg.numel() == NO * C * B), kSphB,
-              "sarg must be int32 [", NO, ", ", C, ", ", B, "] (the forward's indices)");
+  const PoolBackward a = check_pool_backward(kSphB, true, grad, targ, &sarg, x_shape, seqL, bins,
+                                             mode);
+  const auto& seqs = a.seqs;
+  const auto& strips = a.strips;
+  const int64_t NO = a.NO, C = a.C, T = a.T, H = a.H, W = a.W, HW = a.HW, B = a.B;
+  const bool with_t = a.with_t, with_s = a.with_s;
   const at::Tensor gc = grad.contiguous();
   const at::Tensor tc = with_t ? targ.contiguous() : targ, sc = with_s ? sarg.contiguous() : sarg;
   at::Tensor dx = empty_huge(x_shape, grad.options());
@@ -318,17 +305,11 @@ std::tuple<at::Tensor, at::Tensor> temporal_pool_cpu(const at::Tensor& x, at::In
 
 at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& targ,
                                       at::IntArrayRef x_shape, at::IntArrayRef seqL) {
-  check_bwd(kTpB, grad, x_shape);
-  const at::Tensor meta = at::empty(x_shape, grad.options().device(at::kMeta));
-  const auto seqs = pool_sequences(kTpB, meta, seqL);
-  const int64_t C = x_shape[1], T = x_shape[2], H = x_shape[3], W = x_shape[4], HW = H * W;
-  const int64_t NO = static_cast<int64_t>(seqs.size());
-  QGAIT_CHECK(grad.dim() == 4 && grad.size(0) == NO && grad.size(1) == C && grad.size(2) == H &&
-                  grad.size(3) == W,
-              kTpB, "grad must have shape [", NO, ", ", C, ", ", H, ", ", W, "], got ", grad.sizes());
-  const bool with_t = T > 1;
-  QGAIT_CHECK(!with_t || (targ.scalar_type() == at::kInt && targ.numel() == NO * C * HW), kTpB,
-              "targ must be int32 [", NO, ", ", C, ", ", H, ", ", W, "] (the forward's indices)");
+  const PoolBackward a = check_pool_backward(kTpB, false, grad, targ, nullptr, x_shape, seqL, {},
+                                             kMax);
+  const auto& seqs = a.seqs;
+  const int64_t NO = a.NO, C = a.C, T = a.T, H = a.H, W = a.W, HW = a.HW;
+  const bool with_t = a.with_t;
   const at::Tensor gc = grad.contiguous(), tc = with_t ? targ.contiguous() : targ;
   at::Tensor dx = empty_huge(x_shape, grad.options());
   const Fns f = fns();
