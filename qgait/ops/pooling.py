@@ -180,19 +180,25 @@ def _has_c_ops() -> bool:
     return _ext.HAS_C and hasattr(torch.ops.qgait, OP_SPH)
 
 
+def _register(suffix: str) -> None:
+    """Fake impls and autograd for one family of ops: ``qgait::set_pool_hpp{suffix}`` and
+    ``qgait::temporal_pool{suffix}`` with their ``..._backward`` ops (suffix "" for the C++
+    kernels, "_triton" for the Triton ones)."""
+    sph, tp = f"{OP_SPH}{suffix}", f"{OP_TP}{suffix}"
+    torch.library.register_fake(f"qgait::{sph}")(_fake_sph)
+    torch.library.register_fake(f"qgait::{sph}_backward")(_fake_sph_bwd)
+    torch.library.register_fake(f"qgait::{tp}")(_fake_tp)
+    torch.library.register_fake(f"qgait::{tp}_backward")(_fake_tp_bwd)
+    sph_bwd = getattr(torch.ops.qgait, f"{sph}_backward")
+    tp_bwd = getattr(torch.ops.qgait, f"{tp}_backward")
+    torch.library.register_autograd(f"qgait::{sph}", _make_sph_backward(sph_bwd),
+                                    setup_context=_sph_setup)
+    torch.library.register_autograd(f"qgait::{tp}", _make_tp_backward(tp_bwd),
+                                    setup_context=_tp_setup)
+
+
 if _has_c_ops():
-    torch.library.register_fake(f"qgait::{OP_SPH}")(_fake_sph)
-    torch.library.register_fake(f"qgait::{OP_SPH}_backward")(_fake_sph_bwd)
-    torch.library.register_fake(f"qgait::{OP_TP}")(_fake_tp)
-    torch.library.register_fake(f"qgait::{OP_TP}_backward")(_fake_tp_bwd)
-    torch.library.register_autograd(
-        f"qgait::{OP_SPH}",
-        _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_backward(*a)),
-        setup_context=_sph_setup)
-    torch.library.register_autograd(
-        f"qgait::{OP_TP}",
-        _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_backward(*a)),
-        setup_context=_tp_setup)
+    _register("")
 
 # ---------------------------------------------------------------------------------------------
 # Triton (kernels/pooling.py), registered with torch.library.triton_op.
@@ -224,18 +230,7 @@ if _TRITON_OK:
 
     # Explicit fake impls: tracing the Triton launch under FakeTensorMode would run the
     # interpreter (TRITON_INTERPRET=1) on fake tensors.
-    torch.library.register_fake(f"qgait::{OP_SPH}_triton")(_fake_sph)
-    torch.library.register_fake(f"qgait::{OP_SPH}_triton_backward")(_fake_sph_bwd)
-    torch.library.register_fake(f"qgait::{OP_TP}_triton")(_fake_tp)
-    torch.library.register_fake(f"qgait::{OP_TP}_triton_backward")(_fake_tp_bwd)
-    torch.library.register_autograd(
-        f"qgait::{OP_SPH}_triton",
-        _make_sph_backward(lambda *a: torch.ops.qgait.set_pool_hpp_triton_backward(*a)),
-        setup_context=_sph_setup)
-    torch.library.register_autograd(
-        f"qgait::{OP_TP}_triton",
-        _make_tp_backward(lambda *a: torch.ops.qgait.temporal_pool_triton_backward(*a)),
-        setup_context=_tp_setup)
+    _register("_triton")
 
 
 # ---------------------------------------------------------------------------------------------
