@@ -13,16 +13,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, base_ptr, len_ptr, row0_ptr, row1_ptr,
-                    C, HW, W, B, cstride, MODE: tl.constexpr, NEED_T: tl.constexpr,
-                    NEED_S: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.constexpr):
-    it = tl.program_id(0)
+def _row(it, base_ptr, len_ptr, C, HW, cstride, BLOCK: tl.constexpr):
+    """Where program ``it`` (output row n', channel c) reads: the offset of its first frame,
+    its frame count, and the lanes over the H*W map."""
     n = it // C
     c = it % C
     base = tl.load(base_ptr + n) + c.to(tl.int64) * cstride
     L = tl.load(len_ptr + n)
     offs = tl.arange(0, BLOCK)
-    mask = offs < HW
+    return base, L, offs, offs < HW
+
+
+@triton.jit
+def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, base_ptr, len_ptr, row0_ptr, row1_ptr,
+                    C, HW, W, B, cstride, MODE: tl.constexpr, NEED_T: tl.constexpr,
+                    NEED_S: tl.constexpr, HPP: tl.constexpr, BLOCK: tl.constexpr):
+    it = tl.program_id(0)
+    base, L, offs, mask = _row(it, base_ptr, len_ptr, C, HW, cstride, BLOCK)
     z = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     idx = tl.zeros([BLOCK], dtype=tl.int32)
     for t in range(1, L):
@@ -60,12 +67,7 @@ def _sph_bwd_kernel(g_ptr, targ_ptr, sarg_ptr, dx_ptr, base_ptr, len_ptr, row0_p
                     C, HW, W, B, cstride, MODE: tl.constexpr, HAS_T: tl.constexpr,
                     HPP: tl.constexpr, BLOCK: tl.constexpr):
     it = tl.program_id(0)
-    n = it // C
-    c = it % C
-    base = tl.load(base_ptr + n) + c.to(tl.int64) * cstride
-    L = tl.load(len_ptr + n)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < HW
+    base, L, offs, mask = _row(it, base_ptr, len_ptr, C, HW, cstride, BLOCK)
     if HPP:
         # dL/dz: each mean term spreads g / (rows * W) over its strip, each max term adds g at
         # its arg-max.
