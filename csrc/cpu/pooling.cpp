@@ -175,6 +175,25 @@ void scatter(const Fns& f, T* dst, int64_t len, int64_t HW, const int32_t* targ,
   }
 }
 
+// The backward of both ops: for every work item (output row n', channel c) fill_dz(it, s) writes
+// dL/dz of the temporal max into s.z, then scatter() writes that item's dx slab. Parallel over
+// items; the streaming stores are fenced before each task ends.
+template <typename T, typename FillDz>
+void backward_rows(const Fns& f, T* dx, const PoolBackward& a, int64_t N, bool stream,
+                   const int32_t* targ, FillDz fill_dz) {
+  at::parallel_for(0, a.NO * a.C, grain(N * a.T * a.HW / a.NO), [&](int64_t b, int64_t e) {
+    Scratch s(a.HW, a.H);
+    for (int64_t it = b; it < e; ++it) {
+      const PoolSeq q = a.seqs[it / a.C];
+      const int64_t c = it % a.C;
+      fill_dz(it, s);
+      scatter<T>(f, dx + ((q.item * a.C + c) * a.T + q.start) * a.HW, q.len, a.HW,
+                 targ ? targ + it * a.HW : nullptr, stream, s);
+    }
+    if (stream) f.fence();  // order the non-temporal stores before the task ends
+  });
+}
+
 // dx is as large as x and written once; on a fresh allocation most of its cost is the kernel's
 // 4 KiB page faults (5x the write itself on this VM). Asking for transparent huge pages on the
 // 2 MiB-aligned interior before the first touch makes that 512x fewer faults. Harmless when the
@@ -233,9 +252,8 @@ at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& t
                                      at::IntArrayRef seqL, at::IntArrayRef bins, int64_t mode) {
   const PoolBackward a = check_pool_backward(kSphB, true, grad, targ, &sarg, x_shape, seqL, bins,
                                              mode);
-  const auto& seqs = a.seqs;
   const auto& strips = a.strips;
-  const int64_t NO = a.NO, C = a.C, T = a.T, H = a.H, W = a.W, HW = a.HW, B = a.B;
+  const int64_t H = a.H, W = a.W, B = a.B;
   const bool with_t = a.with_t, with_s = a.with_s;
   const at::Tensor gc = grad.contiguous();
   const at::Tensor tc = with_t ? targ.contiguous() : targ, sc = with_s ? sarg.contiguous() : sarg;
@@ -247,28 +265,20 @@ at::Tensor set_pool_hpp_backward_cpu(const at::Tensor& grad, const at::Tensor& t
     const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
     const int32_t* sp = with_s ? sc.data_ptr<int32_t>() : nullptr;
     scalar_t* dp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, NO * C, grain(x_shape[0] * T * HW / NO), [&](int64_t b, int64_t e) {
-      Scratch s(HW, H);
-      for (int64_t it = b; it < e; ++it) {
-        const PoolSeq q = seqs[it / C];
-        const int64_t c = it % C;
-        const scalar_t* g = gp + it * B;
-        // dL/dz: each mean term spreads g / (rows * W) over its strip (a per-row constant),
-        // each max term adds g at its arg-max.
-        std::fill(s.rsum.begin(), s.rsum.end(), 0.f);
-        if (mode != kMax)
-          for (int64_t j = 0; j < B; ++j) {
-            const float v = static_cast<float>(g[j]) /
-                            static_cast<float>((strips[j].row1 - strips[j].row0) * W);
-            for (int32_t h = strips[j].row0; h < strips[j].row1; ++h) s.rsum[h] += v;
-          }
-        for (int64_t h = 0; h < H; ++h) std::fill_n(s.z.data() + h * W, W, s.rsum[h]);
-        if (sp)
-          for (int64_t j = 0; j < B; ++j) s.z[sp[it * B + j]] += static_cast<float>(g[j]);
-        scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
-                          tp ? tp + it * HW : nullptr, stream, s);
-      }
-      if (stream) f.fence();  // order the non-temporal stores before the task ends
+    backward_rows<scalar_t>(f, dp, a, x_shape[0], stream, tp, [&](int64_t it, Scratch& s) {
+      const scalar_t* g = gp + it * B;
+      // dL/dz: each mean term spreads g / (rows * W) over its strip (a per-row constant),
+      // each max term adds g at its arg-max.
+      std::fill(s.rsum.begin(), s.rsum.end(), 0.f);
+      if (mode != kMax)
+        for (int64_t j = 0; j < B; ++j) {
+          const float v = static_cast<float>(g[j]) /
+                          static_cast<float>((strips[j].row1 - strips[j].row0) * W);
+          for (int32_t h = strips[j].row0; h < strips[j].row1; ++h) s.rsum[h] += v;
+        }
+      for (int64_t h = 0; h < H; ++h) std::fill_n(s.z.data() + h * W, W, s.rsum[h]);
+      if (sp)
+        for (int64_t j = 0; j < B; ++j) s.z[sp[it * B + j]] += static_cast<float>(g[j]);
     });
   });
   return dx;
@@ -307,8 +317,7 @@ at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       at::IntArrayRef x_shape, at::IntArrayRef seqL) {
   const PoolBackward a = check_pool_backward(kTpB, false, grad, targ, nullptr, x_shape, seqL, {},
                                              kMax);
-  const auto& seqs = a.seqs;
-  const int64_t NO = a.NO, C = a.C, T = a.T, H = a.H, W = a.W, HW = a.HW;
+  const int64_t HW = a.HW;
   const bool with_t = a.with_t;
   const at::Tensor gc = grad.contiguous(), tc = with_t ? targ.contiguous() : targ;
   at::Tensor dx = empty_huge(x_shape, grad.options());
@@ -318,16 +327,8 @@ at::Tensor temporal_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     const int32_t* tp = with_t ? tc.data_ptr<int32_t>() : nullptr;
     scalar_t* dp = dx.data_ptr<scalar_t>();
-    at::parallel_for(0, NO * C, grain(x_shape[0] * T * HW / NO), [&](int64_t b, int64_t e) {
-      Scratch s(HW, H);
-      for (int64_t it = b; it < e; ++it) {
-        const PoolSeq q = seqs[it / C];
-        const int64_t c = it % C;
-        for (int64_t i = 0; i < HW; ++i) s.z[i] = static_cast<float>(gp[it * HW + i]);
-        scatter<scalar_t>(f, dp + ((q.item * C + c) * T + q.start) * HW, q.len, HW,
-                          tp ? tp + it * HW : nullptr, stream, s);
-      }
-      if (stream) f.fence();  // order the non-temporal stores before the task ends
+    backward_rows<scalar_t>(f, dp, a, x_shape[0], stream, tp, [&](int64_t it, Scratch& s) {
+      for (int64_t i = 0; i < HW; ++i) s.z[i] = static_cast<float>(gp[it * HW + i]);
     });
   });
   return dx;
