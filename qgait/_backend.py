@@ -55,3 +55,39 @@ def select(op: str, backends: Sequence[Backend], backend: str | None, on_cpu: bo
     lines = "\n".join(f"  {k}: {'; '.join(v)}" for k, v in reasons.items())
     asked = f"backend {name!r}" if name != "auto" else "any backend"
     raise RuntimeError(f"qgait::{op}: {asked} cannot run these inputs:\n{lines}")
+
+
+# --- reasons shared by every op --------------------------------------------------------------
+# Computed from values an op looks up once at import (kernel presence, Triton's status): the
+# dispatcher query itself must stay out of the call path, which torch.compile traces.
+
+def native_reasons(has_kernel: bool, device: str, x) -> list[str]:
+    """Why the C++ kernels for ``device`` ("cpu" / "cuda") cannot take an input like ``x``."""
+    from qgait import _ext
+
+    why = []
+    if not has_kernel:
+        if not _ext.HAS_C:
+            why.append(f"qgait._C is not loaded ({_ext.C_ERROR})")
+        else:
+            why.append(f"qgait._C has no {device.upper()} kernel for this op"
+                       + (" (built without CUDA)" if device == "cuda" else ""))
+    if x.device.type != device:
+        why.append(f"inputs are on {x.device.type}, not {device}")
+    return why
+
+
+def triton_reasons(triton_status: tuple[bool, str], x) -> list[str]:
+    """Why Triton cannot take an input like ``x``; ``triton_status`` is ``_ext.triton_status()``."""
+    ok, status = triton_status
+    why = [] if ok else [status]
+    if x.device.type == "cpu" and ok and not status.startswith("interpreter"):
+        why.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
+    return why
+
+
+def float_reasons(x, allowed, name: str = "x") -> list[str]:
+    """``[]`` when ``x.dtype`` is in ``allowed``, else the reason."""
+    if x.dtype in allowed:
+        return []
+    return [f"{name} dtype {x.dtype} is not " + "/".join(str(d).split(".")[-1] for d in allowed)]

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import qgait
-from qgait.ops import PackedConv3d, packed_conv3d, packed_conv3d_ref
+from qgait.ops import PackedConv3d, packed_conv3d
 from qgait.quant import pack_weight, unpack_weight
 
 from conftest import backend_params, device_of

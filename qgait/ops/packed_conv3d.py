@@ -137,31 +137,21 @@ def _why_not_reference(x):
     return []
 
 
+# Looked up once: torch.compile cannot trace the dispatcher query inside the public function.
+_HAS_CPU = _ext.has_kernel(OP, "CPU")
+_HAS_CUDA = _ext.has_kernel(OP, "CUDA")
+
+
 def _why_not_cpu(x):
-    why = []
-    if not _ext.has_kernel(OP, "CPU"):
-        why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
-                   else "qgait._C has no CPU kernel")
-    if x.device.type != "cpu":
-        why.append(f"inputs are on {x.device.type}, not cpu")
-    return why
+    return _backend.native_reasons(_HAS_CPU, "cpu", x)
 
 
 def _why_not_cuda(x):
-    why = []
-    if not _ext.has_kernel(OP, "CUDA"):
-        why.append("qgait._C was built without CUDA" if _ext.HAS_C
-                   else f"qgait._C is not loaded ({_ext.C_ERROR})")
-    if x.device.type != "cuda":
-        why.append(f"inputs are on {x.device.type}, not cuda")
-    return why
+    return _backend.native_reasons(_HAS_CUDA, "cuda", x)
 
 
 def _why_not_triton(x):
-    why = [] if _TRITON_OK else [_TRITON_WHY]
-    if x.device.type == "cpu" and _TRITON_OK and not _TRITON_WHY.startswith("interpreter"):
-        why.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
-    return why
+    return _backend.triton_reasons((_TRITON_OK, _TRITON_WHY), x)
 
 
 _BACKENDS = (

@@ -248,26 +248,15 @@ _HAS_KERNEL = {key: _has_c_ops() and _ext.has_kernel(OP_SPH, key) for key in ("C
 
 def _why_not_native(device_type, key):
     def why_not(x):
-        why = []
-        if not _HAS_KERNEL[key]:
-            why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
-                       else f"qgait._C has no {key} kernel for these ops")
-        if x.device.type != device_type:
-            why.append(f"inputs are on {x.device.type}, not {device_type}")
-        if x.dtype not in _FLOATS:
-            why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
-        return why
+        return (_backend.native_reasons(_HAS_KERNEL[key], device_type, x)
+                + _backend.float_reasons(x, _FLOATS))
 
     return why_not
 
 
 def _why_not_triton(x):
-    why = [] if _TRITON_OK else [_TRITON_WHY]
-    if x.device.type == "cpu" and _TRITON_OK and not _TRITON_WHY.startswith("interpreter"):
-        why.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
-    if x.dtype not in _FLOATS:
-        why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
-    return why
+    return (_backend.triton_reasons((_TRITON_OK, _TRITON_WHY), x)
+            + _backend.float_reasons(x, _FLOATS))
 
 
 def _need_idx(x):

@@ -210,18 +210,8 @@ def _why_not_reference(x, scale):
 
 def _why_not_kernel(device: str, has_kernel: bool, x, scale):
     """Reasons the C++ kernels for ``device`` ("cpu" / "cuda") cannot take these inputs."""
-    why = []
-    if not has_kernel:
-        why.append(f"qgait._C is not loaded ({_ext.C_ERROR})" if not _ext.HAS_C
-                   else f"qgait._C has no {device.upper()} kernel"
-                   + (" (built without CUDA)" if device == "cuda" else ""))
-    if x.device.type != device:
-        why.append(f"inputs are on {x.device.type}, not {device}")
-    if x.dtype not in _FLOATS:
-        why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
-    if scale.dtype != torch.float32:
-        why.append(f"scale dtype {scale.dtype} is not float32")
-    return why
+    return (_backend.native_reasons(has_kernel, device, x) + _backend.float_reasons(x, _FLOATS)
+            + _backend.float_reasons(scale, (torch.float32,), "scale"))
 
 
 def _why_not_cpu(x, scale):
@@ -233,14 +223,9 @@ def _why_not_cuda(x, scale):
 
 
 def _why_not_triton(x, scale):
-    why = [] if _TRITON_OK else [_TRITON_WHY]
-    if x.device.type == "cpu" and _TRITON_OK and not _TRITON_WHY.startswith("interpreter"):
-        why.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
-    if x.dtype not in _FLOATS:
-        why.append(f"x dtype {x.dtype} is not float32/float16/bfloat16")
-    if scale.dtype != torch.float32:
-        why.append(f"scale dtype {scale.dtype} is not float32")
-    return why
+    return (_backend.triton_reasons((_TRITON_OK, _TRITON_WHY), x)
+            + _backend.float_reasons(x, _FLOATS)
+            + _backend.float_reasons(scale, (torch.float32,), "scale"))
 
 
 def _run_ref(x, scale, axis, qn, qp, k, soft, gamma):

@@ -19,7 +19,6 @@ import copy
 import torch
 import torch.nn as nn
 
-from qgait.nn.soft_quant import SOFT_QUANT_MODULES
 from qgait.quant.api import QuantConfig, quantize_, set_quant_mode
 from qgait.quant.idc import idc_loss
 from qgait.train.trainer import register_stage
@@ -111,10 +110,6 @@ def checkpoint_prepare(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.setdefault("quant", {})["init_from"] = None
     return cfg
-
-
-def quant_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SOFT_QUANT_MODULES)]
 
 
 register_stage("qat", prepare_quantized)
