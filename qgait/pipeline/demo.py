@@ -82,10 +82,6 @@ def demo_config(out: Path, data: str | None, fast: bool, overrides=None) -> dict
 def run_demo(out="runs/demo", data=None, fast=False, variants=("w8a8", "w4a4"),
              threads: int = 0, progress: bool = True, overrides=None) -> dict:
     """Runs the demo (module docstring); returns the results dict also written as JSON."""
-    from qgait.cli import load_checkpoint_model
-    from qgait.quant import convert
-    from qgait.train.build import load_dataset
-
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -95,75 +91,61 @@ def run_demo(out="runs/demo", data=None, fast=False, variants=("w8a8", "w4a4"),
           f"{torch.get_num_threads()} threads", flush=True)
     ckpts = run_pipeline(cfg, out, variants, progress=progress)
     t_train = time.perf_counter() - t_start
-
-    test = load_dataset(cfg, "test", progress=False)
-    x30 = torch.from_numpy(test.frames(0)[:30].astype("float32"))[None, None]
-    rows = []
-    fp_model, _ = load_checkpoint_model(ckpts["fp"])
-    acc, _ = _evaluate(fp_model, test, cfg, progress)
-    rows.append({"model": "FP32", "bits": 32, **acc, "bytes": inference_nbytes(fp_model),
-                 "latency_ms": latency_ms(fp_model)})
-    for name in variants:
-        fq, _ = load_checkpoint_model(ckpts[name])
-        packed = convert(copy.deepcopy(fq).eval())
-        diff = max_embedding_diff(fq, packed, x30)
-        acc, _ = _evaluate(packed, test, cfg, progress)
-        v = VARIANTS[name]
-        rows.append({"model": f"{v.label} (packed int{v.w_bits})", "bits": v.w_bits, **acc,
-                     "bytes": inference_nbytes(packed), "latency_ms": latency_ms(packed),
-                     "fakequant_vs_packed_rel_diff": diff})
-    res = {"rows": rows, "train_seconds": t_train,
-           "total_seconds": time.perf_counter() - t_start,
-           "threads": torch.get_num_threads(), "data": cfg["data"]["root"],
-           "test_sequences": len(test)}
-    print(format_table(res))
-    with open(out / "results.json", "w") as f:
-        json.dump(res, f, indent=2)
-    plot_results(res, out / "results.png")
-    print(f"wrote {out / 'results.json'} and {out / 'results.png'} "
-          f"({res['total_seconds']:.0f} s in all)")
+    res = report(ckpts, cfg, out, progress, name="results",
+                 extra={"train_seconds": t_train, "data": cfg["data"]["root"]})
+    print(f"({res['total_seconds']:.0f} s in all)")
     return res
 
 
-def report(checkpoints: dict, cfg: dict, out, progress: bool = True) -> dict:
-    """The results table of a pipeline run: per variant (and fp) the cross-view rank-1, the
-    packed model's bytes and its CPU latency per 30-frame sequence. A checkpoint's evaluation
-    is read from ``<checkpoint>.eval.json`` (what ``qgait eval`` writes) when present, else run
-    and written there."""
+def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str = "report",
+           extra: dict | None = None) -> dict:
+    """The results table of a pipeline run: per checkpoint ("fp" and the variants) the
+    cross-view rank-1 of the deployed model (fp32, or packed integers via ``convert``), its
+    bytes and its CPU latency per 30-frame sequence, and how far the packed model's embeddings
+    are from the fake-quant model's. A checkpoint's evaluation is read from
+    ``<checkpoint>.eval.json`` (what ``qgait eval`` writes) when present, else run and written
+    there. Prints the table, writes ``<out>/<name>.json`` and ``<out>/<name>.png``."""
     from qgait.cli import load_checkpoint_model
     from qgait.quant import convert
+    from qgait.train.build import load_dataset
 
+    t_start = time.perf_counter()
+    test = load_dataset(cfg, "test", progress=False)
+    x30 = torch.from_numpy(test.frames(0)[:30].astype("float32"))[None, None]
     rows = []
-    test = None
-    for name, ck in checkpoints.items():
+    for variant, ck in checkpoints.items():
         ck = Path(ck)
         model, _ = load_checkpoint_model(ck)
+        row = {"variant": variant}
+        if variant == "fp":
+            row.update(model="FP32", bits=32)
+            deployed = model
+        else:
+            v = VARIANTS[variant]
+            row.update(model=f"{v.label} (packed int{v.w_bits})", bits=v.w_bits)
+            deployed = convert(copy.deepcopy(model).eval())
+            row["fakequant_vs_packed_rel_diff"] = max_embedding_diff(model, deployed, x30)
         ev_path = ck.with_suffix(".eval.json")
         if ev_path.exists():
             with open(ev_path) as f:
                 cross = json.load(f)["casia_b"]["cross_view"]
             acc = {c: cross[c]["mean"] for c in cross}
         else:
-            from qgait.train.build import load_dataset
-            test = test or load_dataset(cfg, "test", progress=False)
-            acc, full = _evaluate(model, test, cfg, progress)
+            acc, full = _evaluate(deployed, test, cfg, progress)
             with open(ev_path, "w") as f:
                 json.dump(full, f, indent=2)
-        if name == "fp":
-            label, bits, deployed = "FP32", 32, model
-        else:
-            v = VARIANTS[name]
-            label, bits = f"{v.label} (packed int{v.w_bits})", v.w_bits
-            deployed = convert(copy.deepcopy(model).eval())
-        rows.append({"model": label, "variant": name, "bits": bits, **acc,
-                     "bytes": inference_nbytes(deployed), "latency_ms": latency_ms(deployed),
-                     "checkpoint": str(ck)})
-    res = {"rows": rows, "threads": torch.get_num_threads()}
+        row.update(acc, bytes=inference_nbytes(deployed), latency_ms=latency_ms(deployed),
+                   checkpoint=str(ck))
+        rows.append(row)
+    res = {"rows": rows, "threads": torch.get_num_threads(), "test_sequences": len(test),
+           **(extra or {})}
+    res["total_seconds"] = res.get("train_seconds", 0.0) + time.perf_counter() - t_start
     print(format_table(res))
     out = Path(out)
-    with open(out / "report.json", "w") as f:
+    with open(out / f"{name}.json", "w") as f:
         json.dump(res, f, indent=2)
-    plot_results(res, out / "report.png")
+    plot_results(res, out / f"{name}.png")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
     return res
 
 
