@@ -59,11 +59,13 @@ constexpr const char* kTp = "temporal_pool";
 constexpr const char* kTpB = "temporal_pool_backward";
 
 using FrameFn = void (*)(const float*, float*, float*, float, int64_t);
+using SlabFn = void (*)(const float*, int64_t, int64_t, float*, float*);
 using ScatterFn = void (*)(float*, const float*, const float*, float, int64_t, bool);
 using CopyFn = void (*)(float*, const float*, int64_t, bool);
 using FenceFn = void (*)();
 
 struct Fns {
+  SlabFn slab;
   FrameFn frame;
   ScatterFn scatter;
   CopyFn copy;
@@ -74,13 +76,13 @@ Fns fns() {
   switch (cpu_isa()) {
     case Isa::AMX:
     case Isa::AVX512:
-      return {pool_avx512::tp_frame, pool_avx512::tp_scatter_frame, pool_avx512::copy_frame,
+      return {pool_avx512::tp_slab, pool_avx512::tp_frame, pool_avx512::tp_scatter_frame, pool_avx512::copy_frame,
               pool_avx512::stream_fence};
     case Isa::AVX2:
-      return {pool_avx2::tp_frame, pool_avx2::tp_scatter_frame, pool_avx2::copy_frame,
+      return {pool_avx2::tp_slab, pool_avx2::tp_frame, pool_avx2::tp_scatter_frame, pool_avx2::copy_frame,
               pool_avx2::stream_fence};
     default:
-      return {pool_scalar::tp_frame, pool_scalar::tp_scatter_frame, pool_scalar::copy_frame,
+      return {pool_scalar::tp_slab, pool_scalar::tp_frame, pool_scalar::tp_scatter_frame, pool_scalar::copy_frame,
               pool_scalar::stream_fence};
   }
 }
@@ -102,9 +104,14 @@ struct Scratch {
 };
 
 // Temporal max of `len` frames at src into s.z (fp32), and frame indices into s.idx when
-// with_idx. Half types are widened one frame at a time (exact), so the math is fp32.
+// with_idx. fp32 slabs go to the register-blocked kernel; half types are widened one frame at a
+// time (exact), so the math is fp32 and the results are the same either way.
 template <typename T>
 void temporal_max(const Fns& f, const T* src, int64_t len, int64_t HW, bool with_idx, Scratch& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    f.slab(src, len, HW, s.z.data(), with_idx ? s.idx.data() : nullptr);
+    return;
+  }
   auto frame = [&](int64_t t) -> const float* {
     if constexpr (std::is_same_v<T, float>) {
       return src + t * HW;
@@ -131,11 +138,11 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
     float sum = 0.f, mx = r[0];
     int32_t arg = 0;
     for (int64_t w = 0; w < W; ++w) sum += r[w];
-    for (int64_t w = 1; w < W; ++w)
-      if (r[w] > mx) {
-        mx = r[w];
-        arg = static_cast<int32_t>(w);
-      }
+    for (int64_t w = 1; w < W; ++w) {  // branch-free: maxima of real maps are unpredictable
+      const bool gt = r[w] > mx;
+      arg = gt ? static_cast<int32_t>(w) : arg;
+      mx = gt ? r[w] : mx;
+    }
     s.rsum[h] = sum;
     s.rmax[h] = mx;
     s.rarg[h] = arg;

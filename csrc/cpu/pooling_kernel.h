@@ -26,6 +26,78 @@ static void tp_frame(const float* x, float* z, float* idx, float t, int64_t n) {
     }
 }
 
+// Temporal max of a whole fp32 slab x [len, n] (len >= 1) into z [n] (and idx, if given), with
+// the running maxima of U vectors held in registers across all frames: one load per element
+// instead of tp_frame's load + load + store per element and frame. Per element it performs the
+// same operations as the frame-by-frame loop (frame 0 copied, then tp_frame's vector or tail
+// step for every later frame), so the two give bit-identical results.
+template <int U, bool IDX>
+static inline void tp_chunk(const float* x, int64_t len, int64_t n, float* z, float* idx) {
+  constexpr int W = Vec::W;
+  Vec zr[U], ir[U];
+  for (int u = 0; u < U; ++u) {
+    zr[u] = vload(x + u * W);
+    if constexpr (IDX) ir[u] = vset1(0.f);
+  }
+  for (int64_t t = 1; t < len; ++t) {
+    const float* p = x + t * n;
+    if constexpr (IDX) {
+      const Vec tv = vset1(static_cast<float>(t));
+      for (int u = 0; u < U; ++u) {
+        const Vec xv = vload(p + u * W);
+        const Mask m = vgt(xv, zr[u]);
+        zr[u] = select(m, xv, zr[u]);
+        ir[u] = select(m, tv, ir[u]);
+      }
+    } else {
+      for (int u = 0; u < U; ++u) zr[u] = vmax(zr[u], vload(p + u * W));
+    }
+  }
+  for (int u = 0; u < U; ++u) {
+    vstore(z + u * W, zr[u]);
+    if constexpr (IDX) vstore(idx + u * W, ir[u]);
+  }
+}
+
+template <bool IDX>
+static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float* idx) {
+  constexpr int W = Vec::W;
+  // Up to kMax vectors in one chunk, so that a frame is read front to back; wider frames go in
+  // chunks of U (leaving room for the indices and temporaries in the 32 zmm / 16 ymm).
+  constexpr int U = W >= 16 ? 8 : 4;
+  constexpr int kMax = W >= 16 ? (IDX ? 12 : 16) : (IDX ? 6 : 12);
+  using ChunkFn = void (*)(const float*, int64_t, int64_t, float*, float*);
+  static constexpr ChunkFn kChunk[17] = {
+      nullptr,            tp_chunk<1, IDX>,  tp_chunk<2, IDX>,  tp_chunk<3, IDX>,
+      tp_chunk<4, IDX>,   tp_chunk<5, IDX>,  tp_chunk<6, IDX>,  tp_chunk<7, IDX>,
+      tp_chunk<8, IDX>,   tp_chunk<9, IDX>,  tp_chunk<10, IDX>, tp_chunk<11, IDX>,
+      tp_chunk<12, IDX>,  tp_chunk<13, IDX>, tp_chunk<14, IDX>, tp_chunk<15, IDX>,
+      tp_chunk<16, IDX>};
+  const int64_t nv = n / W;
+  int64_t v = 0;
+  if (nv > kMax)
+    for (; v + U <= nv; v += U)
+      tp_chunk<U, IDX>(x + v * W, len, n, z + v * W, IDX ? idx + v * W : nullptr);
+  if (v < nv) kChunk[nv - v](x + v * W, len, n, z + v * W, IDX ? idx + v * W : nullptr);
+  for (int64_t i = nv * W; i < n; ++i) {  // tail elements: tp_frame's scalar step
+    float m = x[i], a = 0.f;
+    for (int64_t t = 1; t < len; ++t) {
+      const float xv = x[t * n + i];
+      if (xv > m) {
+        m = xv;
+        a = static_cast<float>(t);
+      }
+    }
+    z[i] = m;
+    if (IDX) idx[i] = a;
+  }
+}
+
+static void tp_slab(const float* x, int64_t len, int64_t n, float* z, float* idx) {
+  if (idx) tp_slab_impl<true>(x, len, n, z, idx);
+  else tp_slab_impl<false>(x, len, n, z, nullptr);
+}
+
 // Streaming (non-temporal) stores for dx: it is as large as x and never read back by this op,
 // so writing around the cache avoids reading every line first (read-for-ownership), which
 // otherwise doubles the memory traffic of the backward. Needs W*4-byte aligned addresses.
