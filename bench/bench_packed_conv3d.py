@@ -9,8 +9,17 @@ Modes:
          engine) including its quantize_per_tensor and dequantize.
   q8io   8-bit codes in, 8-bit codes out (channels-last): qgait int8 / int4 with requantized
          output; torch.ao.nn.quantized.Conv3d on a quint8 channels-last tensor.
+  peak   the int8 ceiling of this CPU: the layer's MAC count as register-only AVX-512 VNNI
+         vpdpbusd (bench/peak/int8_peak.cpp, built here with the system C++ compiler), so each
+         convolution's "% of peak" is measured in the same run.
 extra_info: ops = 2 * MACs (TOPS), weight_bytes.
 """
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
 import warnings
 
 import pytest
@@ -73,6 +82,34 @@ def _torch_ao(mode, x, w_int, w_scale, bias):
         return (lambda: conv(q)), co * ci * 27
 
 
+@functools.cache
+def _peak_lib():
+    """bench/peak/int8_peak.cpp as a shared library, or the reason it cannot be had."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        return "no C++ compiler"
+    src = os.path.join(os.path.dirname(__file__), "peak", "int8_peak.cpp")
+    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libint8_peak.so")
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-pthread", src, "-o", out],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"building int8_peak.cpp failed: {r.stderr.strip()[:200]}"
+    lib = ctypes.CDLL(out)
+    if not lib.has_vnni():
+        return "this CPU has no AVX-512 VNNI"
+    lib.int8_peak.restype = None
+    lib.int8_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def _peak(macs):
+    lib = _peak_lib()
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    threads = torch.get_num_threads()
+    return lambda: lib.int8_peak(macs, threads)
+
+
 def _torch_float(dtype, x, w_int, w_scale, bias):
     w = (w_int.float() * w_scale.reshape(-1, 1, 1, 1, 1))
     if dtype == torch.float32:
@@ -89,6 +126,7 @@ PROVIDERS = [  # (provider, mode, role)
     ("torch_ao_x86", "f32io", "baseline"),
     ("qgait_int8", "q8io", "qgait"), ("qgait_int4", "q8io", "qgait"),
     ("torch_ao_x86", "q8io", "baseline"),
+    ("int8_peak", "f32io", "ceiling"), ("int8_peak", "q8io", "ceiling"),
 ]
 
 
@@ -99,6 +137,8 @@ def test_packed_conv3d(benchmark, provider, mode, role, layer):
     x, w_int, w_scale, bias, macs = _layer(layer)
     if provider.startswith("qgait"):
         fn, wbytes = _qgait(8 if provider == "qgait_int8" else 4, mode, x, w_int, w_scale, bias)
+    elif provider == "int8_peak":
+        fn, wbytes = _peak(macs), 0
     elif provider == "torch_ao_x86":
         if "x86" not in torch.backends.quantized.supported_engines:
             pytest.skip("torch has no x86 quantized engine")

@@ -57,7 +57,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                                 if isinstance(v, (int, float, str))}}
         for prov, info, med in ours:
             for oprov, oinfo, omed in others:
-                if oinfo.get("role") == "ceiling" and info.get("bytes") and oinfo.get("bytes"):
+                if oinfo.get("role") == "ceiling" and info.get("ops") and oinfo.get("ops"):
+                    # fraction of the ceiling's arithmetic rate (TOPS over TOPS)
+                    frac = (info["ops"] / med) / (oinfo["ops"] / omed)
+                    tr.write_line(f"    peak {prov} / {oprov}: {frac * 100:6.1f}%")
+                    entry.setdefault("ratios", {})[f"{prov} peak / {oprov}"] = frac
+                elif oinfo.get("role") == "ceiling" and info.get("bytes") and oinfo.get("bytes"):
                     # fraction of the ceiling's bandwidth (GB/s over GB/s)
                     frac = (info["bytes"] / med) / (oinfo["bytes"] / omed)
                     tr.write_line(f"    bandwidth {prov} / {oprov}: {frac * 100:6.1f}%")
