@@ -73,18 +73,18 @@ struct Fns {
 };
 
 Fns fns() {
+#define QGAIT_POOL_FNS(ns) \
+  Fns { ns::tp_slab, ns::tp_frame, ns::tp_scatter_frame, ns::copy_frame, ns::stream_fence }
   switch (cpu_isa()) {
     case Isa::AMX:
     case Isa::AVX512:
-      return {pool_avx512::tp_slab, pool_avx512::tp_frame, pool_avx512::tp_scatter_frame, pool_avx512::copy_frame,
-              pool_avx512::stream_fence};
+      return QGAIT_POOL_FNS(pool_avx512);
     case Isa::AVX2:
-      return {pool_avx2::tp_slab, pool_avx2::tp_frame, pool_avx2::tp_scatter_frame, pool_avx2::copy_frame,
-              pool_avx2::stream_fence};
+      return QGAIT_POOL_FNS(pool_avx2);
     default:
-      return {pool_scalar::tp_slab, pool_scalar::tp_frame, pool_scalar::tp_scatter_frame, pool_scalar::copy_frame,
-              pool_scalar::stream_fence};
+      return QGAIT_POOL_FNS(pool_scalar);
   }
+#undef QGAIT_POOL_FNS
 }
 
 // Non-temporal stores pay off only when dx is far larger than the caches.
