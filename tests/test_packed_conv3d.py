@@ -17,6 +17,7 @@ CASES = [
     (1, 9, 33, (1, 5, 7), (1, 1, 1), 1, 0, 1),            # T = 1, pointwise
     (1, 20, 70, (4, 7, 9), (3, 3, 3), 2, 1, 2),           # dilation 2, C_out over one tile
     (1, 36, 8, (3, 4, 13), (3, 3, 3), (1, 2, 1), (1, 0, 1), (2, 1, 1)),  # mixed per axis
+    (1, 13, 9, (2, 3, 37), (1, 3, 3), 1, 1, 1),           # W over three 16-pixel blocks
 ]
 TINY = [  # for the Triton interpreter
     (1, 3, 5, (2, 3, 4), (3, 3, 3), 1, 1, 1),

@@ -355,6 +355,43 @@ void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, 
   }
 }
 
+// One frame (n, t) of a float input whose W axis is contiguous (NCDHW and the like) straight
+// into the channels-last code buffer: for every 4 buffer bytes of a pixel (4 channels; src[j] < 0
+// for channel padding, left as zp) the codes of 16 pixels are quantized as in quant_row_avx512,
+// packed into 16 dwords and scattered to their pixels, instead of a byte-by-byte transpose.
+// Rows run innermost, so each of the 4 channel planes is read front to back.
+void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
+                              int64_t W, const int64_t* src, int64_t Cp, uint8_t* dst,
+                              int64_t dst_hstride, float r, float qn, float qp, int zp) {
+  const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  const __m512i lane = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(Cp / 4)));
+  for (int64_t p0 = 0; p0 < Cp; p0 += 4) {
+    if (src[p0] < 0 && src[p0 + 1] < 0 && src[p0 + 2] < 0 && src[p0 + 3] < 0) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      int32_t* d = reinterpret_cast<int32_t*>(dst + h * dst_hstride + p0);
+      for (int64_t w = 0; w < W; w += 16) {
+        const __mmask16 mk = W - w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - w)) - 1);
+        __m512i packed = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) {
+          __m512i q = vzp;
+          if (src[p0 + j] >= 0) {
+            const float* xp = x + src[p0 + j] * cstride + h * hstride + w;
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xp), vr);
+            v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+          }
+          packed = _mm512_or_si512(packed, _mm512_slli_epi32(q, 8 * j));
+        }
+        _mm512_mask_i32scatter_epi32(d + w * (Cp / 4), mk, lane, packed, 4);
+      }
+    }
+  }
+}
+
 // Work item = (output row, group of up to 64 output channels). The taps are walked in blocks
 // whose weights (taps x Cp x 64 bytes) fit in L1 next to the input rows; each block runs over
 // the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
@@ -462,12 +499,28 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   const bool flt = dt == at::kFloat;
   const void* xv = x.const_data_ptr();
   const QuantRowFn qrow = cpu_isa() >= Isa::AVX512 ? quant_row_avx512 : quant_row_scalar;
+  // AVX-512: the input channel held by each buffer byte (-1: padding), for the scatter path
+  std::vector<int64_t> src_of;
+  if (cpu_isa() >= Isa::AVX512) {
+    src_of.assign(Cp, -1);
+    for (int64_t ch = 0; ch < g.C; ++ch) src_of[pc[ch]] = ch;
+  }
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  // codes only need copying (one thread); floats are quantized in parallel
-  const int64_t grain = flt ? 16 : g.N * g.T * g.H;
-  at::parallel_for(0, g.N * g.T * g.H, grain, [&](int64_t b, int64_t e) {
+  if (flt && wrows && !src_of.empty()) {
+    at::parallel_for(0, g.N * g.T, 1, [&](int64_t b, int64_t e) {
+      for (int64_t nt = b; nt < e; ++nt) {
+        const int64_t n = nt / g.T, t = nt % g.T;
+        quant_frame_clast_avx512(static_cast<const float*>(xv) + n * st[0] + t * st[2], st[1],
+                                 st[3], g.H, g.W, src_of.data(), Cp,
+                                 buf.data() + (((n * Tp + t + g.pT) * Hp + g.pH) * Wp + g.pW) * Cp,
+                                 Wp * Cp, r, qn, qp, zp);
+      }
+    });
+    return buf.data();
+  }
+  at::parallel_for(0, g.N * g.T * g.H, 16, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> tmp(g.C * g.W);
     for (int64_t row = b; row < e; ++row) {
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
