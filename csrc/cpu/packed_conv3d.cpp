@@ -11,8 +11,10 @@
 // Code paths (cpu/isa.h picks one at run time; the cap makes tests run each):
 //   avx512 + VNNI  tile of 6 output pixels x 64 output channels in 24 zmm accumulators; each
 //                  step broadcasts 4 input channels of a pixel (one int32) and runs vpdpbusd
-//                  against 16 channels x 4 weights. int4 weights stay packed in memory and are
-//                  sign-extended in registers with one vpshufb per nibble (a 16-entry table).
+//                  against 16 channels x 4 weights. int4 weights are widened to int8 once per
+//                  call, when the weights are laid out for the kernel (tens of KB, reused by
+//                  every output pixel), so int4 runs the int8 inner loop: unpacking them in
+//                  registers (two vpshufb per 4 bytes of weights) measured 1.2x the int8 time.
 //   avx2           vpmaddwd on u8 / s8 values widened to 16 bits (vpmaddubsw would saturate:
 //                  255 * 128 * 2 > 2^15), tile 4 pixels x 16 channels. Also used by AVX-512
 //                  CPUs without VNNI.
@@ -215,13 +217,8 @@ inline __m512i bcast32(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// int8: wv is [taps][Cp/4][Coutp][4] int8; step k broadcasts input channels 4k..4k+3.
-// int4: wv is [taps][Cp/8][Coutp][4] bytes, byte j of a lane holding input channels
-// (8k + 2j, 8k + 2j + 1) in its (low, high) nibble, i.e. the public packed order. The low
-// nibbles are channels 8k + {0,2,4,6} and the high nibbles 8k + {1,3,5,7}; the input buffer
-// stores each group of 8 channels in the order 0,2,4,6,1,3,5,7 so both halves are one
-// broadcast each.
-template <int NB, int M, bool I4>
+// wv is [taps][Cp/4][Coutp][4] int8; step k broadcasts input channels 4k..4k+3.
+template <int NB, int M>
 void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t ntaps,
                const uint8_t* wv, int64_t ksteps, int64_t Coutp, int32_t* out, bool init) {
   // out: [M][64] partial sums of this tile (rows of the row accumulator), read unless init
@@ -229,41 +226,17 @@ void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t nta
   for (int m = 0; m < M; ++m)
     for (int nb = 0; nb < NB; ++nb)
       acc[m][nb] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(out + m * 64 + nb * 16);
-  // nibble -> sign-extended int8 (two's complement of 4 bits)
-  const __m512i lut = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int64_t tstride = ksteps * Coutp * 4;
   for (int64_t t = 0; t < ntaps; ++t) {
     const uint8_t* ap = a + toff[t];
     const uint8_t* wp = wv + t * tstride;
     for (int64_t k = 0; k < ksteps; ++k) {
       const uint8_t* wk = wp + k * Coutp * 4;
-      if constexpr (!I4) {
-        __m512i b[NB];
-        for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(wk + nb * 64);
-        for (int m = 0; m < M; ++m) {
-          const __m512i av = bcast32(ap + m * astep + 4 * k);
-          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
-        }
-      } else {
-        __m512i b[NB];
-        for (int nb = 0; nb < NB; ++nb) {
-          const __m512i raw = _mm512_loadu_si512(wk + nb * 64);
-          b[nb] = _mm512_shuffle_epi8(lut, _mm512_and_si512(raw, low4));
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m512i av = bcast32(ap + m * astep + 8 * k);
-          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
-        }
-        for (int nb = 0; nb < NB; ++nb) {
-          const __m512i raw = _mm512_loadu_si512(wk + nb * 64);
-          b[nb] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
-        }
-        for (int m = 0; m < M; ++m) {
-          const __m512i av = bcast32(ap + m * astep + 8 * k + 4);
-          for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
-        }
+      __m512i b[NB];
+      for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(wk + nb * 64);
+      for (int m = 0; m < M; ++m) {
+        const __m512i av = bcast32(ap + m * astep + 4 * k);
+        for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
       }
     }
   }
@@ -274,25 +247,24 @@ void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t nta
 using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const uint8_t*, int64_t,
                         int64_t, int32_t*, bool);
 
-template <bool I4, int NB>
+template <int NB>
 constexpr VnniFn vnni_for(int M) {
   switch (M) {
-    case 1: return tile_vnni<NB, 1, I4>;
-    case 2: return tile_vnni<NB, 2, I4>;
-    case 3: return tile_vnni<NB, 3, I4>;
-    case 4: return tile_vnni<NB, 4, I4>;
-    case 5: return tile_vnni<NB, 5, I4>;
-    default: return tile_vnni<NB, 6, I4>;
+    case 1: return tile_vnni<NB, 1>;
+    case 2: return tile_vnni<NB, 2>;
+    case 3: return tile_vnni<NB, 3>;
+    case 4: return tile_vnni<NB, 4>;
+    case 5: return tile_vnni<NB, 5>;
+    default: return tile_vnni<NB, 6>;
   }
 }
 
-template <bool I4>
 VnniFn vnni_fn(int NB, int M) {
   switch (NB) {
-    case 1: return vnni_for<I4, 1>(M);
-    case 2: return vnni_for<I4, 2>(M);
-    case 3: return vnni_for<I4, 3>(M);
-    default: return vnni_for<I4, 4>(M);
+    case 1: return vnni_for<1>(M);
+    case 2: return vnni_for<2>(M);
+    case 3: return vnni_for<3>(M);
+    default: return vnni_for<4>(M);
   }
 }
 
@@ -356,20 +328,19 @@ void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, 
 }
 
 // One frame (n, t) of a float input whose W axis is contiguous (NCDHW and the like) straight
-// into the channels-last code buffer: for every 4 buffer bytes of a pixel (4 channels; src[j] < 0
-// for channel padding, left as zp) the codes of 16 pixels are quantized as in quant_row_avx512,
+// into the channels-last code buffer: for every 4 channels (those past C are padding, left as
+// zp) the codes of 16 pixels are quantized as in quant_row_avx512,
 // packed into 16 dwords and scattered to their pixels, instead of a byte-by-byte transpose.
 // Rows run innermost, so each of the 4 channel planes is read front to back.
 void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
-                              int64_t W, const int64_t* src, int64_t Cp, uint8_t* dst,
+                              int64_t W, int64_t C, int64_t Cp, uint8_t* dst,
                               int64_t dst_hstride, float r, float qn, float qp, int zp) {
   const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
   const __m512i vzp = _mm512_set1_epi32(zp);
   const __m512i lane = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int32_t>(Cp / 4)));
-  for (int64_t p0 = 0; p0 < Cp; p0 += 4) {
-    if (src[p0] < 0 && src[p0 + 1] < 0 && src[p0 + 2] < 0 && src[p0 + 3] < 0) continue;
+  for (int64_t p0 = 0; p0 < C; p0 += 4) {
     for (int64_t h = 0; h < H; ++h) {
       int32_t* d = reinterpret_cast<int32_t*>(dst + h * dst_hstride + p0);
       for (int64_t w = 0; w < W; w += 16) {
@@ -377,8 +348,8 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
         __m512i packed = _mm512_setzero_si512();
         for (int j = 0; j < 4; ++j) {
           __m512i q = vzp;
-          if (src[p0 + j] >= 0) {
-            const float* xp = x + src[p0 + j] * cstride + h * hstride + w;
+          if (p0 + j < C) {
+            const float* xp = x + (p0 + j) * cstride + h * hstride + w;
             __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xp), vr);
             v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);
             v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -397,11 +368,10 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
 // the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
 // Without the blocking every 6-pixel tile streams all weights of the layer (55-110 KB for the
 // benchmark layers) from L2; on this (shared) machine the two orders measured the same.
-template <bool I4>
 void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
   const ConvGeom& g = c.g;
   const int64_t ngrp = (c.Coutp + 63) / 64, ntaps = static_cast<int64_t>(c.toff.size());
-  const int64_t ksteps = I4 ? c.Cp / 8 : c.Cp / 4;
+  const int64_t ksteps = c.Cp / 4;
   const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
   const int64_t tstride = ksteps * c.Coutp * 4;
@@ -416,9 +386,9 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
       const int64_t nt = std::min(tblock, ntaps - tb);
       for (int64_t w0 = 0; w0 < g.Wo; w0 += kM) {
         const int M = static_cast<int>(std::min<int64_t>(kM, g.Wo - w0));
-        vnni_fn<I4>(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data() + tb, nt,
-                           wv + tb * tstride + co0 * 4, ksteps, c.Coutp,
-                           rowacc.data() + w0 * 64, tb == 0);
+        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data() + tb, nt,
+                       wv + tb * tstride + co0 * 4, ksteps, c.Coutp, rowacc.data() + w0 * 64,
+                       tb == 0);
       }
     }
     for (int64_t w0 = 0; w0 < g.Wo; w0 += kM) {
@@ -467,14 +437,6 @@ void check_positive(const at::Tensor& t, const char* name) {
                 " must be finite and > 0, got ", p[i], " at index ", i);
 }
 
-// Position of input channel ch in the buffer: identity, or (int4 VNNI) each group of 8 stored
-// as 0,2,4,6,1,3,5,7 so that low and high nibbles meet contiguous channels.
-inline int64_t buf_channel(int64_t ch, bool perm) {
-  if (!perm) return ch;
-  const int64_t j = ch & 7;
-  return (ch & ~int64_t(7)) | ((j & 1) ? 4 + (j >> 1) : (j >> 1));
-}
-
 // Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
 // The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
 // this size would page-fault on first touch at every call.
@@ -484,7 +446,7 @@ std::vector<uint8_t>& input_scratch() {
 }
 
 uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp, int64_t Wp,
-                     int64_t Cp, int zp, bool perm, float r, float qn, float qp) {
+                     int64_t Cp, int zp, float r, float qn, float qp) {
   std::vector<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
   if (buf.size() < total) buf.resize(total);
@@ -492,28 +454,20 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // One thread: a memset is memory-bound, and every parallel region is a point where a busy
   // machine can stall the call until all threads are scheduled again.
   std::memset(buf.data(), zp, total);
-  std::vector<int64_t> pc(g.C);
-  for (int64_t ch = 0; ch < g.C; ++ch) pc[ch] = buf_channel(ch, perm);
   const auto st = x.strides();
   const auto dt = x.scalar_type();
   const bool flt = dt == at::kFloat;
   const void* xv = x.const_data_ptr();
   const QuantRowFn qrow = cpu_isa() >= Isa::AVX512 ? quant_row_avx512 : quant_row_scalar;
-  // AVX-512: the input channel held by each buffer byte (-1: padding), for the scatter path
-  std::vector<int64_t> src_of;
-  if (cpu_isa() >= Isa::AVX512) {
-    src_of.assign(Cp, -1);
-    for (int64_t ch = 0; ch < g.C; ++ch) src_of[pc[ch]] = ch;
-  }
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  if (flt && wrows && !src_of.empty()) {
+  if (flt && wrows && cpu_isa() >= Isa::AVX512) {
     at::parallel_for(0, g.N * g.T, 1, [&](int64_t b, int64_t e) {
       for (int64_t nt = b; nt < e; ++nt) {
         const int64_t n = nt / g.T, t = nt % g.T;
         quant_frame_clast_avx512(static_cast<const float*>(xv) + n * st[0] + t * st[2], st[1],
-                                 st[3], g.H, g.W, src_of.data(), Cp,
+                                 st[3], g.H, g.W, g.C, Cp,
                                  buf.data() + (((n * Tp + t + g.pT) * Hp + g.pH) * Wp + g.pW) * Cp,
                                  Wp * Cp, r, qn, qp, zp);
       }
@@ -539,8 +493,7 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
           } else {  // uint8 / bool (zp = 0): the codes themselves
             std::memcpy(tmp.data(), static_cast<const uint8_t*>(xv) + o, g.C);
           }
-          if (!perm) std::memcpy(d, tmp.data(), g.C);
-          else for (int64_t ch = 0; ch < g.C; ++ch) d[pc[ch]] = tmp[ch];
+          std::memcpy(d, tmp.data(), g.C);
         }
         continue;
       }
@@ -560,7 +513,7 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
         }
       }
       for (int64_t w = 0; w < g.W; ++w)
-        for (int64_t ch = 0; ch < g.C; ++ch) dst[w * Cp + pc[ch]] = tmp[ch * g.W + w];
+        for (int64_t ch = 0; ch < g.C; ++ch) dst[w * Cp + ch] = tmp[ch * g.W + w];
     }
   });
   return buf.data();
@@ -595,17 +548,16 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   if (x.numel() == 0 || y.numel() == 0) return y;
 
   const Path path = choose_path();
-  const bool i4v = path == Path::VNNI && w_bits == 4;  // int4 kept packed (VNNI path only)
   Ctx c;
   c.g = g;
   c.Tp = g.T + 2 * g.pT;
   c.Hp = g.H + 2 * g.pH;
   c.Wp = g.W + 2 * g.pW;
-  c.Cp = (g.C + (i4v ? 7 : 3)) / (i4v ? 8 : 4) * (i4v ? 8 : 4);
+  c.Cp = (g.C + 3) / 4 * 4;
   c.Coutp = (g.Co + 15) / 16 * 16;
   const int zp = in_qn < 0 ? 128 : 0;
   const float xs = x_scale.item<float>();
-  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, i4v, 1.0f / xs,
+  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs,
                      static_cast<float>(in_qn), static_cast<float>(in_qp));
   for (int64_t kt = 0; kt < g.kT; ++kt)
     for (int64_t kh = 0; kh < g.kH; ++kh)
@@ -648,26 +600,16 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const int64_t rows = g.N * g.To * g.Ho;
 
   if (path == Path::VNNI) {
-    const int64_t ksteps = i4v ? c.Cp / 8 : c.Cp / 4;
+    // [taps][Cp/4][Coutp][4] int8 (int4 widened here), zero past C_in and C_out
+    const int64_t ksteps = c.Cp / 4;
     std::vector<uint8_t> wv(static_cast<size_t>(ntaps * ksteps * c.Coutp * 4), 0);
     for (int64_t co = 0; co < g.Co; ++co)
       for (int64_t k = 0; k < ntaps; ++k)
-        for (int64_t ks = 0; ks < ksteps; ++ks)
-          for (int64_t j = 0; j < 4; ++j) {
-            uint8_t* d = &wv[((k * ksteps + ks) * c.Coutp + co) * 4 + j];
-            if (i4v) {
-              const int64_t byte = ks * 4 + j;  // bytes past cb (C_in padding) stay 0
-              if (byte < cb) *d = wraw[(co * ntaps + k) * cb + byte];
-            } else {
-              const int64_t ch = ks * 4 + j;
-              if (ch < g.C) *d = static_cast<uint8_t>(weight_at(wraw, 8, cb, ntaps, co, k, ch));
-            }
-          }
+        for (int64_t ch = 0; ch < g.C; ++ch)
+          wv[((k * ksteps + ch / 4) * c.Coutp + co) * 4 + (ch & 3)] =
+              static_cast<uint8_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
     const int64_t items = rows * ((c.Coutp + 63) / 64);
-    parallel_dynamic(items, [&](int64_t b, int64_t e) {
-      if (i4v) items_vnni<true>(c, wv.data(), b, e);
-      else items_vnni<false>(c, wv.data(), b, e);
-    });
+    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, wv.data(), b, e); });
   } else if (path == Path::AVX2) {
     const int64_t k2 = c.Cp / 2;
     std::vector<int16_t> w2(static_cast<size_t>(ntaps * k2 * c.Coutp * 2), 0);
