@@ -150,4 +150,6 @@ def test_packed_conv3d(benchmark, provider, mode, role, layer):
     benchmark.extra_info.update(provider=provider, role=role, ops=2 * macs, weight_bytes=wbytes,
                                 **machine_info())
     with torch.no_grad():
+        for _ in range(3):  # warm-up: scratch buffers grown, huge pages for the output mapped
+            fn()
         benchmark(fn)
