@@ -328,10 +328,10 @@ void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, 
 }
 
 // One frame (n, t) of a float input whose W axis is contiguous (NCDHW and the like) straight
-// into the channels-last code buffer: for every 4 channels (those past C are padding, left as
-// zp) the codes of 16 pixels are quantized as in quant_row_avx512,
-// packed into 16 dwords and scattered to their pixels, instead of a byte-by-byte transpose.
-// Rows run innermost, so each of the 4 channel planes is read front to back.
+// into the channels-last code buffer: for every 4 channels (those past C are padding: zp) the
+// codes of 16 pixels are quantized as in quant_row_avx512, packed into 16 dwords and scattered
+// to their pixels, instead of a byte-by-byte transpose. Rows run inside the channel groups, so
+// each of the 4 channel planes is read front to back.
 void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
                               int64_t W, int64_t C, int64_t Cp, uint8_t* dst,
                               int64_t dst_hstride, float r, float qn, float qp, int zp) {
