@@ -313,25 +313,29 @@ void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nc
   }
 }
 
+// Codes of 16 floats: rint(clamp(x * r, qn, qp)) + zp as int32 lanes (max(NaN, qn) = qn).
+inline __m512i quant16(__m512 x, __m512 vr, __m512 vqn, __m512 vqp, __m512i vzp) {
+  __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, vr), vqn), vqp);
+  v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+}
+
 void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp,
                       int zp) {
   const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
   const __m512i vzp = _mm512_set1_epi32(zp);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vr);
-    v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);  // max(NaN, qn) = qn
-    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+    const __m512i q = quant16(_mm512_maskz_loadu_ps(mk, x + i), vr, vqn, vqp, vzp);
     _mm512_mask_cvtepi32_storeu_epi8(u + i, mk, q);  // 0..255 after the shift
   }
 }
 
 // One frame (n, t) of a float input whose W axis is contiguous (NCDHW and the like) straight
 // into the channels-last code buffer: for every 4 channels (those past C are padding: zp) the
-// codes of 16 pixels are quantized as in quant_row_avx512, packed into 16 dwords and scattered
-// to their pixels, instead of a byte-by-byte transpose. Rows run inside the channel groups, so
-// each of the 4 channel planes is read front to back.
+// codes of 16 pixels (quant16) are packed into 16 dwords and scattered to their pixels, instead
+// of a byte-by-byte transpose. Rows run inside the channel groups, so each of the 4 channel
+// planes is read front to back.
 void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
                               int64_t W, int64_t C, int64_t Cp, uint8_t* dst,
                               int64_t dst_hstride, float r, float qn, float qp, int zp) {
@@ -347,14 +351,9 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
         const __mmask16 mk = W - w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - w)) - 1);
         __m512i packed = _mm512_setzero_si512();
         for (int j = 0; j < 4; ++j) {
-          __m512i q = vzp;
-          if (p0 + j < C) {
-            const float* xp = x + (p0 + j) * cstride + h * hstride + w;
-            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xp), vr);
-            v = _mm512_min_ps(_mm512_max_ps(v, vqn), vqp);
-            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q = _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
-          }
+          const float* xp = x + (p0 + j) * cstride + h * hstride + w;
+          const __m512i q =
+              p0 + j < C ? quant16(_mm512_maskz_loadu_ps(mk, xp), vr, vqn, vqp, vzp) : vzp;
           packed = _mm512_or_si512(packed, _mm512_slli_epi32(q, 8 * j));
         }
         _mm512_mask_i32scatter_epi32(d + w * (Cp / 4), mk, lane, packed, 4);
@@ -528,6 +527,20 @@ inline int32_t weight_at(const uint8_t* wp, int64_t w_bits, int64_t cb, int64_t 
   return (nib ^ 8) - 8;
 }
 
+// Weights as [taps][Cp/G][Coutp][G] of T (int4 widened), zero past C_in and C_out: lane co of a
+// vector then holds G consecutive input channels of output channel co.
+template <typename T, int G>
+std::vector<T> interleave_weights(const uint8_t* wraw, int64_t w_bits, int64_t cb, int64_t ntaps,
+                                  int64_t C, int64_t Co, int64_t Cp, int64_t Coutp) {
+  std::vector<T> out(static_cast<size_t>(ntaps * Cp * Coutp), 0);
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t k = 0; k < ntaps; ++k)
+      for (int64_t ch = 0; ch < C; ++ch)
+        out[((k * (Cp / G) + ch / G) * Coutp + co) * G + ch % G] =
+            static_cast<T>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+  return out;
+}
+
 at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int64_t in_qn,
                              int64_t in_qp, const at::Tensor& w_packed, const at::Tensor& w_scale,
                              int64_t w_bits, int64_t c_in, at::IntArrayRef stride,
@@ -600,24 +613,13 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const int64_t rows = g.N * g.To * g.Ho;
 
   if (path == Path::VNNI) {
-    // [taps][Cp/4][Coutp][4] int8 (int4 widened here), zero past C_in and C_out
-    const int64_t ksteps = c.Cp / 4;
-    std::vector<uint8_t> wv(static_cast<size_t>(ntaps * ksteps * c.Coutp * 4), 0);
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t k = 0; k < ntaps; ++k)
-        for (int64_t ch = 0; ch < g.C; ++ch)
-          wv[((k * ksteps + ch / 4) * c.Coutp + co) * 4 + (ch & 3)] =
-              static_cast<uint8_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+    const std::vector<uint8_t> wv =
+        interleave_weights<uint8_t, 4>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp);
     const int64_t items = rows * ((c.Coutp + 63) / 64);
     parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, wv.data(), b, e); });
   } else if (path == Path::AVX2) {
-    const int64_t k2 = c.Cp / 2;
-    std::vector<int16_t> w2(static_cast<size_t>(ntaps * k2 * c.Coutp * 2), 0);
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t k = 0; k < ntaps; ++k)
-        for (int64_t ch = 0; ch < g.C; ++ch)
-          w2[((k * k2 + ch / 2) * c.Coutp + co) * 2 + (ch & 1)] =
-              static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+    const std::vector<int16_t> w2 =
+        interleave_weights<int16_t, 2>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp);
     const int64_t items = rows * (c.Coutp / 16);
     parallel_dynamic(items, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
   } else {

@@ -108,24 +108,20 @@ struct Scratch {
 // time (exact), so the math is fp32 and the results are the same either way.
 template <typename T>
 void temporal_max(const Fns& f, const T* src, int64_t len, int64_t HW, bool with_idx, Scratch& s) {
+  float* idx = with_idx ? s.idx.data() : nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    f.slab(src, len, HW, s.z.data(), with_idx ? s.idx.data() : nullptr);
-    return;
-  }
-  auto frame = [&](int64_t t) -> const float* {
-    if constexpr (std::is_same_v<T, float>) {
-      return src + t * HW;
-    } else {
+    f.slab(src, len, HW, s.z.data(), idx);
+  } else {
+    auto frame = [&](int64_t t) {
       const T* p = src + t * HW;
       for (int64_t i = 0; i < HW; ++i) s.frame[i] = static_cast<float>(p[i]);
       return s.frame.data();
-    }
-  };
-  const float* f0 = frame(0);
-  std::copy(f0, f0 + HW, s.z.begin());
-  if (with_idx) std::fill(s.idx.begin(), s.idx.end(), 0.f);
-  for (int64_t t = 1; t < len; ++t)
-    f.frame(frame(t), s.z.data(), with_idx ? s.idx.data() : nullptr, static_cast<float>(t), HW);
+    };
+    const float* f0 = frame(0);
+    std::copy(f0, f0 + HW, s.z.begin());
+    if (idx) std::fill(s.idx.begin(), s.idx.end(), 0.f);
+    for (int64_t t = 1; t < len; ++t) f.frame(frame(t), s.z.data(), idx, static_cast<float>(t), HW);
+  }
 }
 
 // Strips of s.z -> out[j] (and sarg[j] = flat h*W+w arg-max when sarg != nullptr).
