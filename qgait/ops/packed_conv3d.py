@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from qgait import _backend, _ext
+from qgait.ops.soft_quant import quant_grid
 from qgait.quant.packing import unpack_weight
 
 OP = "packed_conv3d"
@@ -173,7 +174,7 @@ def _triple(name, v, lo):
 def _grid(bits, signed, what):
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"qgait::{OP}: {what} bits must be an integer in 2..8, got {bits!r}")
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return quant_grid(bits, signed)
 
 
 def _check_scale(name, s, n=None):
