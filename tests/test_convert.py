@@ -103,3 +103,17 @@ def test_convert_rejects_uninitialised():
     m = nn.Sequential(SoftQuantConv3d(2, 4, 3))
     with pytest.raises(ValueError, match="uninitialised"):
         convert(m)
+
+
+def test_convert_part_linear_inside_sequential():
+    from qgait.nn import SoftQuantPartLinear
+    from qgait.quant.convert import PackedPartLinear
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Identity(), SoftQuantPartLinear(3, 5, 4, w_bits=4, a_bits=8))
+    x = torch.randn(2, 5, 3)
+    head(x)  # initialises the steps
+    ref = head(x)
+    convert(head)
+    assert isinstance(head[1], PackedPartLinear)
+    torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-6)

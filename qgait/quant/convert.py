@@ -49,6 +49,10 @@ def _convert_sequential(seq: nn.Sequential, requantize: bool) -> int:
                 seq._modules[names[k]] = nn.Identity()
             n += 1
             i = j
+        elif isinstance(mod, SoftQuantPartLinear):
+            seq._modules[names[i]] = PackedPartLinear(mod)
+            n += 1
+            i += 1
         else:
             n += _convert(mod, requantize)
             i += 1
