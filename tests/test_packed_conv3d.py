@@ -217,6 +217,30 @@ def test_channels_last_input_same_result():
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
+LAYOUT_CASES = [
+    (1, 8, 16, (3, 5, 6), (3, 3, 3), 1, 1, 1),             # C_in = the buffer's channel width
+    (2, 12, 9, (2, 4, 7), (1, 3, 3), 1, (0, 2, 1), 1),     # pad differs per axis
+    (1, 5, 7, (3, 4, 5), (3, 3, 3), 1, 1, 1),              # C_in padded to 8 in the buffer
+]
+
+
+@pytest.mark.parametrize("kind", INPUTS)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=_ids(LAYOUT_CASES))
+def test_input_layouts_over_a_dirty_buffer(cpu_isa, case, kind):
+    """Every input layout gives the exact accumulators, also when the reused code buffer holds
+    another call's codes: the border fill (only the padding, where the interior copy covers
+    every byte) must leave nothing behind."""
+    x, wp, ws, kw = make_case(case, 8, kind)
+    ref = packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw)
+    big = torch.full((2, case[1], 6, 12, 12), 255, dtype=torch.uint8)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last_3d),
+                   x.transpose(3, 4).contiguous().transpose(3, 4)):
+        packed_conv3d(big, wp, ws, out="acc", backend="cpu",  # fills the buffer with 255
+                      **dict(kw, x_scale=torch.tensor(1.0), in_signed=False))
+        got = packed_conv3d(layout, wp, ws, out="acc", backend="cpu", **kw)
+        assert torch.equal(got, ref)
+
+
 # ---- the module -----------------------------------------------------------------------------
 def test_module_binary_float_input_and_groups():
     m = PackedConv3d(1, 4, 3, padding=1, w_bits=4, a_bits=None)
