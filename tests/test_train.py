@@ -11,6 +11,7 @@ import torch
 from gait_fakes import FakeGaitDataset
 from qgait.train import (batch_all_triplet_loss, build_trainer, load_config, parse_overrides,
                          part_cross_entropy)
+from qgait.train.config import CONFIG_DIR
 from qgait.train.trainer import atomic_save, lr_lambda
 
 HERE = Path(__file__).resolve().parent
@@ -94,6 +95,13 @@ def test_config_overrides_and_validation(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_config"):
         load_config("no_such_config")
     assert load_config("synthetic_fp")["stage"] == "fp"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    """A shipped recipe with a typo'd key or a bad value fails here, not an hour into a run."""
+    cfg = load_config(path.stem)
+    assert cfg["name"] == path.stem and cfg["train"]["iterations"] > 0
 
 
 def test_lr_schedule():
