@@ -215,6 +215,32 @@ at::Tensor empty_huge(at::IntArrayRef shape, const at::TensorOptions& opt) {
 
 at::Tensor empty_i32(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kInt)); }
 
+// Forward without indices of a channels-last fp32 x ([N, T, H, W, C] in memory, what a packed or
+// channels-last conv produces), without first copying x to NCDHW (a copy ten times the cost of
+// the pooling at gait sizes): a sequence's frames are one contiguous slab [len, H*W*C], whose
+// temporal max is taken in one pass by the same slab kernel (so every value is bit-identical to
+// the NCDHW path); each channel's map is then gathered into the scratch and pooled as usual.
+void set_pool_hpp_clast(const at::Tensor& x, const std::vector<PoolSeq>& seqs,
+                        const std::vector<PoolStrip>& strips, int64_t mode, at::Tensor& out) {
+  const int64_t C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4), HW = H * W;
+  const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
+  const Fns f = fns();
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<float> z(static_cast<size_t>(HW * C));
+  for (int64_t o = 0; o < NO; ++o) {
+    const PoolSeq q = seqs[o];
+    f.slab(xp + (q.item * T + q.start) * HW * C, q.len, HW * C, z.data(), nullptr);
+    at::parallel_for(0, C, grain(HW), [&](int64_t b, int64_t e) {
+      Scratch s(HW, H);
+      for (int64_t c = b; c < e; ++c) {
+        for (int64_t i = 0; i < HW; ++i) s.z[i] = z[i * C + c];
+        pyramid<float>(strips, mode, H, W, s, op + (o * C + c) * B, nullptr);
+      }
+    });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cpu(const at::Tensor& x,
                                                                  at::IntArrayRef seqL,
                                                                  at::IntArrayRef bins,
@@ -223,9 +249,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cpu(const at::Tensor
   const int64_t C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4), HW = H * W;
   const auto strips = pool_strips(kSph, H, bins, mode);
   const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
-  const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({NO, C, B}, x.options());
   const bool with_t = need_idx && T > 1, with_s = need_idx && mode != kMean;
+  if (!need_idx && x.scalar_type() == at::kFloat && C > 1 && !x.is_contiguous() &&
+      x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    set_pool_hpp_clast(x, seqs, strips, mode, out);
+    return {out, empty_i32(x), empty_i32(x)};
+  }
+  const at::Tensor xc = x.contiguous();
   at::Tensor targ = with_t ? at::empty({NO, C, H, W}, x.options().dtype(at::kInt)) : empty_i32(x);
   at::Tensor sarg = with_s ? at::empty({NO, C, B}, x.options().dtype(at::kInt)) : empty_i32(x);
   const Fns f = fns();

@@ -9,7 +9,9 @@ static void tp_frame(const float* x, float* z, float* idx, float t, int64_t n) {
   int64_t i = 0;
   if (idx == nullptr) {
     for (; i + W <= n; i += W) vstore(z + i, vmax(vload(z + i), vload(x + i)));
-    for (; i < n; ++i) z[i] = x[i] > z[i] ? x[i] : z[i];
+    // the tail as MAXPS(z, x) does it in the body (x wins unless z > x: a NaN x propagates, a
+    // NaN z is replaced), so an element's result does not depend on where the vectors end
+    for (; i < n; ++i) z[i] = z[i] > x[i] ? z[i] : x[i];
     return;
   }
   const Vec tv = vset1(t);
@@ -83,7 +85,9 @@ static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float
     float m = x[i], a = 0.f;
     for (int64_t t = 1; t < len; ++t) {
       const float xv = x[t * n + i];
-      if (xv > m) {
+      if constexpr (!IDX) {
+        m = m > xv ? m : xv;  // MAXPS(m, x), as the vectors above (see tp_frame)
+      } else if (xv > m) {
         m = xv;
         a = static_cast<float>(t);
       }
