@@ -228,8 +228,8 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=_ids(LAYOUT_CASES))
 def test_input_layouts_over_a_dirty_buffer(cpu_isa, case, kind):
     """Every input layout gives the exact accumulators, also when the reused code buffer holds
-    another call's codes: the border fill (only the padding, where the interior copy covers
-    every byte) must leave nothing behind."""
+    another call's codes: padding, channel tail and interior copies (whole rows, pixels, frames)
+    must leave nothing of them behind."""
     x, wp, ws, kw = make_case(case, 8, kind)
     ref = packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw)
     big = torch.full((2, case[1], 6, 12, 12), 255, dtype=torch.uint8)

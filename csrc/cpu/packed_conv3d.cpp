@@ -395,17 +395,19 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
     const uint8_t* base = c.row_base(n, t, h);
     for (int64_t tb = 0; tb < ntaps; tb += tblock) {
       const int64_t nt = std::min(tblock, ntaps - tb);
-      for (int64_t w0 = 0; w0 < g.Wo; w0 += tile_width(g.Wo, w0)) {
+      for (int64_t w0 = 0; w0 < g.Wo;) {
         const int M = tile_width(g.Wo, w0);
         vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data() + tb, nt,
                        wv + tb * tstride + co0 * 4, ksteps, c.Coutp, rowacc.data() + w0 * 64,
                        tb == 0);
+        w0 += M;
       }
     }
-    for (int64_t w0 = 0; w0 < g.Wo; w0 += tile_width(g.Wo, w0)) {
+    for (int64_t w0 = 0; w0 < g.Wo;) {
       const int M = tile_width(g.Wo, w0);
       epi_avx512(c.E, rowacc.data() + w0 * 64, M, co0, nco, g.Co, c.y,
                  c.out_pixel(n, t, h, w0));
+      w0 += M;
     }
   }
 }
@@ -469,32 +471,13 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  // padding (and the channel tail) holds the code of zero. Where the writers below fill every
-  // byte of the interior (the float frame path writes the channel tail too), only the border
-  // is set; otherwise the whole buffer, which is one memory-bound pass. Single-threaded: every
-  // parallel region is a point where a busy machine can stall the call until all threads are
-  // scheduled again.
-  const bool full_interior = (flt && wrows && cpu_isa() >= Isa::AVX512) ||
-                             (clast && !flt && dt != at::kChar && st[4] == g.C && Cp == g.C);
-  if (full_interior) {
-    const int64_t frame = Hp * Wp * Cp, row = Wp * Cp;
-    for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t tp = 0; tp < Tp; ++tp) {
-        uint8_t* f = buf.data() + (n * Tp + tp) * frame;
-        if (tp < g.pT || tp >= g.pT + g.T) {
-          std::memset(f, zp, frame);
-          continue;
-        }
-        std::memset(f, zp, g.pH * row);                                // top rows
-        std::memset(f + (g.pH + g.H) * row, zp, (Hp - g.pH - g.H) * row);  // bottom rows
-        for (int64_t h = g.pH; h < g.pH + g.H; ++h) {                  // left / right columns
-          std::memset(f + h * row, zp, g.pW * Cp);
-          std::memset(f + h * row + (g.pW + g.W) * Cp, zp, (Wp - g.pW - g.W) * Cp);
-        }
-      }
-  } else {
-    std::memset(buf.data(), zp, total);
-  }
+  // uint8 / bool codes in dense channels-last rows as wide as the buffer's: one copy per row
+  const bool code_rows = clast && !flt && dt != at::kChar && st[4] == g.C && Cp == g.C;
+  // padding (and the channel tail) holds the code of zero; interiors are overwritten below.
+  // One thread: a memset is memory-bound (0.2 ms for layer A's warm 23 MB), and every parallel
+  // region is a point where a busy machine can stall the call until all threads are scheduled
+  // again.
+  std::memset(buf.data(), zp, total);
   if (flt && wrows && cpu_isa() >= Isa::AVX512) {
     at::parallel_for(0, g.N * g.T, 1, [&](int64_t b, int64_t e) {
       for (int64_t nt = b; nt < e; ++nt) {
@@ -513,13 +496,8 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
       uint8_t* dst = buf.data() + (((n * Tp + t + g.pT) * Hp + h + g.pH) * Wp + g.pW) * Cp;
       const int64_t off = n * st[0] + t * st[2] + h * st[3];
-      if (clast && !flt && dt != at::kChar && st[4] == g.C) {
-        // uint8 / bool codes in a dense channels-last row: one copy per row (or per pixel when
-        // the buffer pads the channels)
-        const uint8_t* src = static_cast<const uint8_t*>(xv) + off;
-        if (Cp == g.C) std::memcpy(dst, src, g.W * g.C);
-        else
-          for (int64_t w = 0; w < g.W; ++w) std::memcpy(dst + w * Cp, src + w * g.C, g.C);
+      if (code_rows) {
+        std::memcpy(dst, static_cast<const uint8_t*>(xv) + off, g.W * g.C);
         continue;
       }
       if (clast) {

@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> set_pool_hpp_cpu(const at::Tensor
   const int64_t NO = static_cast<int64_t>(seqs.size()), B = static_cast<int64_t>(strips.size());
   at::Tensor out = at::empty({NO, C, B}, x.options());
   const bool with_t = need_idx && T > 1, with_s = need_idx && mode != kMean;
-  if (!need_idx && x.scalar_type() == at::kFloat && C > 1 && !x.is_contiguous() &&
+  if (!need_idx && x.scalar_type() == at::kFloat && !x.is_contiguous() &&
       x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
     set_pool_hpp_clast(x, seqs, strips, mode, out);
     return {out, empty_i32(x), empty_i32(x)};
