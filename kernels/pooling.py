@@ -34,7 +34,9 @@ def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, base_ptr, len_ptr, row0_
     idx = tl.zeros([BLOCK], dtype=tl.int32)
     for t in range(1, L):
         v = tl.load(x_ptr + base + t * HW + offs, mask=mask, other=0.0).to(tl.float32)
-        m = v > z  # strict: the first frame wins ties
+        # torch.max's rule: larger, or NaN over non-NaN (the first NaN wins and stays); ties
+        # keep the first frame
+        m = (v > z) | ((v != v) & (z == z))
         z = tl.where(m, v, z)
         idx = tl.where(m, t, idx)
     if NEED_T:
@@ -47,6 +49,10 @@ def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, base_ptr, len_ptr, row0_
             sm = mask & (rows >= r0) & (rows < r1)
             mean = tl.sum(tl.where(sm, z, 0.0), axis=0) / ((r1 - r0) * W).to(tl.float32)
             mx = tl.max(tl.where(sm, z, float("-inf")), axis=0)
+            # a NaN in the strip is its max (torch.max); reductions need not propagate NaN
+            nan = sm & (z != z)
+            has_nan = tl.max(nan.to(tl.int32), axis=0) > 0
+            mx = tl.where(has_nan, float("nan"), mx)
             if MODE == 0:
                 val = mean + mx
             elif MODE == 1:
@@ -55,8 +61,9 @@ def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, base_ptr, len_ptr, row0_
                 val = mean
             tl.store(out_ptr + it * B + j, val.to(out_ptr.dtype.element_ty))
             if NEED_S:
-                # first row-major position of the strip's max
-                arg = tl.min(tl.where(sm & (z == mx), offs, BLOCK), axis=0)
+                # first row-major position of the strip's max (of its first NaN, if any)
+                hit = tl.where(has_nan, nan, sm & (z == mx))
+                arg = tl.min(tl.where(hit, offs, BLOCK), axis=0)
                 tl.store(sarg_ptr + it * B + j, arg)
     else:
         tl.store(out_ptr + it.to(tl.int64) * HW + offs, z.to(out_ptr.dtype.element_ty), mask=mask)

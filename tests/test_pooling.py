@@ -8,7 +8,7 @@ from qgait.ops import pooling as P
 from qgait.ops.pooling import (horizontal_pyramid_pool, set_pool_hpp, set_pool_hpp_ref,
                                temporal_pool)
 
-from conftest import backend_params
+from conftest import backend_params, device_of
 
 
 # ---- OpenGait semantics, written independently of qgait's reference -------------------------
@@ -242,6 +242,73 @@ def test_channels_last_forward_without_copy(cpu_isa, kind, mode, shape, seqL, bi
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     if kind != "nan":
         _close_mean(got, set_pool_hpp_ref(x, seqL, bins, mode), torch.float32)
+
+
+def nan_x(shape, seed=3):
+    """randn with NaNs in several frames of some positions (before, after and at the max) and,
+    at one position, two NaN frames: the first must win."""
+    x = rand_x(shape, seed=seed)
+    x.view(-1)[5::97] = float("nan")
+    if shape[2] > 2:
+        x[0, 0, 1, 0, 0] = x[0, 0, -1, 0, 0] = float("nan")
+    return x
+
+
+NAN_CASES = [  # (shape, seqL, bins): the CPU kernel's slab, frame and tail paths
+    ((1, 3, 7, 5, 7), [3, 4], (5, 2, 1)),
+    ((2, 2, 6, 16, 11), None, (16, 8, 4, 2, 1)),
+    ((1, 2, 1, 4, 3), None, (4, 1)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "mean+max"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("case", range(len(NAN_CASES)))
+def test_nan_follows_torch_max(backend, mode, grad, case):
+    """A NaN in a window is its max, and the max's gradient goes to the first NaN, as torch.max
+    gives it; with and without indices (x requiring grad or not), on every backend."""
+    shape, seqL, bins = NAN_CASES[case]
+    dev = device_of(backend)
+    x = nan_x(shape).to(dev)
+    n_out = len(seqL) if seqL else shape[0]
+    w = rand_x((n_out, shape[1], sum(bins)), seed=9).to(dev)
+    if grad:
+        y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, mode, backend=backend), x, w)
+        y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins, mode), x, w)
+        assert not g_ref.isnan().any() and g.isnan().sum() == 0
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+    else:
+        y = set_pool_hpp(x, seqL, bins, mode, backend=backend)
+        y_ref = set_pool_hpp_ref(x, seqL, bins, mode)
+    assert y_ref.isnan().any() and not y_ref.isnan().all()
+    assert torch.equal(y.isnan(), y_ref.isnan())
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+    # temporal max alone: values and the arg-max frames its gradient uses
+    wt = rand_x((n_out,) + shape[1:2] + shape[3:], seed=10).to(dev)
+    z, gz = _grads(lambda t: temporal_pool(t, seqL, backend=backend), x, wt)
+    z_ref, gz_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, wt)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(gz, gz_ref, rtol=0, atol=0)
+
+
+def test_nan_on_every_simd_level(cpu_isa):
+    """The vector bodies and scalar tails of every ISA apply the same rule (H*W = 35, and
+    H*W*C = 105 on the channels-last path)."""
+    shape, seqL, bins = NAN_CASES[0]
+    x = nan_x(shape)
+    for mode in ("max", "mean+max"):
+        want = set_pool_hpp_ref(x, seqL, bins, mode)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+            got = set_pool_hpp(xin, seqL, bins, mode, backend="cpu")
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        for dt in (torch.bfloat16, torch.float16):   # the frame-by-frame (widening) path
+            got = set_pool_hpp(x.to(dt), seqL, bins, mode, backend="cpu")
+            assert torch.equal(got.isnan(), want.isnan())
+    y, g = _grads(lambda t: temporal_pool(t, seqL, backend="cpu"), x, rand_x((2, 3, 5, 7)))
+    y_ref, g_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, rand_x((2, 3, 5, 7)))
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
 
 
 def test_no_indices_without_grad():

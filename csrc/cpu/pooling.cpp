@@ -135,7 +135,7 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
     int32_t arg = 0;
     for (int64_t w = 0; w < W; ++w) sum += r[w];
     for (int64_t w = 1; w < W; ++w) {  // branch-free: maxima of real maps are unpredictable
-      const bool gt = r[w] > mx;
+      const bool gt = pool_scalar::beats(r[w], mx);  // torch.max's rule (cpu/vec.h)
       arg = gt ? static_cast<int32_t>(w) : arg;
       mx = gt ? r[w] : mx;
     }
@@ -149,7 +149,7 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
     int32_t best = a;
     for (int32_t h = a; h < b; ++h) sum += s.rsum[h];
     for (int32_t h = a + 1; h < b; ++h)
-      if (s.rmax[h] > mx) {
+      if (pool_scalar::beats(s.rmax[h], mx)) {
         mx = s.rmax[h];
         best = h;
       }

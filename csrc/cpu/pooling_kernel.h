@@ -2,27 +2,29 @@
 // per ISA by pooling.cpp (see vec.h); no include guard on purpose. The tails (n % W) run the
 // same comparisons in scalar code, so every ISA gives bit-identical results.
 
-// z = max(z, x) over one frame. With idx: idx = t where x > z (strictly: the first frame wins
-// ties), idx holding frame numbers as exact small floats so that one vector select updates it.
+// z = max(z, x) over one frame under torch.max's rule (vbeats in vec.h: the first NaN wins and
+// stays, ties keep the first). With idx: idx = t where x wins, idx holding frame numbers as exact
+// small floats so that one vector select updates it.
 static void tp_frame(const float* x, float* z, float* idx, float t, int64_t n) {
   constexpr int W = Vec::W;
   int64_t i = 0;
   if (idx == nullptr) {
-    for (; i + W <= n; i += W) vstore(z + i, vmax(vload(z + i), vload(x + i)));
-    // the tail as MAXPS(z, x) does it in the body (x wins unless z > x: a NaN x propagates, a
-    // NaN z is replaced), so an element's result does not depend on where the vectors end
-    for (; i < n; ++i) z[i] = z[i] > x[i] ? z[i] : x[i];
+    for (; i + W <= n; i += W) {
+      const Vec xv = vload(x + i), zv = vload(z + i);
+      vstore(z + i, select(vbeats(xv, zv), xv, zv));
+    }
+    for (; i < n; ++i) z[i] = beats(x[i], z[i]) ? x[i] : z[i];
     return;
   }
   const Vec tv = vset1(t);
   for (; i + W <= n; i += W) {
     const Vec xv = vload(x + i), zv = vload(z + i);
-    const Mask m = vgt(xv, zv);
+    const Mask m = vbeats(xv, zv);
     vstore(z + i, select(m, xv, zv));
     vstore(idx + i, select(m, tv, vload(idx + i)));
   }
   for (; i < n; ++i)
-    if (x[i] > z[i]) {
+    if (beats(x[i], z[i])) {
       z[i] = x[i];
       idx[i] = t;
     }
@@ -43,16 +45,12 @@ static inline void tp_chunk(const float* x, int64_t len, int64_t n, float* z, fl
   }
   for (int64_t t = 1; t < len; ++t) {
     const float* p = x + t * n;
-    if constexpr (IDX) {
-      const Vec tv = vset1(static_cast<float>(t));
-      for (int u = 0; u < U; ++u) {
-        const Vec xv = vload(p + u * W);
-        const Mask m = vgt(xv, zr[u]);
-        zr[u] = select(m, xv, zr[u]);
-        ir[u] = select(m, tv, ir[u]);
-      }
-    } else {
-      for (int u = 0; u < U; ++u) zr[u] = vmax(zr[u], vload(p + u * W));
+    const Vec tv = vset1(static_cast<float>(t));
+    for (int u = 0; u < U; ++u) {
+      const Vec xv = vload(p + u * W);
+      const Mask m = vbeats(xv, zr[u]);
+      zr[u] = select(m, xv, zr[u]);
+      if constexpr (IDX) ir[u] = select(m, tv, ir[u]);
     }
   }
   for (int u = 0; u < U; ++u) {
@@ -85,9 +83,7 @@ static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float
     float m = x[i], a = 0.f;
     for (int64_t t = 1; t < len; ++t) {
       const float xv = x[t * n + i];
-      if constexpr (!IDX) {
-        m = m > xv ? m : xv;  // MAXPS(m, x), as the vectors above (see tp_frame)
-      } else if (xv > m) {
+      if (beats(xv, m)) {
         m = xv;
         a = static_cast<float>(t);
       }

@@ -5,11 +5,17 @@
 // per-file compiler flags.
 //
 //   Vec          W floats; load/store (unaligned), set1, arithmetic, min/max, floor, rint
-//   Mask         per-lane predicate; lt/gt/ge/le, mnot, mand, mor, select(m, a, b)
+//   Mask         per-lane predicate; lt/gt/ge/le, mnot, mand, mor, select(m, a, b);
+//                vbeats(x, m): x replaces the running maximum m under torch.max's rule
 //   vexp/vtanh   fp32 approximations (Cephes polynomials), max rel. error ~2e-7 (see below)
 //
 // NaN: vmax(lo, x) and vmin(hi, x) return x when x is NaN (x86 MAXPS/MINPS return the second
 // operand when either is NaN), which is how a NaN input reaches the output.
+//
+// A running maximum m with its first arg-max, as torch.max(dim) keeps it: x replaces m when
+// x > m, or when x is NaN and m is not (the first NaN wins and then stays); ties keep the first.
+// That is "!(x <= m) && m == m"; beats() is the scalar form every kernel's tail uses.
+static inline bool beats(float x, float m) { return !(x <= m) && m == m; }
 
 #include <cmath>
 #include <cstdint>
@@ -37,6 +43,9 @@ static inline Vec vrint(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO
 static inline Vec vabs(Vec a) { return {_mm512_abs_ps(a.v)}; }
 static inline Mask vlt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
 static inline Mask vgt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+static inline Mask vbeats(Vec x, Vec m) {
+  return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(m.v, m.v, _CMP_ORD_Q), x.v, m.v, _CMP_NLE_UQ);
+}
 static inline Mask mnot(Mask m) { return static_cast<Mask>(~m); }
 static inline Mask mor(Mask a, Mask b) { return static_cast<Mask>(a | b); }
 static inline Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
@@ -68,6 +77,9 @@ static inline Vec vrint(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAR
 static inline Vec vabs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 static inline Mask vlt(Vec a, Vec b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
 static inline Mask vgt(Vec a, Vec b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
+static inline Mask vbeats(Vec x, Vec m) {
+  return {_mm256_and_ps(_mm256_cmp_ps(x.v, m.v, _CMP_NLE_UQ), _mm256_cmp_ps(m.v, m.v, _CMP_ORD_Q))};
+}
 static inline Mask mnot(Mask m) { return {_mm256_xor_ps(m.m, _mm256_castsi256_ps(_mm256_set1_epi32(-1)))}; }
 static inline Mask mor(Mask a, Mask b) { return {_mm256_or_ps(a.m, b.m)}; }
 static inline Vec select(Mask m, Vec a, Vec b) { return {_mm256_blendv_ps(b.v, a.v, m.m)}; }
@@ -106,6 +118,7 @@ static inline Vec vrint(Vec a) { return {std::nearbyint(a.v)}; }
 static inline Vec vabs(Vec a) { return {std::fabs(a.v)}; }
 static inline Mask vlt(Vec a, Vec b) { return a.v < b.v; }
 static inline Mask vgt(Vec a, Vec b) { return a.v > b.v; }
+static inline Mask vbeats(Vec x, Vec m) { return beats(x.v, m.v); }
 static inline Mask mnot(Mask m) { return !m; }
 static inline Mask mor(Mask a, Mask b) { return a || b; }
 static inline Vec select(Mask m, Vec a, Vec b) { return m ? a : b; }

@@ -3,8 +3,9 @@
 // coalesced), fold the frames with a running max and first arg-max into registers, and leave
 // the fp32 map z in shared memory; row sums / maxima are reduced from it by one thread per row,
 // and each strip is assembled from its rows by one thread per strip (gait maps are small:
-// H <= 64, W <= 44). Ties go to the first index (strict > scanning t, rows, then columns), as
-// torch.max(dim). Backward: dL/dz is built in shared memory in a fixed order (deterministic,
+// H <= 64, W <= 44). Maxima follow torch.max(dim): scanning t, rows, then columns, a value
+// replaces the running maximum when it is larger, or NaN over a non-NaN (the first NaN wins and
+// stays); ties keep the first index. Backward: dL/dz is built in shared memory in a fixed order (deterministic,
 // no atomics), then every frame of dx is written once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -15,6 +16,9 @@ namespace qgait::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+// x replaces the running maximum m (torch.max's rule, as the CPU kernels' beats()).
+__device__ __forceinline__ bool beats(float x, float m) { return !(x <= m) && m == m; }
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -49,7 +53,7 @@ __global__ void pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out,
     int a = 0;
     for (int t = 1; t < len; ++t) {
       const float v = to_f(src[static_cast<int64_t>(t) * HW + p]);
-      if (v > m) {
+      if (beats(v, m)) {
         m = v;
         a = t;
       }
@@ -66,7 +70,7 @@ __global__ void pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out,
     int a = 0;
     for (int w = 0; w < W; ++w) s += r[w];
     for (int w = 1; w < W; ++w)
-      if (r[w] > m) {
+      if (beats(r[w], m)) {
         m = r[w];
         a = w;
       }
@@ -81,7 +85,7 @@ __global__ void pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out,
     int best = a;
     for (int h = a; h < b; ++h) s += rsum[h];
     for (int h = a + 1; h < b; ++h)
-      if (rmax[h] > m) {
+      if (beats(rmax[h], m)) {
         m = rmax[h];
         best = h;
       }

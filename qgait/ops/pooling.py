@@ -21,7 +21,8 @@ its arg-max element, the first in (t, then row-major h, w) order on ties, so the
 deterministic and equal to that of ``torch.max(dim)``-based code. The fused op's gradient equals
 that of the two separate ops composed. Accumulation is fp32 for float16 / bfloat16 / float32
 inputs (fp64 for fp64 on the reference backend); the output has the input's dtype. NaN
-propagation follows the comparisons of each kernel and is not specified.
+follows ``torch.max`` on every backend: a NaN in a window makes its max (and mean) NaN, and the
+max term's gradient goes to the window's first NaN (in the same t, row, column order).
 
 Backends: ``reference`` (pure PyTorch, the truth), ``cpu`` (C++, AVX-512 / AVX2 / scalar),
 ``cuda`` (CUDA C++), ``triton``. See :mod:`qgait._backend` for how one is chosen. The C++ and
