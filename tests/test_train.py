@@ -97,6 +97,27 @@ def test_config_overrides_and_validation(tmp_path):
     assert load_config("synthetic_fp")["stage"] == "fp"
 
 
+def test_config_base_chain(tmp_path):
+    """``base:`` loads the named config first; the file holds only what differs."""
+    (tmp_path / "a.yaml").write_text("base: casia_b_fp_w1\nname: a\noptim: {lr: 0.02}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ndata: {K: 2}\n")
+    ref = load_config("casia_b_fp_w1")
+    b = load_config(str(tmp_path / "b.yaml"))
+    assert (b["name"], b["optim"]["lr"], b["data"]["K"]) == ("b", 0.02, 2)
+    assert b["model"] == ref["model"] and b["train"]["iterations"] == ref["train"]["iterations"]
+    assert b["data"]["P"] == ref["data"]["P"] and b["train"]["out_dir"] == "runs/b"
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ValueError, match="'base' cycle"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "e.yaml").write_text("base: casia_b_fp\noptim: {lrr: 1}\n")
+    with pytest.raises(ValueError, match="unknown key 'optim.lrr'"):
+        load_config(str(tmp_path / "e.yaml"))
+    (tmp_path / "f.yaml").write_text("base: no_such_base\n")
+    with pytest.raises(FileNotFoundError, match="no_such_base"):
+        load_config(str(tmp_path / "f.yaml"))
+
+
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path):
     """A shipped recipe with a typo'd key or a bad value fails here, not an hour into a run."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from qgait.data.augment import SilhouetteAugment
 from qgait.models import build_model
 from qgait.train.data import TrainBatches
 from qgait.train.trainer import (STAGES, Trainer, build_optimizer, lr_lambda, seed_everything)
@@ -96,7 +97,8 @@ def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = No
     d = cfg["data"]
     batches = TrainBatches(dataset, d["P"], d["K"], d["frames"], d["sampling"], seed=cfg["seed"],
                            rank=rank, world_size=world_size, start_step=start,
-                           prefetch=d["prefetch"])
+                           prefetch=d["prefetch"],
+                           augment=SilhouetteAugment.from_config(d["augment"]))
     if ck is not None and ck.get("sampler"):
         batches.sampler.load_state_dict(ck["sampler"])
     trainer = Trainer(cfg, trained, batches, opt, sched, device, out_dir, rank, world_size,

@@ -3,7 +3,8 @@
 A config is a nested dict. :data:`DEFAULTS` holds every key the trainer reads; a YAML file
 (``qgait/configs/<name>.yaml`` or any path) overrides some, and command-line overrides
 (``--optim.lr 0.05``) override those. Unknown keys are an error (a typo would otherwise be
-silently ignored), except below ``extra`` which later stages may use freely.
+silently ignored), except below ``extra`` which later stages may use freely. A YAML file may
+name another config as its ``base:`` and hold only what differs from it.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ DEFAULTS: dict[str, Any] = {
         "frames": 30,
         "sampling": "ordered",        # "ordered": a contiguous clip; "unordered": random frames
         "prefetch": 6,                # batches prepared ahead by the background thread
+        # per-sequence augmentation (qgait.data.augment.SilhouetteAugment): probabilities of
+        # a left-right flip, a small similarity warp and an erased rectangle; 0 = off
+        "augment": {"flip": 0.0, "affine": 0.0, "rotate": 10.0, "scale": 0.1, "shift": 0.05,
+                    "erase": 0.0, "erase_area": [0.02, 0.1]},
     },
     "model": {"name": "GaitLite3D", "width": 1.0, "embed_dim": None,
               "bins": [16, 8, 4, 2, 1], "scale": 16.0},
@@ -134,6 +139,8 @@ def validate(cfg: dict) -> dict:
     for k in ("P", "K", "frames"):
         if not isinstance(d[k], int) or d[k] < 1:
             raise ValueError(f"config: data.{k} must be a positive int, got {d[k]!r}")
+    from qgait.data.augment import SilhouetteAugment
+    SilhouetteAugment.from_config(d["augment"])   # raises on a bad probability or range
     if d["K"] < 2:
         raise ValueError("config: data.K must be >= 2 (a triplet needs a positive)")
     if not isinstance(t["iterations"], int) or t["iterations"] < 0:
@@ -149,13 +156,35 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+def _load_yaml(name_or_path: str, chain: tuple[str, ...] = ()) -> list[dict]:
+    """The YAML mappings of a config and its ``base:`` ancestors, oldest first."""
+    path = resolve_config_path(name_or_path).resolve()
+    if str(path) in chain:
+        raise ValueError(f"config: 'base' cycle: {' -> '.join(chain + (str(path),))}")
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level")
+    base = d.pop("base", None)
+    if base is None:
+        return [d]
+    # a relative base path is relative to the file naming it; a bare name is a packaged config
+    b = Path(str(base))
+    if b.suffix in (".yaml", ".yml") and not b.is_absolute():
+        b = path.parent / b
+    return _load_yaml(str(b), chain + (str(path),)) + [d]
+
+
 def load_config(name_or_path: str | None = None,
                 overrides: dict | Sequence[str] | None = None) -> dict:
-    """Defaults <- YAML file <- overrides, validated. ``out_dir`` ``{name}`` is filled in."""
+    """Defaults <- YAML file (after its ``base:`` chain) <- overrides, validated.
+
+    ``out_dir``'s ``{name}`` is filled in.
+    """
     cfg = copy.deepcopy(DEFAULTS)
     if name_or_path:
-        with open(resolve_config_path(name_or_path)) as f:
-            cfg = _merge(cfg, yaml.safe_load(f) or {})
+        for d in _load_yaml(name_or_path):
+            cfg = _merge(cfg, d)
     if overrides:
         if not isinstance(overrides, dict):
             overrides = parse_overrides(overrides)

@@ -1,7 +1,9 @@
 """Training batches for the trainer: a pure function of the step, prefetched by a thread.
 
 Batch ``s`` depends only on ``(seed, rank, s)``: the identities come from
-``TripletSampler.batch(s)`` and the frames from ``np.random.default_rng([seed, 1, rank, s])``.
+``TripletSampler.batch(s)``, the frames from ``np.random.default_rng([seed, 1, rank, s])`` and
+their augmentation (if any) from ``np.random.default_rng([seed, 2, rank, s])``, so turning
+augmentation on changes nothing else.
 So a resumed run sees exactly the batches an uninterrupted run would, and the background
 thread may run ahead freely (nothing it consumes has to be checkpointed beyond the step).
 """
@@ -46,12 +48,15 @@ class TrainBatches:
         seed, rank, world_size: the stream (see the module docstring) and this rank's shard.
         start_step: first step to produce (a resumed run's step).
         prefetch: batches prepared ahead by a daemon thread; 0 builds each batch on demand.
+        augment: a :class:`~qgait.data.augment.SilhouetteAugment` applied to every sequence
+            (None: none).
     """
 
     def __init__(self, dataset, P: int, K: int, frames: int, sampling: str = "ordered",
                  seed: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 prefetch: int = 4):
+                 prefetch: int = 4, augment=None):
         self.dataset, self.frames, self.sampling = dataset, frames, sampling
+        self.augment = augment if augment is not None and augment.enabled else None
         self.seed, self.rank = seed, rank
         self.sampler = TripletSampler(dataset.labels, P, K, seed=seed, rank=rank,
                                       world_size=world_size)
@@ -67,8 +72,15 @@ class TrainBatches:
         idx = self.sampler.batch(step)
         rng = np.random.default_rng([self.seed, 1, self.rank, step])
         if self.sampling == "ordered":
-            return make_ordered_batch(self.dataset, idx, self.frames, rng)
-        return make_train_batch(self.dataset, idx, self.frames, rng)
+            x, labels = make_ordered_batch(self.dataset, idx, self.frames, rng)
+        else:
+            x, labels = make_train_batch(self.dataset, idx, self.frames, rng)
+        if self.augment is not None:
+            arng = np.random.default_rng([self.seed, 2, self.rank, step])
+            xs = x.numpy()
+            for n in range(xs.shape[0]):
+                xs[n, 0] = self.augment(xs[n, 0], arng)
+        return x, labels
 
     def _worker(self, first: int):
         s = first
