@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 from qgait import _ext  # noqa: E402
 from qgait import ops  # noqa: E402,F401
 from qgait._ext import cpu_isa, set_cpu_isa  # noqa: E402,F401
+from qgait._malloc import keep_freed_memory  # noqa: E402,F401
 from qgait.quant import QuantConfig, quantize_, set_quant_mode  # noqa: E402,F401
 
 

@@ -1,0 +1,45 @@
+"""keep_freed_memory(): after it, a large block freed and allocated again is not page-faulted in
+afresh (checked in a subprocess: the setting is process-wide)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent("""
+    import resource, sys, torch
+    import qgait
+    applied = qgait.keep_freed_memory() if sys.argv[1] == "keep" else False
+    def step():  # a training step in miniature: large temporaries above any mmap threshold
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = torch.ones(40 << 20, dtype=torch.uint8)
+        b = torch.ones(48 << 20, dtype=torch.uint8)
+        c = a[: 8 << 20] + 1
+        del a, b, c
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+    print(applied, [step() for _ in range(5)][-1])
+""")
+
+
+def run(mode, **env):
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                         env=dict(os.environ, **env), check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning: Linux only")
+def test_keep_freed_memory_stops_refaulting():
+    applied, faults = run("keep")
+    if not applied:
+        pytest.skip("not glibc (mallopt unavailable)")
+    _, faults_default = run("default")
+    # 96 MiB is 24,576 pages of 4 KiB: the default allocator faults (nearly) all of them in
+    # again every step (fewer with transparent huge pages); the kept heap, once warm, none
+    assert faults_default > 1000
+    assert faults < faults_default / 20
+
+
+def test_env_turns_it_off():
+    applied, _ = run("keep", QGAIT_MALLOC="default")
+    assert not applied
