@@ -106,3 +106,29 @@ def test_no_classifier_and_build_model():
     assert out["logits"] is None and out["embeddings"].shape[0] == 2
     with pytest.raises(ValueError, match="unknown model"):
         build_model("GaitSet", num_classes=3)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_short_clip_under_bf16_channels_last(T):
+    """torch 2.13's CPU bf16 channels-last Conv3d reads uninitialised memory for the temporal
+    padding of a 1-frame, 1-channel input; GaitLite3D pads such clips explicitly, so evaluation
+    (bf16 autocast, channels-last) gives the fp32 embedding, the same on every call."""
+    torch.manual_seed(0)
+    m = GaitLite3D(num_classes=0, width=0.5).eval()
+    x = (torch.rand(1, 1, T, 64, 44) > 0.5).float()
+    with torch.no_grad():
+        ref = m(x)["embeddings"]
+        # the explicit padding is exact: the plain stem gives the same fp32 features
+        plain = m.stage3(m.stage2(m.pool1(m.stage1(m.stem(x)))))
+        torch.testing.assert_close(m.trunk(x), plain, rtol=1e-5, atol=1e-5)
+    mc = m.to(memory_format=torch.channels_last_3d)
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    outs = []
+    for r in range(3):
+        junk = torch.full((1 << 16,), 1e30 * (r + 1))   # leave garbage where the next tensors go
+        del junk
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(mc(xc)["embeddings"].float())
+    for e in outs:
+        assert torch.isfinite(e).all()
+        torch.testing.assert_close(e, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))

@@ -126,7 +126,21 @@ class GaitLite3D(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, 1, T, H, W] -> [N, 8c, T, H/4, W/4]`` feature maps (before pooling)."""
-        return self.stage3(self.stage2(self.pool1(self.stage1(self.stem(x)))))
+        conv = self.stem[0]
+        kt = getattr(conv, "kernel_size", (1,))[0]   # (export wrappers have none: no padding)
+        if x.shape[2] < kt:
+            # A clip shorter than the temporal kernel (1-2 frames: CASIA-B has a few) has its
+            # temporal zero padding made explicit, and the extra output frames dropped: the
+            # same numbers, but torch 2.13's CPU bf16 channels-last Conv3d with one input
+            # channel reads uninitialised memory for the padding of a 1-frame input (its
+            # output is garbage, different on every call), which is what evaluation runs.
+            p = kt // 2
+            T = x.shape[2]
+            h = conv(F.pad(x, (0, 0, 0, 0, p, p)))[:, :, p:p + T]
+            h = self.stem[1:](h)
+        else:
+            h = self.stem(x)
+        return self.stage3(self.stage2(self.pool1(self.stage1(h))))
 
     def forward(self, x: torch.Tensor, seqL: Sequence[int] | None = None) -> dict:
         if x.dim() != 5 or x.shape[1] != 1:
