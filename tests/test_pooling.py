@@ -311,6 +311,29 @@ def test_nan_on_every_simd_level(cpu_isa):
     torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
 
 
+def test_one_nan_in_a_wide_frame_and_signed_zero_ties(cpu_isa):
+    """The no-index slab kernel runs MAXPS and takes only a chunk that saw a NaN again under
+    torch.max's rule: in a frame of many chunks, one NaN (followed by larger numbers, which
+    MAXPS alone would let through) must reach exactly its own position, the clean chunks around
+    it must be exact, and ties between -0 and +0 keep the first, as torch.max(dim) does."""
+    x = rand_x((1, 2, 6, 32, 41), seed=4)
+    x[:, :, 0, :, :3] = -0.0
+    x[:, :, 1:, :, :3] = 0.0          # a max of -0 then +0: the first (-0) stays
+    x[:, :, 0, 5, 7] = -9.0           # frames after the NaN are larger
+    x[:, :, 2, 5, 7] = float("nan")
+    x[:, :, 3:, 5, 7] = 5.0
+    for xin in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+        z = temporal_pool(xin, None, backend="cpu")
+        want = P.temporal_pool_ref(x, None)
+        assert want.isnan().sum() == 2 and torch.signbit(want[:, :, :, :3]).all()
+        assert torch.equal(z.isnan(), want.isnan())
+        assert torch.equal(torch.signbit(z), torch.signbit(want))
+        torch.testing.assert_close(z, want, rtol=0, atol=0, equal_nan=True)
+        y = set_pool_hpp(xin, None, (32, 8, 1), "max", backend="cpu")
+        y_ref = set_pool_hpp_ref(x, None, (32, 8, 1), "max")
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+
+
 def test_no_indices_without_grad():
     if not qgait.backends()["cpu"]["available"]:
         pytest.skip("qgait._C not built")

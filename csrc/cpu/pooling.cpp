@@ -134,10 +134,21 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
     float sum = 0.f, mx = r[0];
     int32_t arg = 0;
     for (int64_t w = 0; w < W; ++w) sum += r[w];
-    for (int64_t w = 1; w < W; ++w) {  // branch-free: maxima of real maps are unpredictable
-      const bool gt = pool_scalar::beats(r[w], mx);  // torch.max's rule (cpu/vec.h)
-      arg = gt ? static_cast<int32_t>(w) : arg;
-      mx = gt ? r[w] : mx;
+    // Branch-free (maxima of real maps are unpredictable). A NaN in the row makes the sum NaN,
+    // and only then does the running maximum need torch.max's rule (cpu/vec.h), whose longer
+    // dependency chain doubled the cost of the whole forward.
+    if (sum == sum) {
+      for (int64_t w = 1; w < W; ++w) {
+        const bool gt = r[w] > mx;
+        arg = gt ? static_cast<int32_t>(w) : arg;
+        mx = gt ? r[w] : mx;
+      }
+    } else {
+      for (int64_t w = 1; w < W; ++w) {
+        const bool gt = pool_scalar::beats(r[w], mx);
+        arg = gt ? static_cast<int32_t>(w) : arg;
+        mx = gt ? r[w] : mx;
+      }
     }
     s.rsum[h] = sum;
     s.rmax[h] = mx;

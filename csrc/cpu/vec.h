@@ -6,7 +6,10 @@
 //
 //   Vec          W floats; load/store (unaligned), set1, arithmetic, min/max, floor, rint
 //   Mask         per-lane predicate; lt/gt/ge/le, mnot, mand, mor, select(m, a, b);
-//                vbeats(x, m): x replaces the running maximum m under torch.max's rule
+//                vbeats(x, m): x replaces the running maximum m under torch.max's rule;
+//                vmaxnan(m, x): the new running maximum by that rule (value only);
+//                mord2(k, a, b): k and neither a nor b NaN (one instruction for two vectors on
+//                AVX-512); mtrue(), mall(k)
 //   vexp/vtanh   fp32 approximations (Cephes polynomials), max rel. error ~2e-7 (see below)
 //
 // NaN: vmax(lo, x) and vmin(hi, x) return x when x is NaN (x86 MAXPS/MINPS return the second
@@ -46,6 +49,14 @@ static inline Mask vgt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_
 static inline Mask vbeats(Vec x, Vec m) {
   return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(m.v, m.v, _CMP_ORD_Q), x.v, m.v, _CMP_NLE_UQ);
 }
+// Two instructions instead of select(vbeats)'s three: where x is a number, MAXPS(x, m) (which
+// returns m, the second operand, when m is NaN: a NaN stays); where x is NaN, x.
+static inline Vec vmaxnan(Vec m, Vec x) {
+  return {_mm512_mask_max_ps(x.v, _mm512_cmp_ps_mask(x.v, x.v, _CMP_ORD_Q), x.v, m.v)};
+}
+static inline Mask mord2(Mask k, Vec a, Vec b) { return _mm512_mask_cmp_ps_mask(k, a.v, b.v, _CMP_ORD_Q); }
+static inline Mask mtrue() { return static_cast<Mask>(0xFFFF); }
+static inline bool mall(Mask k) { return k == 0xFFFF; }
 static inline Mask mnot(Mask m) { return static_cast<Mask>(~m); }
 static inline Mask mor(Mask a, Mask b) { return static_cast<Mask>(a | b); }
 static inline Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
@@ -83,6 +94,10 @@ static inline Mask vbeats(Vec x, Vec m) {
 static inline Mask mnot(Mask m) { return {_mm256_xor_ps(m.m, _mm256_castsi256_ps(_mm256_set1_epi32(-1)))}; }
 static inline Mask mor(Mask a, Mask b) { return {_mm256_or_ps(a.m, b.m)}; }
 static inline Vec select(Mask m, Vec a, Vec b) { return {_mm256_blendv_ps(b.v, a.v, m.m)}; }
+static inline Vec vmaxnan(Vec m, Vec x) { return select(vbeats(x, m), x, m); }
+static inline Mask mord2(Mask k, Vec a, Vec b) { return {_mm256_and_ps(k.m, _mm256_cmp_ps(a.v, b.v, _CMP_ORD_Q))}; }
+static inline Mask mtrue() { return {_mm256_castsi256_ps(_mm256_set1_epi32(-1))}; }
+static inline bool mall(Mask k) { return _mm256_movemask_ps(k.m) == 0xFF; }
 static inline float vsum(Vec a) {
   __m128 lo = _mm256_castps256_ps128(a.v), hi = _mm256_extractf128_ps(a.v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -122,6 +137,10 @@ static inline Mask vbeats(Vec x, Vec m) { return beats(x.v, m.v); }
 static inline Mask mnot(Mask m) { return !m; }
 static inline Mask mor(Mask a, Mask b) { return a || b; }
 static inline Vec select(Mask m, Vec a, Vec b) { return m ? a : b; }
+static inline Vec vmaxnan(Vec m, Vec x) { return beats(x.v, m.v) ? x : m; }
+static inline Mask mord2(Mask k, Vec a, Vec b) { return k && a.v == a.v && b.v == b.v; }
+static inline Mask mtrue() { return true; }
+static inline bool mall(Mask k) { return k; }
 static inline float vsum(Vec a) { return a.v; }
 static inline Vec vldexp(Vec a, Vec n) { return {std::ldexp(a.v, static_cast<int>(n.v))}; }
 
