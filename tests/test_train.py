@@ -248,3 +248,31 @@ def test_init_from_loads_weights_only(fake, tmp_path):
     for k, v in a.unwrapped.state_dict().items():  # ... from the old weights
         torch.testing.assert_close(b.unwrapped.state_dict()[k], v, rtol=0, atol=0)
     b.batches.close()
+
+
+def test_compare_runs_plot(tmp_path):
+    """python -m qgait.train.plot RUN_A RUN_B: the runs' eval JSONs, one point per step."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from qgait.train.plot import compare_runs, main, read_evals
+    runs = []
+    for r, steps in enumerate(([1000, 2000], [1500, 3000, 4500])):
+        d = tmp_path / f"run{r}"
+        d.mkdir()
+        for s in steps:
+            res = {"step": s, "casia_b": {"cross_view": {
+                c: {"mean": 50.0 + s / 100 + r} for c in ("NM", "BG", "CL")}}}
+            (d / f"ckpt_{s:06d}.eval.json").write_text(json.dumps(res))
+        runs.append(d)
+    assert [s for s, _ in read_evals(runs[1])] == [1500, 3000, 4500]
+    assert read_evals(runs[0])[1][1]["CL"] == 70.0
+    out = compare_runs(runs, tmp_path / "cmp.png", labels=["a", "b"])
+    assert out.stat().st_size > 1000
+    main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cmp2.png")])
+    assert (tmp_path / "cmp2.png").exists()
+    with pytest.raises(ValueError, match="labels"):
+        compare_runs(runs, tmp_path / "x.png", labels=["only one"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no CASIA-B"):
+        compare_runs([runs[0], tmp_path / "empty"], tmp_path / "y.png")

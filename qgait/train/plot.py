@@ -3,6 +3,9 @@
 Plots loss terms (a moving average over ``--smooth`` steps, raw values faint), the learning
 rate, and, when ``RUN_DIR`` holds ``*.eval.json`` files from ``qgait eval`` of
 ``ckpt_<step>.pt`` checkpoints, the CASIA-B cross-view rank-1 per condition against the step.
+
+``python -m qgait.train.plot RUN_A RUN_B ... [--labels A B ...] --out cmp.png`` compares runs:
+their cross-view rank-1 against the step, one panel per condition.
 """
 from __future__ import annotations
 
@@ -94,13 +97,52 @@ def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
     return out
 
 
+def compare_runs(run_dirs, out, labels=None) -> Path:
+    """CASIA-B cross-view rank-1 against the step of several runs (their ``*.eval.json``), one
+    panel per condition; writes the PNG ``out`` and returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = list(labels) if labels else [d.name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"compare_runs: {len(labels)} labels for {len(run_dirs)} runs")
+    evals = [read_evals(d) for d in run_dirs]
+    for d, e in zip(run_dirs, evals):
+        if not e:
+            raise ValueError(f"compare_runs: {d} holds no CASIA-B *.eval.json")
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for k, cond in enumerate(("NM", "BG", "CL")):
+        for i, (label, e) in enumerate(zip(labels, evals)):
+            pts = [(s, r[cond]) for s, r in e if cond in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax[k].plot(xs, ys, "o-", color=f"C{i}", label=label)
+                ax[k].annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points",
+                               xytext=(4, -3), fontsize=8, color=f"C{i}")
+        ax[k].set_title(cond)
+        ax[k].set_xlabel("iteration")
+        ax[k].grid(alpha=0.3)
+    ax[0].set_ylabel("CASIA-B cross-view rank-1 (%)")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="+", help="one run (its curves) or several (compared)")
     ap.add_argument("--out")
+    ap.add_argument("--labels", nargs="+", help="legend names of the compared runs")
     ap.add_argument("--smooth", type=int, default=20)
     a = ap.parse_args(argv)
-    print(plot_run(a.run_dir, a.out, a.smooth))
+    if len(a.run_dir) == 1:
+        print(plot_run(a.run_dir[0], a.out, a.smooth))
+    else:
+        print(compare_runs(a.run_dir, a.out or "compare.png", a.labels))
 
 
 if __name__ == "__main__":
