@@ -137,19 +137,15 @@ void pyramid(const std::vector<PoolStrip>& strips, int64_t mode, int64_t H, int6
     // Branch-free (maxima of real maps are unpredictable). A NaN in the row makes the sum NaN,
     // and only then does the running maximum need torch.max's rule (cpu/vec.h), whose longer
     // dependency chain doubled the cost of the whole forward.
-    if (sum == sum) {
+    auto scan = [&](auto beats) {
       for (int64_t w = 1; w < W; ++w) {
-        const bool gt = r[w] > mx;
+        const bool gt = beats(r[w], mx);
         arg = gt ? static_cast<int32_t>(w) : arg;
         mx = gt ? r[w] : mx;
       }
-    } else {
-      for (int64_t w = 1; w < W; ++w) {
-        const bool gt = pool_scalar::beats(r[w], mx);
-        arg = gt ? static_cast<int32_t>(w) : arg;
-        mx = gt ? r[w] : mx;
-      }
-    }
+    };
+    if (sum == sum) scan([](float x, float m) { return x > m; });
+    else scan([](float x, float m) { return pool_scalar::beats(x, m); });
     s.rsum[h] = sum;
     s.rmax[h] = mx;
     s.rarg[h] = arg;

@@ -45,7 +45,8 @@ static inline void tp_chunk(const float* x, int64_t len, int64_t n, float* z, fl
     zr[u] = vload(x + u * W);
     if constexpr (IDX) ir[u] = vset1(0.f);
   }
-  for (int u = 0; u < U; u += 2) ok[u / 2] = mord2(mtrue(), zr[u], zr[u + 1 < U ? u + 1 : u]);
+  constexpr auto pair = [](int u) { return u + 1 < U ? u + 1 : u; };  // an odd U's last: itself
+  for (int u = 0; u < U; u += 2) ok[u / 2] = mord2(mtrue(), zr[u], zr[pair(u)]);
   for (int64_t t = 1; t < len; ++t) {
     const float* p = x + t * n;
     if constexpr (IDX) {
@@ -58,7 +59,7 @@ static inline void tp_chunk(const float* x, int64_t len, int64_t n, float* z, fl
       }
     } else {
       for (int u = 0; u < U; u += 2) {  // a pair at a time: two live loads, not U
-        const int v = u + 1 < U ? u + 1 : u;
+        const int v = pair(u);
         const Vec a = vload(p + u * W), b = vload(p + v * W);
         zr[u] = vmax(a, zr[u]);  // MAXPS(x, z): ties (and +0 after -0) keep z, the first
         if (v != u) zr[v] = vmax(b, zr[v]);
