@@ -44,11 +44,23 @@ def smooth(v: np.ndarray, n: int) -> np.ndarray:
     return np.convolve(v, k, mode="valid")
 
 
-def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
-    """Writes the PNG (default ``RUN_DIR/curve.png``) and returns its path."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def rank1_series(evals, cond: str):
+    """``(steps, rank-1s)`` of one condition from :func:`read_evals`; ``((), ())`` if absent."""
+    pts = [(s, r[cond]) for s, r in evals if cond in r]
+    return tuple(zip(*pts)) if pts else ((), ())
+
+
+def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
+    """Writes the PNG (default ``RUN_DIR/curve.png``) and returns its path."""
+    plt = _pyplot()
     run_dir = Path(run_dir)
     log = read_log(run_dir / "log.csv")
     evals = read_evals(run_dir)
@@ -77,11 +89,10 @@ def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
     ax[1].grid(alpha=0.3)
     if evals:
         for cond in ("NM", "BG", "CL"):
-            pts = [(s, r[cond]) for s, r in evals if cond in r]
-            if pts:
-                xs, ys = zip(*pts)
+            xs, ys = rank1_series(evals, cond)
+            if xs:
                 ax[2].plot(xs, ys, "o-", label=cond)
-                for x, y in pts:
+                for x, y in zip(xs, ys):
                     ax[2].annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5),
                                    ha="center", fontsize=8)
         ax[2].set_xlabel("iteration")
@@ -100,9 +111,6 @@ def plot_run(run_dir, out=None, smooth_n: int = 20) -> Path:
 def compare_runs(run_dirs, out, labels=None) -> Path:
     """CASIA-B cross-view rank-1 against the step of several runs (their ``*.eval.json``), one
     panel per condition; writes the PNG ``out`` and returns its path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     run_dirs = [Path(d) for d in run_dirs]
     labels = list(labels) if labels else [d.name for d in run_dirs]
     if len(labels) != len(run_dirs):
@@ -111,12 +119,12 @@ def compare_runs(run_dirs, out, labels=None) -> Path:
     for d, e in zip(run_dirs, evals):
         if not e:
             raise ValueError(f"compare_runs: {d} holds no CASIA-B *.eval.json")
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for k, cond in enumerate(("NM", "BG", "CL")):
         for i, (label, e) in enumerate(zip(labels, evals)):
-            pts = [(s, r[cond]) for s, r in e if cond in r]
-            if pts:
-                xs, ys = zip(*pts)
+            xs, ys = rank1_series(e, cond)
+            if xs:
                 ax[k].plot(xs, ys, "o-", color=f"C{i}", label=label)
                 ax[k].annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points",
                                xytext=(4, -3), fontsize=8, color=f"C{i}")
