@@ -37,7 +37,7 @@ _CACHE = 256  # packed sequences kept when not preloading (~30 KB each)
 class SeqInfo(NamedTuple):
     """Where one sequence came from."""
     subject: str
-    condition: str
+    condition: str   # lower case whatever the folder's case ("NM-01" -> "nm-01")
     view: str
     path: str
 
@@ -152,7 +152,8 @@ class OpenGaitDataset:
             for c in _listdir(self.root / s):
                 for v in _listdir(self.root / s / c):
                     d = self.root / s / c / v
-                    seqs.extend(SeqInfo(s, c, v, str(d / f)) for f in _seq_files(d))
+                    # condition names are matched case-insensitively (NM-01 is nm-01)
+                    seqs.extend(SeqInfo(s, c.lower(), v, str(d / f)) for f in _seq_files(d))
         if not seqs:
             raise DataError(f"{self.root}: no sequences (*.pkl / *.pkl.gz) for the selected "
                             f"subjects ({len(chosen)} selected)")
