@@ -83,42 +83,59 @@ def retrieval_metrics(dist, probe_labels, gallery_labels, ks: Sequence[int] = (1
     return out
 
 
-def casia_b_rank1(feats, subjects, conditions, views) -> dict:
-    """The CASIA-B rank-1 tables.
+def casia_b_hits(feats, subjects, conditions, views) -> dict:
+    """Per-probe outcomes of the CASIA-B protocol, the unit the tables and the bootstrap share.
 
     Args:
         feats: ``[N, C, P]`` embeddings of every test sequence.
         subjects, conditions, views: per-sequence strings (``"051"``, ``"nm-05"``, ``"090"``).
 
     Returns:
-        ``{"views": [...], "table": {cond: {probe_view: {gallery_view: %}}},
-        "cross_view": {cond: {probe_view: % mean over other gallery views, "mean": %}},
-        "same_view": {cond: {view: %, "mean": %}}}`` for cond in NM / BG / CL (conditions with
-        no probe or gallery sequence are left out).
+        ``{"views": [...], "cond": {name: {"subject": [Np], "view": [Np],
+        "hit": float [Np, V]}}}`` for name in NM / BG / CL with probes and a gallery:
+        ``hit[i, j]`` is 1.0 when probe i's nearest gallery sequence of view ``views[j]`` has
+        its subject (0.0 when not, also when the subject is absent from that gallery view) and
+        NaN when that gallery view has no sequence.
     """
     feats = torch.as_tensor(feats)
     subjects, conditions, views = (np.asarray(a) for a in (subjects, conditions, views))
     all_views = sorted(set(views.tolist()))
     gal_cond = np.isin(conditions, CASIA_B_GALLERY)
-    res = {"views": all_views, "table": {}, "cross_view": {}, "same_view": {}}
+    out: dict = {"views": all_views, "cond": {}}
+    if not gal_cond.any():
+        return out
     for name, conds in CASIA_B_PROBES.items():
-        pcond = np.isin(conditions, conds)
-        if not pcond.any() or not gal_cond.any():
+        pm = np.isin(conditions, conds)
+        if not pm.any():
             continue
+        hit = np.full((int(pm.sum()), len(all_views)), np.nan)
+        for j, gv in enumerate(all_views):
+            gm = gal_cond & (views == gv)
+            if gm.any():
+                d = part_distance(feats[pm], feats[gm])
+                hit[:, j] = subjects[gm][d.argmin(1).numpy()] == subjects[pm]
+        out["cond"][name] = {"subject": subjects[pm], "view": views[pm], "hit": hit}
+    return out
+
+
+def casia_b_tables(hits: dict, weights=None) -> dict:
+    """The rank-1 tables of :func:`casia_b_rank1` from :func:`casia_b_hits`.
+
+    ``weights`` (optional) maps a subject to how many times it counts as a probe (a bootstrap
+    resample; subjects not in it count 0); the gallery is left as it is.
+    """
+    views = hits["views"]
+    res = {"views": views, "table": {}, "cross_view": {}, "same_view": {}}
+    for name, h in hits["cond"].items():
+        w = (np.ones(len(h["subject"])) if weights is None else
+             np.array([weights.get(s, 0) for s in h["subject"]], dtype=float))
         table: dict = {}
-        for pv in all_views:
-            pm = pcond & (views == pv)
+        for pv in views:
+            pm = (h["view"] == pv) & (w > 0)
             if not pm.any():
                 continue
-            row = {}
-            for gv in all_views:
-                gm = gal_cond & (views == gv)
-                if not gm.any():
-                    continue
-                d = part_distance(feats[pm], feats[gm])
-                nearest = subjects[gm][d.argmin(1).numpy()]
-                row[gv] = float((nearest == subjects[pm]).mean() * 100)
-            table[pv] = row
+            table[pv] = {gv: float(np.average(h["hit"][pm, j], weights=w[pm]) * 100)
+                         for j, gv in enumerate(views) if not np.isnan(h["hit"][pm, j]).any()}
         cross = {}
         for pv, row in table.items():
             others = [a for gv, a in row.items() if gv != pv]
@@ -133,16 +150,61 @@ def casia_b_rank1(feats, subjects, conditions, views) -> dict:
     return res
 
 
-def format_casia_b(res: dict) -> str:
-    """The standard table: rows NM / BG / CL, one column per probe view and the mean."""
+def casia_b_rank1(feats, subjects, conditions, views) -> dict:
+    """The CASIA-B rank-1 tables (OpenGait's protocol).
+
+    Args:
+        feats: ``[N, C, P]`` embeddings of every test sequence.
+        subjects, conditions, views: per-sequence strings (``"051"``, ``"nm-05"``, ``"090"``).
+
+    Returns:
+        ``{"views": [...], "table": {cond: {probe_view: {gallery_view: %}}},
+        "cross_view": {cond: {probe_view: % mean over other gallery views, "mean": %}},
+        "same_view": {cond: {view: %, "mean": %}}, "mAP": {cond: %}}`` for cond in NM / BG /
+        CL (conditions with no probe or gallery sequence are left out). The cross-view mean is
+        the standard number: rank-1 per (probe view, gallery view) cell, averaged over the
+        gallery views other than the probe's, then over the probe views. ``mAP`` ranks each
+        probe against the whole nm-01..04 gallery less the sequences of the probe's own view.
+    """
+    res = casia_b_tables(casia_b_hits(feats, subjects, conditions, views))
+    feats = torch.as_tensor(feats)
+    subjects, conditions, views = (np.asarray(a) for a in (subjects, conditions, views))
+    gal = np.isin(conditions, CASIA_B_GALLERY)
+    res["mAP"] = {}
+    for name in res["table"]:
+        pm = np.isin(conditions, CASIA_B_PROBES[name])
+        d = part_distance(feats[pm], feats[gal])
+        same_view = views[pm][:, None] == views[gal][None, :]
+        res["mAP"][name] = retrieval_metrics(d, subjects[pm], subjects[gal],
+                                             exclude=same_view)["mAP"]
+    return res
+
+
+def format_casia_b(res: dict, full: bool = True) -> str:
+    """The standard table (rows NM / BG / CL, one column per probe view, the mean excluding
+    identical views), the same-view table, per-condition mAP and, when ``full``, each
+    condition's probe-view x gallery-view rank-1 table."""
     views = res["views"]
-    head = f"{'probe':<6s}" + "".join(f"{v:>8s}" for v in views) + f"{'mean':>8s}"
+    head = f"{'probe':<6s}" + "".join(f"{v:>7s}" for v in views) + f"{'mean':>7s}"
+
+    def cells(row):
+        return "".join(f"{row[v]:7.1f}" if v in row else f"{'-':>7s}" for v in views)
     lines = ["CASIA-B rank-1 (%), cross-view (gallery views != probe view, averaged)", head]
     for name, cross in res["cross_view"].items():
-        cells = "".join(f"{cross[v]:8.2f}" if v in cross else f"{'-':>8s}" for v in views)
-        lines.append(f"{name:<6s}{cells}{cross.get('mean', float('nan')):8.2f}")
+        lines.append(f"{name:<6s}{cells(cross)}{cross.get('mean', float('nan')):7.2f}")
     lines += ["CASIA-B rank-1 (%), same view", head]
     for name, same in res["same_view"].items():
-        cells = "".join(f"{same[v]:8.2f}" if v in same else f"{'-':>8s}" for v in views)
-        lines.append(f"{name:<6s}{cells}{same.get('mean', float('nan')):8.2f}")
+        lines.append(f"{name:<6s}{cells(same)}{same.get('mean', float('nan')):7.2f}")
+    if res.get("mAP"):
+        lines.append("mAP (%, gallery without the probe's view): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in res["mAP"].items()))
+    if full:
+        for name, table in res["table"].items():
+            lines += [f"{name}: rank-1 (%) per probe view (rows) x gallery view (columns); "
+                      "mean excludes the identical view",
+                      f"{'':<6s}" + "".join(f"{v:>7s}" for v in views) + f"{'mean':>7s}"]
+            for pv in views:
+                if pv in table:
+                    m = res["cross_view"][name].get(pv, float("nan"))
+                    lines.append(f"{pv:<6s}{cells(table[pv])}{m:7.2f}")
     return "\n".join(lines)
