@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qgait.pipeline.run import VARIANTS, run_pipeline
+from qgait.pipeline.run import run_pipeline, variant
 
 
 def inference_nbytes(model: torch.nn.Module) -> int:
@@ -113,15 +113,15 @@ def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str =
     test = load_dataset(cfg, "test", progress=False)
     x30 = torch.from_numpy(test.frames(0)[:30].astype("float32"))[None, None]
     rows = []
-    for variant, ck in checkpoints.items():
+    for name, ck in checkpoints.items():
         ck = Path(ck)
         model, _ = load_checkpoint_model(ck)
-        row = {"variant": variant}
-        if variant == "fp":
+        row = {"variant": name}
+        if name == "fp":
             row.update(model="FP32", bits=32)
             deployed = model
         else:
-            v = VARIANTS[variant]
+            v = variant(name)
             row.update(model=f"{v.label} (packed int{v.w_bits})", bits=v.w_bits)
             deployed = convert(copy.deepcopy(model).eval())
             row["fakequant_vs_packed_rel_diff"] = max_embedding_diff(model, deployed, x30)

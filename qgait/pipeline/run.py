@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,32 @@ class Variant:
     label: str = ""
 
 
-# The README's results table: QGait at W8A8 and W4A4, and the W4A4 ablations. Ablations train
-# for as many steps in total as the two-stage method (the one stage gets both budgets).
-VARIANTS = {
-    "w8a8": Variant(8, 8, label="W8A8 two-stage + IDC"),
-    "w4a4": Variant(4, 4, label="W4A4 two-stage + IDC"),
-    "w4a4-ste": Variant(4, 4, ("qat",), idc=False, label="W4A4 naive STE only"),
-    "w4a4-soft1": Variant(4, 4, ("soft",), idc=False, label="W4A4 soft quantizer, one stage"),
-    "w4a4-noidc": Variant(4, 4, idc=False, label="W4A4 two-stage without IDC"),
+# QGait's method and its ablations; a variant's name is ``w{W}a{A}`` (two-stage + IDC) or
+# ``w{W}a{A}-{method}``. Ablations train for as many steps in total as the two-stage method
+# (a one-stage ablation gets both budgets).
+METHODS = {
+    "": (("qat", "soft"), True, "two-stage + IDC"),
+    "ste": (("qat",), False, "naive STE only"),
+    "soft1": (("soft",), False, "soft quantizer, one stage"),
+    "noidc": (("qat", "soft"), False, "two-stage without IDC"),
 }
+_NAME = re.compile(r"w([2-8])a([2-8])(?:-(" + "|".join(m for m in METHODS if m) + r"))?")
+
+
+def variant(name: str) -> Variant:
+    """``"w4a4"`` / ``"w3a3-ste"`` / ... -> its :class:`Variant` (bits 2..8)."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        raise ValueError(f"qgait pipeline: unknown variant {name!r}; expected w<W>a<A> or "
+                         f"w<W>a<A>-<method> with bits 2..8 and method one of "
+                         f"{[k for k in METHODS if k]}, e.g. w4a4, w3a3-ste")
+    w, a, method = int(m[1]), int(m[2]), m[3] or ""
+    stages, idc, what = METHODS[method]
+    return Variant(w, a, stages, idc, label=f"W{w}A{a} {what}")
+
+
+# The README's results table: QGait at W8A8 and W4A4, and the W4A4 ablations.
+VARIANTS = {n: variant(n) for n in ("w8a8", "w4a4", "w4a4-ste", "w4a4-soft1", "w4a4-noidc")}
 
 
 def stage_config(cfg: dict, stage: str, out_dir: Path, **quant) -> dict:
@@ -80,7 +98,7 @@ def run_stage(cfg: dict, progress: bool = True) -> Path:
 
 def run_variant(cfg: dict, name: str, out: Path, fp_ckpt: Path, progress: bool = True) -> Path:
     """Stages of one variant (module docstring); returns its last stage's final checkpoint."""
-    v = VARIANTS[name]
+    v = variant(name)
     pipe = cfg.get("pipeline") or {}
     prev = fp_ckpt
     for stage in v.stages:
@@ -103,9 +121,8 @@ def run_pipeline(cfg: dict, out: str | os.PathLike, variants=None, progress: boo
     out = Path(out)
     pipe = cfg.get("pipeline") or {}
     variants = list(variants or pipe.get("variants") or ["w8a8", "w4a4"])
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"qgait pipeline: unknown variants {unknown}; known: {list(VARIANTS)}")
+    for v in variants:
+        variant(v)  # an unknown name fails here, before any stage runs
     if fp_checkpoint:
         fp = Path(fp_checkpoint)
     else:
