@@ -3,18 +3,38 @@
 Written to run under TRITON_INTERPRET=1 as well as on GPUs: no libdevice calls. tanh is built
 from exp (Cephes' split: an odd polynomial near 0, the exp form elsewhere), round-half-to-even
 from the fp32 magic-number trick, floor from that rounding. The reciprocal ``r = 1/s`` is
-computed by torch (IEEE division) so hard results are bit-exact with torch's fake-quant ops.
+computed in the kernels with IEEE division (``tl.div_rn``; ``/`` lowers to the approximate
+``div.full.f32`` on GPUs, and so does a ``1 / s`` that Inductor compiles in a traced launcher),
+so hard results are bit-exact with torch's fake-quant ops.
 
-The step gradient is reduced deterministically: the grid is (row, block) over x viewed as
-[rows = outer*C, inner]; each program writes its own partial and torch sums them in order.
+Both kernels view x as ``[rows, inner]`` (per channel: ``rows = outer * C``, the channel of a
+row is ``row % C``; per tensor: one row of ``numel`` elements) and give each program a
+``[BR, BI]`` tile of it, ``BR * BI = BLOCK``, shaped from the layout: ``inner = 27`` takes
+32 x 32 tiles (84% of the lanes busy, not 3% as one 1024-wide block per row), the last axis
+(``inner = 1``) 1024 rows at once. Index arithmetic is int64: a tensor may hold 2^31 elements
+or more. The step gradient is reduced deterministically: each program writes one partial per
+row of its tile and torch sums them in order.
+
+A step that is not finite and > 0 fails a device-side assert (``tl.device_assert``): the
+launchers compile the kernels with ``debug=True`` (and without Triton's integer-overflow
+asserts); Inductor compiles user kernels with ``debug`` on by default.
 """
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+BLOCK = 1024  # elements per program
 # 1.5 * 2^23: for |c| < 2^22, (c + M) - M is c rounded half-to-even in fp32 arithmetic.
 _RINT_MAGIC = 12582912.0
+# Launch options of every qgait Triton kernel in eager mode: device asserts on, Triton's
+# int32-overflow asserts off (they would tax every index operation; ours are int64).
+DEBUG_OPTS = {"debug": True, "sanitize_overflow": False}
+
+
+def launch_opts():
+    """Extra launch keywords: none while torch.compile traces (Inductor picks the compile
+    options of user kernels itself, with device asserts on)."""
+    return {} if torch.compiler.is_compiling() else dict(DEBUG_OPTS)
 
 
 @triton.jit
@@ -38,18 +58,51 @@ def _tanh(z):
 
 
 @triton.jit
+def _bf16_rne(v):
+    """fp32 -> bf16 rounding to nearest even on the bits (the interpreter truncates in its own
+    conversion), as torch's conversion: a carry into the exponent rounds up to inf. A NaN
+    becomes the quiet NaN 0x7FC0: the GPU's canonical NaN 0x7FFFFFFF would otherwise carry
+    into the sign (-0.0), and a signalling NaN 0x7F800001 round to inf."""
+    u = v.to(tl.uint32, bitcast=True)
+    nan = v != v
+    u = tl.where(nan, 0, u)  # finite and inf: no carry out of 32 bits
+    h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    h = tl.where(nan, 0x7FC0, h)
+    return h.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _cast_out(v, ptr):
-    # Narrow to the output dtype rounding to nearest even, as torch's .to() does. bf16 is
-    # rounded by hand on the fp32 bits (the interpreter truncates in its own conversion);
-    # the rounded value then converts exactly.
+    # Narrow to the output dtype rounding to nearest even, as torch's .to() does.
     if ptr.dtype.element_ty == tl.float32:
         return v
     elif ptr.dtype.element_ty == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        return _bf16_rne(v)
     else:
         return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _tile(pid, nb, rows, inner, BR: tl.constexpr, BI: tl.constexpr):
+    """Program ``pid``'s tile of x viewed as [rows, inner], ``nb`` tiles per row block:
+    rows [BR], columns [BI], int64 element offsets [BR, BI] and the mask. pid is int32 (a
+    program id): widened before any product, so offsets past 2^31 stay exact."""
+    rb = pid // nb
+    cb = pid % nb
+    row = rb.to(tl.int64) * BR + tl.arange(0, BR)
+    col = cb.to(tl.int64) * BI + tl.arange(0, BI)
+    offs = row[:, None] * inner + col[None, :]
+    mask = (row[:, None] < rows) & (col[None, :] < inner)
+    return row, col, offs, mask
+
+
+@triton.jit
+def _step(s_ptr, row, rows, C):
+    """The step of each row and its IEEE reciprocal; asserts (debug builds) s finite > 0."""
+    s = tl.load(s_ptr + row % C, mask=row < rows, other=1.0)
+    tl.device_assert((s > 0.0) & (s < float("inf")),
+                     "qgait::soft_fake_quant: scale must be finite and > 0")
+    return s, tl.div_rn(1.0, s)
 
 
 @triton.jit
@@ -77,40 +130,28 @@ def _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT: tl.constexpr, K0: tl.cons
 
 
 @triton.jit
-def _sfq_fwd_kernel(x_ptr, y_ptr, s_ptr, r_ptr, N, C, inner, qn, qp, k, tanh_scale, g_scale,
-                    PER_CHANNEL: tl.constexpr, SOFT: tl.constexpr, K0: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _sfq_fwd_kernel(x_ptr, y_ptr, s_ptr, rows, inner, C, nb, qn, qp, k, tanh_scale, g_scale,
+                    SOFT: tl.constexpr, K0: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    row, col, offs, mask = _tile(pid, nb, rows, inner, BR, BI)
+    s, r = _step(s_ptr, row, rows, C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if PER_CHANNEL:
-        ch = (offs // inner) % C
-        s = tl.load(s_ptr + ch, mask=mask, other=1.0)
-        r = tl.load(r_ptr + ch, mask=mask, other=1.0)
-    else:
-        s = tl.load(s_ptr)
-        r = tl.load(r_ptr)
-    v, c, g, q = _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT, K0)
+    v, c, g, q = _quant(x, r[:, None], qn, qp, k, tanh_scale, g_scale, SOFT, K0)
     # + 0.0: -0 -> +0, bit-identical to torch ((round(v) + zp) - zp)
-    tl.store(y_ptr + offs, _cast_out(q * s + 0.0, y_ptr), mask=mask)
+    tl.store(y_ptr + offs, _cast_out(q * s[:, None] + 0.0, y_ptr), mask=mask)
 
 
 @triton.jit
-def _sfq_bwd_kernel(gy_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, r_ptr, C, inner, nb, qn, qp, k,
+def _sfq_bwd_kernel(gy_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, rows, inner, C, nb, qn, qp, k,
                     tanh_scale, g_scale, SOFT: tl.constexpr, K0: tl.constexpr,
-                    NEED_DX: tl.constexpr, NEED_DS: tl.constexpr, BLOCK: tl.constexpr):
+                    NEED_DX: tl.constexpr, NEED_DS: tl.constexpr, BR: tl.constexpr,
+                    BI: tl.constexpr):
     pid = tl.program_id(0)
-    row = pid // nb  # (o, c) row of x viewed as [outer*C, inner]
-    blk = pid % nb
-    cidx = row % C
-    cols = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inner
-    offs = row.to(tl.int64) * inner + cols
+    row, col, offs, mask = _tile(pid, nb, rows, inner, BR, BI)
+    s, r = _step(s_ptr, row, rows, C)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + cidx)
-    v, c, g, q = _quant(x, r, qn, qp, k, tanh_scale, g_scale, SOFT, K0)
+    v, c, g, q = _quant(x, r[:, None], qn, qp, k, tanh_scale, g_scale, SOFT, K0)
     below = v < qn
     above = v > qp
     if NEED_DX:
@@ -119,7 +160,8 @@ def _sfq_bwd_kernel(gy_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, r_ptr, C, inner, nb,
     if NEED_DS:
         term = gy * tl.where(below, qn, tl.where(above, qp, q - v * g))
         term = tl.where(mask, term, 0.0)
-        tl.store(part_ptr + pid, tl.sum(term, axis=0))
+        # partial of (row, column block): part is [rows, nb]
+        tl.store(part_ptr + row * nb + pid % nb, tl.sum(term, axis=1), mask=row < rows)
 
 
 def _consts(k):
@@ -129,6 +171,7 @@ def _consts(k):
 
 
 def _layout(x, axis):
+    """(outer, C, inner) of x around the step's axis (per tensor: one channel, one row)."""
     if axis < 0:
         return 1, 1, x.numel()
     outer = 1
@@ -137,22 +180,34 @@ def _layout(x, axis):
     return outer, x.shape[axis], x.numel() // max(1, outer * x.shape[axis])
 
 
+def tile_shape(rows, inner):
+    """(BR, BI): the [rows, columns] tile of one program, BR * BI <= BLOCK, powers of two."""
+    bi = min(triton.next_power_of_2(max(inner, 1)), BLOCK)
+    br = min(BLOCK // bi, triton.next_power_of_2(max(rows, 1)))
+    return br, bi
+
+
+def _grid(rows, inner):
+    br, bi = tile_shape(rows, inner)
+    nb = triton.cdiv(inner, bi)
+    return br, bi, nb, triton.cdiv(rows, br) * nb
+
+
 def forward(x, scale, axis, qn, qp, k, soft):
     from torch.library import wrap_triton
 
     x = x.contiguous()
     y = torch.empty_like(x)
-    n = x.numel()
-    if n == 0:
+    if x.numel() == 0:
         return y
     s = scale.reshape(-1).contiguous()
-    r = 1.0 / s
     outer, C, inner = _layout(x, axis)
+    rows = outer * C
+    br, bi, nb, n_prog = _grid(rows, inner)
     tanh_scale, g_scale = _consts(k)
-    grid = (triton.cdiv(n, BLOCK),)
-    wrap_triton(_sfq_fwd_kernel)[grid](
-        x, y, s, r, n, C, inner, float(qn), float(qp), float(k), tanh_scale, g_scale,
-        PER_CHANNEL=axis >= 0, SOFT=bool(soft), K0=(k == 0.0), BLOCK=BLOCK)
+    wrap_triton(_sfq_fwd_kernel)[(n_prog,)](
+        x, y, s, rows, inner, C, nb, float(qn), float(qp), float(k), tanh_scale, g_scale,
+        SOFT=bool(soft), K0=(k == 0.0), BR=br, BI=bi, **launch_opts())
     return y
 
 
@@ -165,18 +220,17 @@ def backward(grad_y, x, scale, axis, qn, qp, k, soft, gamma, need_dx, need_ds):
     n = x.numel()
     outer, C, inner = _layout(x, axis)
     s = scale.reshape(-1).contiguous()
-    r = 1.0 / s
     if n == 0 or not (need_dx or need_ds):
         ds = torch.zeros_like(scale) if need_ds else scale.new_empty(0)
         return dx, ds
-    nb = triton.cdiv(inner, BLOCK)
     rows = outer * C
-    part = torch.empty(rows * nb, device=x.device, dtype=torch.float32)
+    br, bi, nb, n_prog = _grid(rows, inner)
+    part = torch.empty(rows * nb if need_ds else 1, device=x.device, dtype=torch.float32)
     tanh_scale, g_scale = _consts(k)
-    wrap_triton(_sfq_bwd_kernel)[(rows * nb,)](
-        grad_y, x, dx if need_dx else x, part, s, r, C, inner, nb, float(qn), float(qp),
+    wrap_triton(_sfq_bwd_kernel)[(n_prog,)](
+        grad_y, x, dx if need_dx else x, part, s, rows, inner, C, nb, float(qn), float(qp),
         float(k), tanh_scale, g_scale, SOFT=bool(soft), K0=(k == 0.0), NEED_DX=bool(need_dx),
-        NEED_DS=bool(need_ds), BLOCK=BLOCK)
+        NEED_DS=bool(need_ds), BR=br, BI=bi, **launch_opts())
     if need_ds:
         ds = (part.view(outer, C, nb).sum(dim=(0, 2)) * gamma).reshape(scale.shape)
     else:

@@ -1,11 +1,17 @@
-"""Test configuration. Triton runs on this CPU only in its interpreter: set it before any
-import of triton. Tests skip (with a reason) what this machine cannot do."""
+"""Test configuration. Tests skip (with a reason) what this machine cannot do.
+
+Triton: on a machine with a CUDA GPU the Triton tests run the compiled kernels on CUDA tensors
+(``triton_device`` / ``device_of("triton")`` is "cuda"); without one they run in Triton's CPU
+interpreter, switched on here before qgait imports (and decorates) its kernels. An explicit
+``TRITON_INTERPRET`` in the environment wins either way."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 import qgait  # noqa: E402
 from qgait import _ext  # noqa: E402
@@ -66,5 +72,37 @@ def cpu_isa(request):
         del prev
 
 
+def triton_device_name() -> str:
+    """Where the Triton backend's tests put their tensors: "cuda" when the kernels are compiled
+    for a GPU, "cpu" under the interpreter."""
+    return "cpu" if TRITON_INTERPRETED else "cuda"
+
+
 def device_of(backend: str) -> str:
-    return "cuda" if backend == "cuda" else ("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    """The device of the tensors a test of ``backend`` feeds it."""
+    if backend == "cuda":
+        return "cuda"
+    return triton_device_name() if backend == "triton" else "cpu"
+
+
+@pytest.fixture
+def triton_device():
+    """The Triton tests' device ("cuda" compiled, "cpu" interpreted); skips without Triton."""
+    info = qgait.backends()["triton"]
+    if not info["available"]:
+        pytest.skip(f"backend triton: {info['why']}")
+    return torch.device(triton_device_name())
+
+
+@pytest.fixture
+def triton_debug(monkeypatch):
+    """Device asserts of the Triton kernels active. Compiled kernels have them already (the
+    launchers pass debug=True); the interpreter checks them only when its options say debug."""
+    if TRITON_INTERPRETED:
+        import dataclasses
+
+        from triton.runtime import interpreter
+
+        b = interpreter.interpreter_builder
+        monkeypatch.setattr(b, "options", dataclasses.replace(b.options, debug=True))
+    return TRITON_INTERPRETED

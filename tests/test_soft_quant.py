@@ -290,14 +290,154 @@ def test_opcheck():
                                True))
 
 
-def test_opcheck_triton():
-    if not qgait.backends()["triton"]["available"]:
-        pytest.skip("triton unavailable")
-    x = torch.randn(2, 3, 5, requires_grad=True)
-    s = (torch.rand(3) + 0.1).requires_grad_()
+def test_opcheck_triton(triton_device):
+    x = torch.randn(2, 3, 5, device=triton_device, requires_grad=True)
+    s = (torch.rand(3, device=triton_device) + 0.1).requires_grad_()
+    utils = torch.library._OPCHECK_DEFAULT_UTILS
+    if triton_device.type == "cpu":
+        # AOT tracing enters the triton_op and would run the interpreter on fake tensors
+        utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.qgait.soft_fake_quant_triton.default,
-                          (x, s, 1, -8, 7, 3.0, True, 0.5),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          (x, s, 1, -8, 7, 3.0, True, 0.5), test_utils=utils)
+
+
+# ---- the Triton kernels as a GPU compiles them ------------------------------------------------
+# NaN patterns a GPU produces (0x7FFFFFFF is its canonical NaN), quiet / signalling, both signs;
+# then the values next to every rounding decision.
+BF16_PATTERNS = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001,
+                 0x7FBFFFFF, 0x7F80FFFF, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF,
+                 0x7F7F8000, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00000001,
+                 0x80000001, 0x00008000, 0x00018000, 0x80000000, 0x00000000, 0x3F800000]
+
+
+def test_triton_bf16_rounding_bit_patterns(triton_device):
+    """The kernels' fp32 -> bf16 rounding on exact bit patterns, against torch's conversion:
+    NaN stays NaN (the old carry turned 0x7FFFFFFF into -0.0 and 0x7F800001 into inf)."""
+    import triton_probes
+
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(-2**31, 2**31, (200,), generator=g, dtype=torch.int64)
+    bits = torch.tensor(BF16_PATTERNS, dtype=torch.int64)
+    u32 = torch.cat([bits, rand]).to(torch.int32)  # the low 32 bits
+    y = torch.empty(u32.numel(), dtype=torch.bfloat16, device=triton_device)
+    triton_probes.bf16_round_bits[(1,)](u32.to(triton_device), y, u32.numel(), BLOCK=256)
+    f = u32.view(torch.float32)
+    want = f.to(torch.bfloat16)
+    got = y.cpu()
+    assert torch.equal(got.isnan(), f.isnan())
+    ok = ~f.isnan()
+    assert torch.equal(got[ok].view(torch.int16), want[ok].view(torch.int16))
+    # a NaN comes out as the quiet NaN 0x7FC0 on every machine
+    assert (got[~ok].view(torch.int16) == 0x7FC0).all()
+
+
+def test_triton_tile_offsets_are_int64(triton_device):
+    """Program ids near 2^31 / 1024 tiles of a per-tensor input of 2^33 elements: the element
+    offsets are exact (an int32 ``blk * BLOCK`` wrapped into out-of-bounds stores)."""
+    import triton
+    import triton_probes
+
+    from qgait.kernels import soft_quant as tk
+
+    cases = [  # (rows, inner, pid)
+        (1, 2**33, 2**23 - 1),            # per tensor: the last tile of 2^33 elements
+        (1, 2**31 + 5, 2**21),            # the tile straddling 2^31, partly masked
+        (3 * 2**20, 2**12, 2**22 + 7),    # per channel, rows * inner = 3 * 2^32
+        (2**31 + 3, 1, 2**21),            # last axis: 1024 rows of one element
+    ]
+    for rows, inner, pid in cases:
+        br, bi = tk.tile_shape(rows, inner)
+        nb = triton.cdiv(inner, bi)
+        assert pid < triton.cdiv(rows, br) * nb < 2**31
+        out = torch.empty(br * bi, dtype=torch.int64, device=triton_device)
+        triton_probes.tile_offsets[(1,)](out, pid, nb, rows, inner, BR=br, BI=bi)
+        r = (pid // nb) * br + torch.arange(br, dtype=torch.int64)[:, None]
+        c = (pid % nb) * bi + torch.arange(bi, dtype=torch.int64)[None, :]
+        want = torch.where((r < rows) & (c < inner), r * inner + c, -1).flatten()
+        assert torch.equal(out.cpu(), want), (rows, inner, pid)
+        assert int(want.max()) >= 2**31
+
+
+def test_triton_tile_shape_follows_layout():
+    """One program's tile follows the layout: rows of 27 take 32 x 32 tiles, the last axis
+    1024 rows of one element, a per-tensor input 1024 elements of its one row."""
+    pytest.importorskip("triton")
+    from qgait.kernels.soft_quant import BLOCK, tile_shape
+
+    assert tile_shape(4096, 27) == (32, 32)
+    assert tile_shape(10**6, 1) == (BLOCK, 1)
+    assert tile_shape(1, 10**6) == (1, BLOCK)
+    assert tile_shape(3, 5) == (4, 8)           # small: no tile larger than the tensor
+    for rows, inner in [(64, 27), (7, 1), (1, 3), (5, 2000)]:
+        br, bi = tile_shape(rows, inner)
+        assert br * bi <= BLOCK and bi >= min(inner, BLOCK)
+
+
+@pytest.mark.parametrize("axis,shape", [(1, (3, 8, 27)), (2, (5, 4, 3)), (None, (5, 3, 7))])
+def test_triton_layouts_match_reference(triton_device, axis, shape):
+    """The tiled kernels on the layouts the tile shape is chosen for (inner = 27, last axis,
+    per tensor), hard mode bit-exact, forward and both gradients."""
+    for mode, k in [("hard", 0.0), ("soft", 3.0)]:
+        x, s = _inputs(shape, axis, 4, True, seed=3, device=triton_device)
+        y, dx, ds = _run("triton", x, s, axis, 4, True, k, mode)
+        yr, dxr, dsr = _run("reference", x, s, axis, 4, True, k, mode)
+        if mode == "hard":
+            assert torch.equal(y, yr)
+        torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx, dxr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ds, dsr, rtol=1e-5, atol=1e-5 * float(dsr.abs().max() + 1))
+
+
+def test_triton_launchers_do_not_divide_in_torch(triton_device):
+    """1 / s is computed in the kernels (tl.div_rn): a torch division in the launcher is what
+    Inductor would compile with an approximate division on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 6, device=triton_device)
+    s = torch.rand(6, device=triton_device) + 0.1
+    with Record() as rec:
+        torch.ops.qgait.soft_fake_quant_triton(x, s, 1, -8, 7, 2.0, False, 1.0)
+        torch.ops.qgait.soft_fake_quant_triton_backward(x, x, s, 1, -8, 7, 2.0, False, 1.0,
+                                                        True, True)
+    assert not rec.ops & {"div", "reciprocal", "true_divide"}, rec.ops
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_triton_kernels_assert_the_step(triton_device, triton_debug, bad):
+    """A bad step reaching the Triton kernels (past the Python check, which reads values only
+    on the CPU) fails their device-side assert, forward and backward, with no host sync."""
+    if not triton_debug:  # on a GPU an assert poisons the process's CUDA context
+        code = ("import torch, qgait\n"
+                "x = torch.randn(4, 3, device='cuda')\n"
+                f"s = torch.tensor([0.1, {bad!r}, 0.2], device='cuda')\n"
+                "torch.ops.qgait.soft_fake_quant_triton(x, s, 1, -8, 7, 0.0, False, 1.0)\n"
+                "torch.cuda.synchronize()\n").replace("nan", "float('nan')").replace(
+                    "inf", "float('inf')")
+        import subprocess
+        import sys
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0 and "assert" in (r.stdout + r.stderr).lower(), r.stderr[-2000:]
+        return
+    x = torch.randn(4, 3)
+    s = torch.tensor([0.1, bad, 0.2])
+    with pytest.raises(Exception, match="scale must be finite and > 0"):
+        torch.ops.qgait.soft_fake_quant_triton(x, s, 1, -8, 7, 0.0, False, 1.0)
+    with pytest.raises(Exception, match="scale must be finite and > 0"):
+        torch.ops.qgait.soft_fake_quant_triton_backward(x, x, s, 1, -8, 7, 0.0, False, 1.0,
+                                                        True, True)
+    y = torch.ops.qgait.soft_fake_quant_triton(x, s.abs().clamp(0.1, 1.0).nan_to_num(0.1), 1,
+                                               -8, 7, 0.0, False, 1.0)
+    assert y.shape == x.shape  # good steps pass the same assert
 
 
 def test_torch_compile_fullgraph():
