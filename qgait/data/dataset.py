@@ -103,6 +103,15 @@ def _pack(arr: np.ndarray) -> np.ndarray:
     return np.packbits(sil.reshape(sil.shape[0], _BITS), axis=1)
 
 
+def _load_packed(path: str, max_frames: int | None) -> np.ndarray:
+    """One file, read (bounded: :func:`load_pickle`) and packed; every failure a DataError."""
+    arr = load_pickle(path, max_frames=max_frames)
+    try:
+        return _pack(arr)
+    except MemoryError:  # the loader caps a sequence, but a low-memory machine may still fail
+        raise DataError(f"{path}: out of memory while packing {arr.shape[0]} frames") from None
+
+
 def _unpack(bits: np.ndarray) -> np.ndarray:
     return np.unpackbits(bits, axis=1, count=_BITS).reshape(-1, HEIGHT, WIDTH)
 
@@ -124,6 +133,10 @@ class OpenGaitDataset:
             each time its sequence is accessed.
         progress: show a tqdm bar while preloading.
         workers: threads for preloading (default: CPUs + 2, at most 8; gunzip releases the GIL).
+        max_frames: the most frames a sequence may have (default: ``QGAIT_MAX_FRAMES`` or 2,000;
+            CASIA-B's longest has fewer than 300); a longer or oversized file is a
+            :class:`DataError` (skipped with ``on_error="skip"``), refused before it is read
+            into memory (:func:`qgait.data.load_pickle`).
 
     Attributes:
         subjects: sorted subject names that have at least one sequence.
@@ -137,9 +150,13 @@ class OpenGaitDataset:
     """
 
     def __init__(self, root, subjects=None, partition_json=None, partition="TRAIN_SET",
-                 id_range=None, on_error="raise", preload=True, progress=True, workers=None):
+                 id_range=None, on_error="raise", preload=True, progress=True, workers=None,
+                 max_frames=None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if max_frames is not None and (type(max_frames) is not int or max_frames < 1):
+            raise ValueError(f"max_frames must be a positive int, got {max_frames!r}")
+        self.max_frames = max_frames
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a directory")
@@ -175,7 +192,7 @@ class OpenGaitDataset:
     def _preload(self, seqs, on_error, progress, workers):
         def load(q: SeqInfo):
             try:
-                return _pack(load_pickle(q.path))
+                return _load_packed(q.path, self.max_frames)
             except DataError as e:
                 if on_error == "raise":
                     raise
@@ -222,7 +239,7 @@ class OpenGaitDataset:
             return self._bits[self._offsets[i]:self._offsets[i + 1]]
         p = self._cache.get(i)
         if p is None:
-            p = _pack(load_pickle(self.seqs[i].path))
+            p = _load_packed(self.seqs[i].path, self.max_frames)
             self._lengths[i] = p.shape[0]
             # a small cache of recent sequences: a batch asks n_frames(i), then frames_at(i)
             self._cache[i] = p
