@@ -483,17 +483,42 @@ def test_import_png(tmp_path):
 
 
 def test_gei_rank1_baseline(tmp_path):
+    """A tree whose rank-1 is known by construction. Subject i's silhouette is a bar at a
+    column of its own, pat(i); in view 090 it shows pat(i), in view 000 pat(sigma(i)) with
+    sigma swapping subjects 0<->1 and 2<->3 (4 and 5 look the same in both views). Bags add a
+    block away from every bar (distances shift equally: rankings unchanged); clothes show the
+    next subject's bar, pat(i + 1), in both views. Hence, with 6 subjects:
+
+    * NM, BG: same view 100; cross view: only the 2 fixed subjects of sigma match: 33.3.
+    * CL: in view 090, pat(i + 1) matches subject i + 1: 0; in view 000, the gallery subject
+      showing pat(i + 1) is sigma(i + 1), which is i for i = 0 and 2 only: 33.3. Same view
+      and cross view (the other view's gallery) both average 0 and 33.3: 16.7."""
     from qgait.data.baseline import gei_rank1
 
-    # nm-05 is an exact copy of nm-01 (same view): same-view NM rank-1 must be 100%;
-    # cross-view pairs of random sequences are at chance level, far from 100%.
-    _write_tree(tmp_path, [f"{i:03d}" for i in range(1, 7)], conds=("nm-01", "nm-02", "bg-01"),
-                views=("000", "090"), T=(8, 8))
-    for p in tmp_path.glob("*/nm-01/*/*.pkl"):
-        dst = p.parent.parent.parent / "nm-05" / p.parent.name / p.name
-        dst.parent.mkdir(parents=True)
-        dst.write_bytes(p.read_bytes())
+    n = 6
+    sigma = [1, 0, 3, 2, 4, 5]
+
+    def pat(k, bag=False):
+        a = np.zeros((4, 64, 64), np.uint8)
+        a[:, 0:40, 12 + 4 * k:15 + 4 * k] = 255  # inside the 10..54 crop
+        if bag:
+            a[:, 50:60, 40:50] = 255
+        return a
+
+    for i in range(n):
+        for v in ("000", "090"):
+            shown = i if v == "090" else sigma[i]
+            for c in ("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "nm-06"):
+                save_pickle(tmp_path / f"{i + 1:03d}" / c / v / f"{v}.pkl", pat(shown))
+            for c in ("bg-01", "bg-02"):
+                save_pickle(tmp_path / f"{i + 1:03d}" / c / v / f"{v}.pkl", pat(shown, bag=True))
+            for c in ("cl-01", "cl-02"):
+                save_pickle(tmp_path / f"{i + 1:03d}" / c / v / f"{v}.pkl", pat((i + 1) % n))
     r = gei_rank1(OpenGaitDataset(tmp_path, progress=False))
-    assert r["NM"]["same_view"] == 100.0
-    assert r["NM"]["cross_view"] < 100.0
-    assert np.isnan(r["CL"]["same_view"])  # no cl sequences
+    assert r["NM"] == {"same_view": 100.0, "cross_view": pytest.approx(100 * 2 / 6)}
+    assert r["BG"] == {"same_view": 100.0, "cross_view": pytest.approx(100 * 2 / 6)}
+    assert r["CL"] == {"same_view": pytest.approx(100 / 6), "cross_view": pytest.approx(100 / 6)}
+    # a condition without probes is NaN, not 0
+    r = gei_rank1(OpenGaitDataset(tmp_path, progress=False),
+                  probes={"XX": ("xx-01",), "NM": ("nm-05",)})
+    assert np.isnan(r["XX"]["same_view"]) and r["NM"]["same_view"] == 100.0
