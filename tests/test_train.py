@@ -177,20 +177,23 @@ def test_resume_reproduces_the_uninterrupted_run(fake, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_extra_loss_term_and_stage_hook(fake, tmp_path):
+def test_extra_loss_term_and_stage_hook(fake, tmp_path, monkeypatch):
+    import qgait.pipeline.stages  # noqa: F401  (registers the real "qat" and "soft" stages)
     from qgait.train import register_stage
     from qgait.train.trainer import STAGES
+    real = STAGES["qat"]
     seen = {}
 
     def prepare(model, cfg):
         seen["prepared"] = True
         return model
-    register_stage("qat", prepare)
-    try:
+    with monkeypatch.context() as mp:
+        mp.setitem(STAGES, "qat", real)  # remembers the real stage; put back when the block ends
+        register_stage("qat", prepare)
         tr = build_trainer(small_cfg(tmp_path, train={"iterations": 2}) | {"stage": "qat"}, fake)
-    finally:
-        STAGES.pop("qat")
     assert seen["prepared"]
+    # later tests in this process (the pipeline's) find the real stage again
+    assert STAGES["qat"] is real and STAGES["qat"].prepare is not prepare
     tr.add_loss_term("l2", lambda t, out, x, y: ((out["embeddings"] ** 2).mean(),
                                                  {"scale": 1.0}), 0.5)
     rec = tr.train()[-1]
