@@ -105,9 +105,10 @@ def test_set_pool_hpp_matches_reference(backend, kind, mode, case):
     shape, seqL, bins = CASES[case]
     if backend == "triton" and (kind in ("const", "few") or mode == "mean"):
         pytest.skip("triton interpreter: a subset of the grid keeps the run short")
-    x = rand_x(shape, kind=kind, seed=case)
+    dev = device_of(backend)
+    x = rand_x(shape, kind=kind, seed=case).to(dev)
     n_out = len(seqL) if seqL else shape[0]
-    w = rand_x((n_out, shape[1], sum(bins)), seed=100 + case)
+    w = rand_x((n_out, shape[1], sum(bins)), seed=100 + case).to(dev)
     y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, mode, backend=backend), x, w)
     y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins, mode), x, w)
     if mode == "max":
@@ -128,8 +129,9 @@ def test_set_pool_hpp_matches_reference(backend, kind, mode, case):
 @pytest.mark.parametrize("seqL", [None, [4], [1, 3, 2]])
 def test_temporal_pool_matches_reference(backend, kind, seqL):
     shape = (2 if seqL is None else 1, 3, sum(seqL) if seqL else 6, 5, 7)
-    x = rand_x(shape, kind=kind)
-    w = rand_x((len(seqL) if seqL else 2, 3, 5, 7), seed=7)
+    dev = device_of(backend)
+    x = rand_x(shape, kind=kind).to(dev)
+    w = rand_x((len(seqL) if seqL else 2, 3, 5, 7), seed=7).to(dev)
     y, g = _grads(lambda t: temporal_pool(t, seqL, backend=backend), x, w)
     y_ref, g_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, w)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
@@ -140,8 +142,8 @@ def test_temporal_pool_matches_reference(backend, kind, seqL):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bins", [(16, 8, 4, 2, 1), (3,), (1, 2, 4, 8, 16)])
 def test_hpp_matches_reference(backend, bins):
-    x = rand_x((2, 3, 16, 6), kind="binary")
-    w = rand_x((2, 3, sum(bins)), seed=3)
+    x = rand_x((2, 3, 16, 6), kind="binary").to(device_of(backend))
+    w = rand_x((2, 3, sum(bins)), seed=3).to(x.device)
     y, g = _grads(lambda t: horizontal_pyramid_pool(t, bins, backend=backend), x, w)
     y_ref, g_ref = _grads(lambda t: P.horizontal_pyramid_pool_ref(t, bins), x, w)
     _close_mean(y, y_ref, torch.float32)
@@ -154,9 +156,9 @@ def test_hpp_matches_reference(backend, bins):
 @pytest.mark.parametrize("kind", ["randn", "binary"])
 def test_fused_grad_equals_composed(backend, kind):
     """The fused op's gradient is that of temporal_pool then horizontal_pyramid_pool."""
-    x = rand_x((1, 4, 6, 16, 5), kind=kind)
+    x = rand_x((1, 4, 6, 16, 5), kind=kind).to(device_of(backend))
     seqL, bins = [2, 4], (16, 8, 4, 2, 1)
-    w = rand_x((2, 4, sum(bins)), seed=1)
+    w = rand_x((2, 4, sum(bins)), seed=1).to(x.device)
     y1, g1 = _grads(lambda t: set_pool_hpp(t, seqL, bins, backend=backend), x, w)
     y2, g2 = _grads(lambda t: horizontal_pyramid_pool(temporal_pool(t, seqL, backend=backend),
                                                       bins, backend=backend), x, w)
@@ -166,7 +168,8 @@ def test_fused_grad_equals_composed(backend, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_go_to_first_index(backend):
-    x = torch.zeros(1, 1, 3, 4, 2)  # all equal: frame 0, then the first (h, w) of each strip
+    x = torch.zeros(1, 1, 3, 4, 2, device=device_of(backend))  # all equal: frame 0, then
+    # the first (h, w) of each strip
     x.requires_grad_()
     y = set_pool_hpp(x, None, (2,), "max", backend=backend)
     y.sum().backward()
@@ -178,10 +181,10 @@ def test_ties_go_to_first_index(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input(backend):
-    base = rand_x((2, 16, 5, 4, 3))  # [N, H, T, C, W] permuted to [N, C, T, H, W]
-    x = base.permute(0, 3, 2, 1, 4)
+    base = rand_x((2, 16, 5, 4, 3)).to(device_of(backend))  # [N, H, T, C, W] permuted to
+    x = base.permute(0, 3, 2, 1, 4)                           # [N, C, T, H, W]
     assert not x.is_contiguous()
-    w = rand_x((2, 4, 31), seed=2)
+    w = rand_x((2, 4, 31), seed=2).to(x.device)
     y, g = _grads(lambda t: set_pool_hpp(t, backend=backend), x, w)
     y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t), x, w)
     _close_mean(y, y_ref, torch.float32)
@@ -192,9 +195,9 @@ def test_non_contiguous_input(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["mean+max", "max"])
 def test_low_precision(backend, dtype, mode):
-    x = rand_x((1, 3, 5, 16, 7), dtype=dtype)
+    x = rand_x((1, 3, 5, 16, 7), dtype=dtype).to(device_of(backend))
     seqL, bins = [2, 3], (16, 4, 1)
-    w = rand_x((2, 3, sum(bins)), seed=4)
+    w = rand_x((2, 3, sum(bins)), seed=4).to(x.device)
     y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, mode, backend=backend), x, w)
     y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins, mode), x, w)
     assert y.dtype == dtype and g.dtype == dtype
@@ -400,11 +403,11 @@ def _op_names(backend):
 def test_opcheck(backend):
     sph, tp = _op_names(backend)
     utils = torch.library._OPCHECK_DEFAULT_UTILS
-    if backend == "triton" and not torch.cuda.is_available():
+    if backend == "triton" and device_of(backend) == "cpu":
         # AOT tracing goes inside a triton_op and would run the interpreter on fake tensors;
         # that part of opcheck needs real Triton (a GPU).
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    x = rand_x((1, 3, 5, 16, 3))
+    x = rand_x((1, 3, 5, 16, 3)).to(device_of(backend))
     xg = x.clone().requires_grad_()
     opcheck = lambda op, args: torch.library.opcheck(op, args, test_utils=utils)  # noqa: E731
     opcheck(sph, (xg, [2, 3], [16, 4, 1], 0, True))
@@ -416,7 +419,7 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    if backend == "triton" and not torch.cuda.is_available():
+    if backend == "triton" and device_of(backend) == "cpu":
         pytest.skip("compiling through a triton_op traces its kernels, which the Triton "
                     "interpreter cannot do on fake tensors (needs a GPU)")
     torch._dynamo.reset()
@@ -426,7 +429,7 @@ def test_torch_compile_fullgraph(backend):
     def f(x):
         return head(x, [2, 3]) * 2.0
 
-    x = rand_x((1, 2, 5, 16, 3)).requires_grad_()
+    x = rand_x((1, 2, 5, 16, 3)).to(device_of(backend)).requires_grad_()
     y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     y.sum().backward()
     g = x.grad.clone()
@@ -434,6 +437,30 @@ def test_torch_compile_fullgraph(backend):
     (set_pool_hpp_ref(x, [2, 3]) * 2.0).sum().backward()
     _close_mean(y.detach(), set_pool_hpp_ref(x.detach(), [2, 3]) * 2.0, torch.float32)
     _close_mean(g, x.grad, torch.float32)
+
+
+def test_triton_launch_copies_no_table_to_the_device(triton_device, monkeypatch):
+    """Sequence starts and strip bounds reach the Triton kernels by value: no tensor is built
+    from a host list per call (a host-to-device copy syncs the host and breaks CUDA graphs)."""
+    x = rand_x((1, 3, 9, 10, 5), seed=2).to(triton_device).requires_grad_()
+    seqL, bins = [1, 4, 1, 3], (3, 2, 1)    # lengths 1 and a bin count not dividing H
+    w = rand_x((4, 3, 6), seed=3).to(triton_device)
+    wt = rand_x((4, 3, 10, 5), seed=4).to(triton_device)
+
+    def no_host_tables(*a, **k):
+        raise AssertionError("a tensor was built from host data in the Triton launch path")
+
+    y_ref, g_ref = _grads(lambda t: set_pool_hpp_ref(t, seqL, bins), x, w)
+    z_ref, gz_ref = _grads(lambda t: P.temporal_pool_ref(t, seqL), x, wt)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "tensor", no_host_tables)
+        m.setattr(torch, "as_tensor", no_host_tables)
+        y, g = _grads(lambda t: set_pool_hpp(t, seqL, bins, backend="triton"), x, w)
+        z, gz = _grads(lambda t: temporal_pool(t, seqL, backend="triton"), x, wt)
+    _close_mean(y, y_ref, torch.float32)
+    _close_mean(g, g_ref, torch.float32)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gz, gz_ref, rtol=0, atol=0)
 
 
 def test_torch_compile_inductor_cpu():
