@@ -3,14 +3,24 @@
 Commands register themselves in :data:`COMMANDS` through :func:`command`; adding one (demo,
 pipeline, convert, export-onnx, embed, ...) is a decorated function taking the subparser
 and returning the handler.
+
+A user's mistake (a missing or unreadable file, an unknown config key, an empty data folder:
+:class:`qgait.errors.UserError`, :class:`qgait.data.DataError`) ends the command with one
+line on stderr, ``qgait <command>: error: ...`` naming the file or key and what to do, and exit
+status 2, before anything is written; ``--debug`` (or ``QGAIT_DEBUG=1``) shows the traceback.
+Model files are read by :mod:`qgait.model_io`; ``--trust-legacy-file`` lets a command read
+the pickled files of older qgait versions (docs/model_files.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
+
+from qgait.errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable]] = {}
 
@@ -72,13 +82,16 @@ def _eval(p: argparse.ArgumentParser):
 
     def run(args, rest):
         if rest:
-            raise SystemExit(f"qgait eval: unknown arguments {rest}")
+            raise UserError(f"unknown arguments {' '.join(rest)} (see qgait eval --help)")
         import torch
+
         from qgait.evaluation import evaluate, model_embed_fn
+        from qgait.model_io import atomic_write_text, file_sha256, load_any
         from qgait.train.build import load_dataset
         from qgait.train.trainer import resolve_amp
-        model, cfg = load_any_model(args.checkpoint)
-        is_onnx = str(args.checkpoint).endswith(".onnx")
+        model, info = load_any(args.checkpoint)
+        is_onnx = info["kind"] == "onnx"
+        cfg = info["config"]
         if cfg is None:
             from qgait.train import load_config
             cfg = load_config(args.config or "casia_b_fp")
@@ -86,10 +99,11 @@ def _eval(p: argparse.ArgumentParser):
             cfg["data"]["root"] = args.data
         if args.ids:
             cfg["data"]["test_ids"] = list(args.ids)
+        out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
         device = torch.device("cuda" if torch.cuda.is_available() and not is_onnx else "cpu")
         # quantized models (fake-quant, packed, ONNX) are evaluated in fp32 by default: an
         # autocast would round their exact fake-quant values to bf16
-        quantized = is_onnx or cfg.get("stage", "fp") != "fp" or not hasattr(model, "parameters")
+        quantized = info["kind"] != "fp"
         amp = None if (quantized and args.amp == "auto") else resolve_amp(args.amp, device)
         if is_onnx:
             def fn(x, seqL):
@@ -105,21 +119,32 @@ def _eval(p: argparse.ArgumentParser):
         res = evaluate(fn, ds, args.protocol,
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
                        progress=not args.no_progress, min_frames=args.min_frames)
-        res["checkpoint"], res["step"] = str(args.checkpoint), _checkpoint_step(args.checkpoint)
+        res["checkpoint"], res["step"] = str(args.checkpoint), info.get("step")
+        res["model_sha256"], res["model_kind"] = file_sha256(args.checkpoint), info["kind"]
         res["amp"] = str(amp)
+        res["precision"] = precision_label(amp, device)
+        import qgait
+        res["qgait_version"] = qgait.__version__
         _print_results(res)
         if "filtered" in res:
             f = res["filtered"]
             print(f"\nwithout the {len(f['excluded'])} sequence(s) shorter than "
                   f"{f['min_frames']} frames: {', '.join(f['excluded'])}")
             _print_results(f)
-        print(f"{res['n_sequences']} sequences in {res['seconds']:.1f} s")
-        out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
+        print(f"{res['n_sequences']} sequences in {res['seconds']:.1f} s ({res['precision']})")
+        atomic_write_text(out, json.dumps(res, indent=2))
         print(f"wrote {out}")
         return 0
     return run
+
+
+def precision_label(amp_dtype, device) -> str:
+    """How a model ran: "fp32", or "bf16 autocast (cpu)" and the like."""
+    if amp_dtype is None:
+        return "fp32"
+    import torch
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+    return f"{name} autocast ({getattr(device, 'type', device)})"
 
 
 def _print_results(res):
@@ -129,34 +154,6 @@ def _print_results(res):
     g = res["generic"]
     print("generic: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in g.items()))
-
-
-def _checkpoint_step(path):
-    """The training step a ``.pt`` checkpoint was written at (None for other model files)."""
-    if not str(path).endswith(".pt"):
-        return None
-    import torch
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    return int(ck["step"]) if isinstance(ck, dict) and "step" in ck else None
-
-
-def load_checkpoint_model(path):
-    """``(model, cfg)`` from a training checkpoint (stage preparation applied, weights loaded,
-    eval mode)."""
-    import torch
-    from qgait.models import build_model
-    from qgait.train.trainer import STAGES
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = ck["config"]
-    m = cfg["model"]
-    sd = ck["model"]
-    num_classes = sd["head.weight"].shape[-1] if "head.weight" in sd else 0
-    model = build_model(m["name"], num_classes=num_classes, width=m["width"],
-                        embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
-    from qgait.pipeline.stages import checkpoint_prepare
-    model = STAGES[cfg["stage"]].prepare(model, checkpoint_prepare(cfg))
-    model.load_state_dict(sd)
-    return model.eval(), cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -169,7 +166,7 @@ def _data(p: argparse.ArgumentParser):
         try:
             from qgait.data import import_png
         except ImportError as e:
-            raise SystemExit(f"qgait data import-png: qgait.data.import_png is unavailable ({e})")
+            raise UserError(f"qgait.data.import_png is unavailable ({e}); pip install pillow")
         return import_png.main(list(args.args) + list(rest)) or 0
     return run
 
@@ -249,28 +246,33 @@ def _pipeline(p: argparse.ArgumentParser):
     return run
 
 
-@command("convert", "a quantized checkpoint -> a packed int8/int4 inference model (torch.save)")
+@command("convert", "a quantized checkpoint -> a packed int8/int4 inference model file")
 def _convert(p: argparse.ArgumentParser):
-    p.add_argument("checkpoint", help="a qat/soft checkpoint written by qgait train/pipeline")
+    p.add_argument("checkpoint", help="a qat/soft checkpoint written by qgait train/pipeline, "
+                   "or a fake-quant model file")
     p.add_argument("--out", required=True, help="where to write the packed model (.pt)")
 
     def run(args, rest):
+        if rest:
+            raise UserError(f"unknown arguments {' '.join(rest)} (see qgait convert --help)")
         import copy
 
         import torch
 
+        from qgait.model_io import file_sha256, load_model, save_model
         from qgait.pipeline.demo import inference_nbytes, max_embedding_diff
         from qgait.quant import convert
-        model, cfg = load_checkpoint_model(args.checkpoint)
-        if cfg["stage"] == "fp":
-            raise SystemExit("qgait convert: this is a full-precision checkpoint; convert the "
-                             "output of stage qat or soft")
+        model, info = load_model(args.checkpoint)
+        if info["kind"] != "fakequant":
+            raise UserError(f"{args.checkpoint}: is a {info['kind']} model; convert the "
+                            "checkpoint of stage qat or soft (a fake-quant model)")
         packed = convert(copy.deepcopy(model).eval())
         g = torch.Generator().manual_seed(0)
         x = (torch.rand(1, 1, 30, 64, 44, generator=g) > 0.5).float()
         diff = max_embedding_diff(model, packed, x)
-        from qgait.train.trainer import atomic_save
-        atomic_save({"model": packed, "config": cfg, "format": "qgait-packed-1"}, args.out)
+        meta = {"source": str(args.checkpoint), "source_sha256": file_sha256(args.checkpoint),
+                "step": info.get("step"), "fakequant_vs_packed_rel_diff_30_frames": diff}
+        save_model(packed, args.out, meta, config=info["config"])
         print(f"packed model: {inference_nbytes(packed):,d} bytes (fake-quant fp32 model "
               f"{inference_nbytes(model):,d}); embeddings vs fake-quant: max relative "
               f"difference {diff:.2e}; wrote {args.out}")
@@ -279,17 +281,11 @@ def _convert(p: argparse.ArgumentParser):
 
 
 def load_any_model(path):
-    """A training checkpoint, a packed model (qgait convert) or an ONNX file -> (model-like
-    callable with ``(x, seqL) -> {"embeddings"}``, config or None)."""
-    import torch
-    if str(path).endswith(".onnx"):
-        from qgait.export import OnnxEmbedder
-        emb = OnnxEmbedder(path)
-        return (lambda x, seqL=None: {"embeddings": emb(x, seqL)}), None
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(ck, dict) and ck.get("format") == "qgait-packed-1":
-        return ck["model"].eval(), ck["config"]
-    return load_checkpoint_model(path)
+    """``(model-like callable (x, seqL) -> {"embeddings"}, config or None)`` of a checkpoint,
+    a model file or an ONNX file (see :func:`qgait.model_io.load_any`)."""
+    from qgait.model_io import load_any
+    model, info = load_any(path)
+    return model, info["config"]
 
 
 @command("embed", "print or save the embedding of one silhouette sequence")
@@ -299,11 +295,17 @@ def _embed(p: argparse.ArgumentParser):
     p.add_argument("--save", help="write the embedding [C, P] here (.npy)")
 
     def run(args, rest):
+        if rest:
+            raise UserError(f"unknown arguments {' '.join(rest)} (see qgait embed --help)")
         import numpy as np
         import torch
 
         from qgait.data.pickle_io import load_pickle
+        from qgait.model_io import load_any
         seq = Path(args.sequence)
+        if not seq.exists():
+            raise UserError(f"{seq}: no such file or folder; give a folder of silhouette PNGs "
+                            "or an OpenGait .pkl / .pkl.gz")
         if seq.is_dir():
             from qgait.data.import_png import load_png_sequence
             frames = load_png_sequence(seq)
@@ -311,17 +313,22 @@ def _embed(p: argparse.ArgumentParser):
             frames = load_pickle(seq)
         frames = np.asarray(frames)
         if frames.ndim != 3 or frames.shape[1:] not in ((64, 64), (64, 44)):
-            raise SystemExit(f"qgait embed: {seq}: expected frames [T, 64, 64] or [T, 64, 44], "
-                             f"got {frames.shape}")
+            raise UserError(f"{seq}: expected frames [T, 64, 64] or [T, 64, 44], got "
+                            f"{frames.shape}")
         if frames.shape[2] == 64:
             frames = frames[:, :, 10:54]
         x = torch.from_numpy((frames > 127 if frames.max() > 1 else frames > 0)
                              .astype(np.float32))[None, None]
-        model, _ = load_any_model(args.model)
+        model, _ = load_any(args.model)
         with torch.inference_mode():
             e = model(x)["embeddings"][0].float()
         if args.save:
-            np.save(args.save, e.numpy())
+            import io
+
+            from qgait.model_io import atomic_write_bytes
+            buf = io.BytesIO()
+            np.save(buf, e.numpy())
+            atomic_write_bytes(args.save, buf.getvalue())
             print(f"wrote {args.save} {tuple(e.shape)}")
         else:
             torch.set_printoptions(precision=4, threshold=64)
@@ -335,24 +342,67 @@ def parse_rest(rest):
     return parse_overrides(rest) if rest else None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_GLOBAL_FLAGS = {
+    "--debug": "show the Python traceback of an error (also: environment QGAIT_DEBUG=1)",
+    "--trust-legacy-file": "read model files of older qgait versions (pickled modules and "
+                           "checkpoints) with the full unpickler, which can run code: only "
+                           "for files you trust (docs/model_files.md)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qgait", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="qgait", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help, setup) in COMMANDS.items():
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(_handler=setup(sp))
+        for flag, text in _GLOBAL_FLAGS.items():
+            sp.add_argument(flag, action="store_true", help=text)
     return parser
 
 
+def _pop_flag(argv: list, flag: str) -> bool:
+    found = flag in argv
+    while flag in argv:
+        argv.remove(flag)
+    return found
+
+
+def user_error_types() -> tuple:
+    """Exceptions that are the user's to fix: printed as one line, exit status 2."""
+    from qgait.data.pickle_io import DataError
+    return (UserError, DataError)
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``qgait`` console script; returns the exit status."""
+    """Entry point of the ``qgait`` console script; returns the exit status (2: a user error,
+    reported on one stderr line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # global flags, anywhere on the line (also after data import-png's own arguments)
+    debug = _pop_flag(argv, "--debug") or os.environ.get("QGAIT_DEBUG", "") not in ("", "0")
+    trust = _pop_flag(argv, "--trust-legacy-file")
     parser = build_parser()
     # data import-png passes its own options through; other commands take --dotted overrides.
     args, rest = parser.parse_known_args(argv)
     from qgait._malloc import keep_freed_memory
     keep_freed_memory()   # 1.5x faster CPU training steps (see qgait/_malloc.py)
-    return int(args._handler(args, rest) or 0)
+    from qgait.model_io import trusting_legacy_files
+    try:
+        with trusting_legacy_files(trust):
+            return int(args._handler(args, rest) or 0)
+    except user_error_types() as e:
+        if debug:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"qgait {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

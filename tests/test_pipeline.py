@@ -21,7 +21,7 @@ def demo(tmp_path_factory):
 
 
 def _load(path):
-    from qgait.cli import load_checkpoint_model
+    from qgait.model_io import load_checkpoint_model
     return load_checkpoint_model(path)
 
 
@@ -44,8 +44,9 @@ def test_demo_fast_writes_table_json_and_plot(demo):
 
 def test_stage_transitions_carry_steps_and_apply_k_schedule(demo):
     out, _ = demo
-    qat = torch.load(out / "w4a4" / "qat" / "final.pt", weights_only=False)
-    soft = torch.load(out / "w4a4" / "soft" / "final.pt", weights_only=False)
+    from qgait.model_io import load_checkpoint
+    qat = load_checkpoint(out / "w4a4" / "qat" / "final.pt")
+    soft = load_checkpoint(out / "w4a4" / "soft" / "final.pt")
     assert qat["stage"] == "qat" and soft["stage"] == "soft"
     # stage 2 starts from stage 1's learned steps (and weights), exactly
     from qgait.models import build_model

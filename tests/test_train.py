@@ -171,8 +171,9 @@ def test_resume_reproduces_the_uninterrupted_run(fake, tmp_path):
     part2 = [r["loss"] for r in second.train()]
     second.batches.close()
     assert part1 + part2 == ref  # exactly: same batches, same states, same arithmetic
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    from qgait.model_io import load_checkpoint
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 

@@ -33,15 +33,21 @@ def add_export_onnx_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main_export_onnx(args: argparse.Namespace, rest=None) -> int:
-    """Loads ``args.checkpoint`` (see :func:`qgait.cli.load_checkpoint_model`), exports it and
-    prints the result (also written as JSON next to the .onnx). Returns the exit status."""
+    """Loads ``args.checkpoint`` (a checkpoint or model file, see :mod:`qgait.model_io`),
+    exports it and prints the result (also written as JSON next to the .onnx). Returns the
+    exit status."""
+    from qgait.errors import UserError
     if rest:
-        raise SystemExit(f"qgait export-onnx: unknown arguments {rest}")
-    from qgait.cli import load_checkpoint_model
+        raise UserError(f"unknown arguments {' '.join(rest)} (see qgait export-onnx --help)")
     from qgait.export.onnx import default_example, export_onnx
+    from qgait.model_io import atomic_write_text, load_model
     from qgait.quant import set_quant_mode
 
-    model, cfg = load_checkpoint_model(args.checkpoint)
+    model, minfo = load_model(args.checkpoint)
+    if minfo["kind"] == "packed":
+        raise UserError(f"{args.checkpoint}: is a packed (converted) model; export the "
+                        "fake-quant checkpoint it was converted from")
+    cfg = minfo["config"] or {}
     if args.hard:
         set_quant_mode(model, mode="hard")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
@@ -49,12 +55,11 @@ def main_export_onnx(args: argparse.Namespace, rest=None) -> int:
     info = export_onnx(model, out, example=default_example(model, args.frames),
                        opset=args.opset, int4=int4, check=not args.no_check)
     info["checkpoint"] = str(args.checkpoint)
-    info["stage"] = cfg.get("stage")
+    info["stage"] = cfg.get("stage", minfo["kind"])
     diff = ("" if info["max_abs_diff"] is None else
             f", max |onnxruntime - torch| {info['max_abs_diff']:.3g} "
             f"({info['max_rel_diff']:.3g} of max |embedding|)")
     print(f"wrote {out}: opset {info['opset']}, {info['quant_layers']} quantized layers, "
           f"int4 {info['int4']} ({info['int4_why']}), {info['bytes'] / 1e6:.2f} MB{diff}")
-    with open(out.with_suffix(".json"), "w") as f:
-        json.dump(info, f, indent=2)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2))
     return 0

@@ -109,6 +109,11 @@ class GaitLite3D(nn.Module):
                  bins: Sequence[int] = DEFAULT_BINS, scale: float = 16.0,
                  height: int = 64, width_px: int = 44):
         super().__init__()
+        # build_model's arguments, for model files (qgait.model_io): rebuilt from these
+        self.arch = {"name": "GaitLite3D", "num_classes": int(num_classes), "width": float(width),
+                     "embed_dim": None if embed_dim is None else int(embed_dim),
+                     "bins": [int(b) for b in bins], "scale": float(scale),
+                     "height": int(height), "width_px": int(width_px)}
         c = max(4, int(round(16 * width)))
         self.num_classes, self.bins = num_classes, tuple(bins)
         self.input_hw = (height, width_px)

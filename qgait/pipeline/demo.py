@@ -105,7 +105,7 @@ def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str =
     are from the fake-quant model's. A checkpoint's evaluation is read from
     ``<checkpoint>.eval.json`` (what ``qgait eval`` writes) when present, else run and written
     there. Prints the table, writes ``<out>/<name>.json`` and ``<out>/<name>.png``."""
-    from qgait.cli import load_checkpoint_model
+    from qgait.model_io import load_checkpoint_model
     from qgait.quant import convert
     from qgait.train.build import load_dataset
 
@@ -113,15 +113,15 @@ def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str =
     test = load_dataset(cfg, "test", progress=False)
     x30 = torch.from_numpy(test.frames(0)[:30].astype("float32"))[None, None]
     rows = []
-    for name, ck in checkpoints.items():
+    for vname, ck in checkpoints.items():
         ck = Path(ck)
         model, _ = load_checkpoint_model(ck)
-        row = {"variant": name}
-        if name == "fp":
+        row = {"variant": vname}
+        if vname == "fp":
             row.update(model="FP32", bits=32)
             deployed = model
         else:
-            v = variant(name)
+            v = variant(vname)
             row.update(model=f"{v.label} (packed int{v.w_bits})", bits=v.w_bits)
             deployed = convert(copy.deepcopy(model).eval())
             row["fakequant_vs_packed_rel_diff"] = max_embedding_diff(model, deployed, x30)

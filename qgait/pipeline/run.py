@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from qgait.errors import ConfigError
 from qgait.train.config import _merge, validate
 
 
@@ -52,9 +53,9 @@ def variant(name: str) -> Variant:
     """``"w4a4"`` / ``"w3a3-ste"`` / ... -> its :class:`Variant` (bits 2..8)."""
     m = _NAME.fullmatch(name)
     if m is None:
-        raise ValueError(f"qgait pipeline: unknown variant {name!r}; expected w<W>a<A> or "
-                         f"w<W>a<A>-<method> with bits 2..8 and method one of "
-                         f"{[k for k in METHODS if k]}, e.g. w4a4, w3a3-ste")
+        raise ConfigError(f"qgait pipeline: unknown variant {name!r}; expected w<W>a<A> or "
+                          f"w<W>a<A>-<method> with bits 2..8 and method one of "
+                          f"{[k for k in METHODS if k]}, e.g. w4a4, w3a3-ste")
     w, a, method = int(m[1]), int(m[2]), m[3] or ""
     stages, idc, what = METHODS[method]
     return Variant(w, a, stages, idc, label=f"W{w}A{a} {what}")
@@ -124,7 +125,12 @@ def run_pipeline(cfg: dict, out: str | os.PathLike, variants=None, progress: boo
     for v in variants:
         variant(v)  # an unknown name fails here, before any stage runs
     if fp_checkpoint:
+        from qgait.model_io import ModelFileError, read_header
         fp = Path(fp_checkpoint)
+        kind = read_header(fp)["kind"]   # a missing or bad file fails here, before any stage
+        if kind != "fp":
+            raise ModelFileError(f"{fp}: the fp checkpoint must be a full-precision model, "
+                                 f"this one is {kind}")
     else:
         fp = run_stage(stage_config(cfg, "fp", out / "fp"), progress)
     done = {"fp": fp}

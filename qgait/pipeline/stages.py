@@ -41,19 +41,16 @@ def quantize_model(model: nn.Module, q: dict) -> nn.Module:
     return model
 
 
-def _load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def prepare_quantized(model: nn.Module, cfg: dict) -> nn.Module:
+    from qgait.model_io import load_weights
     q = cfg["quant"]
-    ck = _load_ckpt(q["init_from"]) if q.get("init_from") else None
-    if ck is not None and ck.get("stage", "fp") == "fp":
-        model.load_state_dict(ck["model"])
-        ck = None
+    sd, kind = load_weights(q["init_from"]) if q.get("init_from") else (None, None)
+    if kind == "fp":
+        model.load_state_dict(sd)
+        sd = None
     quantize_model(model, q)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
+    if sd is not None:
+        model.load_state_dict(sd)
     if cfg["stage"] == "soft":
         set_quant_mode(model, k=q["k0"], mode=q["mode"])
     else:
@@ -70,12 +67,12 @@ def k_at(step: int, iterations: int, k0: float, k1: float) -> float:
 
 def load_teacher(path, device) -> nn.Module:
     """The frozen full-precision teacher (eval mode, no gradients) from an fp checkpoint."""
-    from qgait.cli import load_checkpoint_model
+    from qgait.model_io import ModelFileError, load_model
 
-    teacher, tcfg = load_checkpoint_model(path)
-    if tcfg["stage"] != "fp":
-        raise ValueError(f"quant.teacher must be a full-precision (stage fp) checkpoint, got "
-                         f"stage {tcfg['stage']!r} from {path}")
+    teacher, info = load_model(path)
+    if info["kind"] != "fp":
+        raise ModelFileError(f"{path}: quant.teacher must be a full-precision (stage fp) model "
+                             f"or checkpoint, this one is {info['kind']}")
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -46,11 +46,20 @@ def resolve_root(cfg: dict) -> Path:
 
 
 def load_dataset(cfg: dict, split: str = "train", progress: bool = True):
-    """The OpenGaitDataset of ``data.train_ids`` or ``data.test_ids``."""
-    from qgait.data import OpenGaitDataset
-    ids = cfg["data"]["train_ids" if split == "train" else "test_ids"]
-    return OpenGaitDataset(resolve_root(cfg), id_range=tuple(ids) if ids else None,
-                           progress=progress)
+    """The OpenGaitDataset of ``data.train_ids`` or ``data.test_ids``; a missing or empty
+    tree is a :class:`~qgait.data.DataError` saying how to point at the data."""
+    from qgait.data import DataError, OpenGaitDataset
+    key = "train_ids" if split == "train" else "test_ids"
+    ids = cfg["data"][key]
+    root = resolve_root(cfg)
+    try:
+        return OpenGaitDataset(root, id_range=tuple(ids) if ids else None, progress=progress)
+    except DataError as e:
+        if "no sequences" not in str(e) and "not a directory" not in str(e):
+            raise
+        raise DataError(f"{e}; the {split} data is read from "
+                        f"<root>/<subject>/<condition>/<view>/*.pkl: pass --data ROOT (or set "
+                        f"data.root) and check data.{key} = {ids}") from e
 
 
 def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = None,
@@ -63,29 +72,35 @@ def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = No
         resume: a checkpoint path (or "auto": ``out_dir/last.pt`` if it exists).
         device, rank, world_size: where and which shard (default: single CPU/GPU process).
     """
+    from qgait.model_io import load_checkpoint, load_weights, read_header
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(int(threads))
+    out_dir = Path(cfg["train"]["out_dir"])
+    if resume == "auto":
+        resume = out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
+    # every model file the run reads is checked before anything else happens (the data tree
+    # is loaded, or generated, next): a bad path fails at once
+    ck = load_checkpoint(resume, map_location=device) if resume is not None else None
+    init = cfg["train"]["init_from"]
+    init_sd = load_weights(init)[0] if init and resume is None else None
+    q = cfg.get("quant") or {}
+    for key in ("init_from", "teacher"):
+        if cfg["stage"] != "fp" and q.get(key):
+            read_header(q[key])
     seed_everything(cfg["seed"])
     if dataset is None:
         dataset = load_dataset(cfg, "train", progress=rank == 0)
     m = cfg["model"]
     model = build_model(m["name"], num_classes=len(dataset.subjects), width=m["width"],
                         embed_dim=m["embed_dim"], bins=tuple(m["bins"]), scale=m["scale"])
-    out_dir = Path(cfg["train"]["out_dir"])
-    if resume == "auto":
-        resume = out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
-    init = cfg["train"]["init_from"]
-    if init and resume is None:
+    if init_sd is not None:
         # Weights only (fresh optimizer, schedule and step), loaded into the model as built,
         # i.e. before the stage's preparation: an fp checkpoint starts a QAT run.
-        src = torch.load(init, map_location="cpu", weights_only=False)
-        model.load_state_dict(src["model"] if "model" in src else src)
+        model.load_state_dict(init_sd)
     model = STAGES[cfg["stage"]].prepare(model, cfg).to(device)
-    ck = None
-    if resume is not None:
-        ck = torch.load(resume, map_location=device, weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["model"])
     trained = model
     if world_size > 1:
@@ -113,14 +128,13 @@ def build_trainer(cfg: dict, dataset=None, resume: str | os.PathLike | None = No
 
 def run_training(cfg: dict, resume=None, dataset=None) -> Trainer:
     """``qgait train``: sets up (distributed) training, trains, writes ``config.json``."""
+    from qgait.model_io import atomic_write_text
     rank, world, device = setup_distributed()
     out_dir = Path(cfg["train"]["out_dir"])
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "config.json", "w") as f:
-            json.dump(cfg, f, indent=2)
+    # the trainer first (model files, data): a mistake there leaves the output folder alone
     trainer = build_trainer(cfg, dataset, resume, device, rank, world)
     if rank == 0:
+        atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2))
         trainer.unwrapped.summary()
         print(f"qgait train: stage {cfg['stage']}, {world} process(es) on {device}, amp "
               f"{trainer.amp_dtype}, channels_last {trainer.channels_last}, from step "

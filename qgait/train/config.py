@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from qgait.errors import ConfigError, ConfigNotFoundError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -75,14 +77,28 @@ _CHOICES = {
 }
 
 
-def _merge(base: dict, over: dict, path: str = "") -> dict:
+def _suggest(key: str, known, path: str = "") -> str:
+    import difflib
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"did you mean {path + close[0]!r}? " if close else ""
+
+
+def _merge(base: dict, over: dict, path: str = "", prefix: str = "") -> dict:
+    """``over`` merged into a copy of ``base``; an unknown key is a :class:`ConfigError`
+    (below ``extra`` and ``pipeline`` anything goes; :func:`validate` checks ``pipeline``).
+    ``prefix`` is put before the key in messages (e.g. ``pipeline.qat.``)."""
+    if over is not None and not isinstance(over, dict):
+        raise ConfigError(f"config: {(prefix + path).rstrip('.') or 'the config'} must be a "
+                          f"mapping, got {over!r}")
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         key = f"{path}{k}"
         if k not in base and not path.startswith(("extra", "pipeline")):
-            raise ValueError(f"config: unknown key {key!r} (known: {', '.join(sorted(base))})")
+            hint = _suggest(str(k), base, prefix + path)
+            raise ConfigError(f"config: unknown key {prefix + key!r} "
+                              f"({hint}known: {', '.join(sorted(base))})")
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            out[k] = _merge(base[k], v, key + ".")
+            out[k] = _merge(base[k], v, key + ".", prefix)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -97,7 +113,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     if q.exists():
         return q
     known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {name_or_path!r}: no such file, and not one of {known}")
+    raise ConfigNotFoundError(f"config {name_or_path!r}: no such file, and not one of {known}; "
+                              "give a packaged config name or a .yaml path")
 
 
 def parse_overrides(args: Sequence[str]) -> dict:
@@ -111,48 +128,116 @@ def parse_overrides(args: Sequence[str]) -> dict:
     while i < len(it):
         a = it[i]
         if not a.startswith("--"):
-            raise ValueError(f"override {a!r}: expected --dotted.key value")
+            raise ConfigError(f"override {a!r}: expected --dotted.key value (e.g. --optim.lr "
+                              "0.05)")
         if "=" in a:
             key, val = a[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(it):
-                raise ValueError(f"override {a!r} has no value")
+                raise ConfigError(f"override {a!r} has no value (e.g. {a} 0.05)")
             key, val = a[2:], it[i + 1]
             i += 2
         d = out
         parts = key.split(".")
         for p in parts[:-1]:
             d = d.setdefault(p, {})
-        d[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+        try:
+            d[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override --{key}: cannot parse {val!r} "
+                              f"({' '.join(str(e).split())})") from None
     return out
 
 
-def validate(cfg: dict) -> dict:
+def _check_types(cfg: dict, defaults: dict, path: str = "") -> None:
+    """A number where the default is a number (or None), a bool where it is a bool."""
+    for k, dv in defaults.items():
+        if k not in cfg or k == "extra":
+            continue
+        v, key = cfg[k], f"{path}{k}"
+        if isinstance(dv, dict) and isinstance(v, dict):
+            _check_types(v, dv, key + ".")
+        elif isinstance(dv, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"config: {key} must be true or false, got {v!r}")
+        elif isinstance(dv, (int, float)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ConfigError(f"config: {key} must be a number, got {v!r}")
+
+
+_PIPELINE_KEYS = ("fp", "qat", "soft", "variants")
+
+
+def _validate_pipeline(cfg: dict) -> None:
+    """Every ``pipeline.<stage>`` override applied to the config must be a valid config, and
+    ``pipeline.variants`` known variant names: checked at load, not when the stage starts."""
+    pipe = cfg.get("pipeline")
+    if pipe is None:
+        return
+    if not isinstance(pipe, dict):
+        raise ConfigError(f"config: pipeline must be a mapping, got {pipe!r}")
+    for k in pipe:
+        if k not in _PIPELINE_KEYS:
+            hint = _suggest(str(k), _PIPELINE_KEYS, "pipeline.")
+            raise ConfigError(f"config: unknown key 'pipeline.{k}' ({hint}known: "
+                              f"{', '.join(_PIPELINE_KEYS)})")
+    base = {k: v for k, v in cfg.items() if k != "pipeline"}
+    for stage in ("fp", "qat", "soft"):
+        over = pipe.get(stage) or {}
+        merged = _merge(base, over, prefix=f"pipeline.{stage}.")
+        merged["stage"] = stage
+        try:
+            validate(merged, _pipeline=False)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config: ", f"config: pipeline.{stage}: ", 1)) \
+                from None
+    variants = pipe.get("variants")
+    if variants is not None:
+        from qgait.pipeline.run import variant
+        if not isinstance(variants, (list, tuple)):
+            raise ConfigError(f"config: pipeline.variants must be a list, got {variants!r}")
+        for v in variants:
+            try:
+                variant(str(v))
+            except ValueError as e:
+                raise ConfigError(f"config: pipeline.variants: {e}") from None
+
+
+def validate(cfg: dict, _pipeline: bool = True) -> dict:
+    """Checks values (choices, types, ranges) and, with ``pipeline``, every pipeline stage's
+    config; raises :class:`ConfigError` naming the key."""
+    _check_types(cfg, DEFAULTS)
     for path, choices in _CHOICES.items():
         v = cfg
         for p in path:
             v = v[p]
         if v not in choices:
-            raise ValueError(f"config: {'.'.join(path)} = {v!r}, expected one of {choices}")
+            raise ConfigError(f"config: {'.'.join(path)} = {v!r}, expected one of {choices}")
     d, t = cfg["data"], cfg["train"]
     for k in ("P", "K", "frames"):
         if not isinstance(d[k], int) or d[k] < 1:
-            raise ValueError(f"config: data.{k} must be a positive int, got {d[k]!r}")
+            raise ConfigError(f"config: data.{k} must be a positive int, got {d[k]!r}")
     from qgait.data.augment import SilhouetteAugment
-    SilhouetteAugment.from_config(d["augment"])   # raises on a bad probability or range
+    try:
+        SilhouetteAugment.from_config(d["augment"])   # raises on a bad probability or range
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config: data.augment: {e}") from None
     if d["K"] < 2:
-        raise ValueError("config: data.K must be >= 2 (a triplet needs a positive)")
+        raise ConfigError("config: data.K must be >= 2 (a triplet needs a positive)")
     if not isinstance(t["iterations"], int) or t["iterations"] < 0:
-        raise ValueError(f"config: train.iterations must be an int >= 0, got {t['iterations']!r}")
-    if cfg["optim"]["lr"] <= 0:
-        raise ValueError(f"config: optim.lr must be > 0, got {cfg['optim']['lr']}")
+        raise ConfigError(f"config: train.iterations must be an int >= 0, got {t['iterations']!r}")
+    lr = cfg["optim"]["lr"]
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"config: optim.lr must be > 0, got {cfg['optim']['lr']}")
     for k in ("train_ids", "test_ids"):
         v = d[k]
         if v is not None and not (isinstance(v, (list, tuple)) and len(v) == 2):
-            raise ValueError(f"config: data.{k} must be [first, last], got {v!r}")
+            raise ConfigError(f"config: data.{k} must be [first, last], got {v!r}")
         if v is not None:
             d[k] = [f"{int(s):03d}" if isinstance(s, int) else str(s) for s in v]
+    if _pipeline:
+        _validate_pipeline(cfg)
     return cfg
 
 
@@ -160,11 +245,14 @@ def _load_yaml(name_or_path: str, chain: tuple[str, ...] = ()) -> list[dict]:
     """The YAML mappings of a config and its ``base:`` ancestors, oldest first."""
     path = resolve_config_path(name_or_path).resolve()
     if str(path) in chain:
-        raise ValueError(f"config: 'base' cycle: {' -> '.join(chain + (str(path),))}")
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
+        raise ConfigError(f"config: 'base' cycle: {' -> '.join(chain + (str(path),))}")
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"config {path}: expected a mapping at the top level")
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
     base = d.pop("base", None)
     if base is None:
         return [d]

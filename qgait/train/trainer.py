@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from qgait.model_io import atomic_save, save_checkpoint  # noqa: F401 (atomic_save: re-export)
 from qgait.train.losses import batch_all_triplet_loss, part_cross_entropy
 
 LossFn = Callable[..., tuple]
@@ -88,7 +89,13 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The global RNG states as tensors and plain numbers (a checkpoint read with
+    ``weights_only=True`` holds no numpy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                    "pos": int(pos), "has_gauss": int(has_gauss),
+                    "cached_gaussian": float(cached)},
           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -96,20 +103,17 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    """Restores :func:`rng_state` (or the numpy tuple of a qgait 0.1 checkpoint)."""
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                npst["has_gauss"], npst["cached_gaussian"])
+    np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path + .tmp`` then ``os.replace``: a reader never sees a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def lr_lambda(cfg: dict, iterations: int) -> Callable[[int], float]:
@@ -335,7 +339,7 @@ class Trainer:
         if not self.is_main:
             return None
         path = Path(path) if path is not None else self.out_dir / "last.pt"
-        atomic_save(self.state_dict(), path)
+        save_checkpoint(self.state_dict(), path)
         return path
 
     def load_state_dict(self, ck: dict) -> None:
