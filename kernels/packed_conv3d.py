@@ -14,11 +14,22 @@ k in blocks of BK:
 * Epilogue (fp32, no fused multiply-add: launched with ``enable_fp_fusion=False``): rescale,
   bias, folded BatchNorm, activation, then fp32 / requantized / int32 store, channels-last.
 
+The reciprocals of the activation steps are IEEE divisions in the kernel (``tl.div_rn``: a
+``1 / s`` in the launcher is compiled by Inductor to approximate division on a GPU), and the
+steps are checked there by device asserts (see ``qgait.kernels.soft_quant.launch_opts``).
+Launched through ``torch.library.wrap_triton`` so that torch.compile / export can trace it.
+GPU tiles are 64 x 64 x 64 with 8 warps: at 4 warps the tile spills 670-1120 bytes of
+registers per thread (ptxas -v, sm_90 / sm_80); tests/test_triton.py checks for no spills.
+
 Runs under TRITON_INTERPRET=1 (tiny shapes) as well as on GPUs; no libdevice calls.
 """
 import torch
 import triton
 import triton.language as tl
+
+
+# 64 x 64 x 64 tiles: 8 warps hold them in registers (4 spilled; see the module docstring)
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -29,7 +40,7 @@ def _rint(v):
 
 @triton.jit
 def _packed_conv3d_kernel(
-        x_ptr, w_ptr, y_ptr, comp_ptr, m1_ptr, bias_ptr, g_ptr, beta_ptr, r_ptr,
+        x_ptr, w_ptr, y_ptr, comp_ptr, m1_ptr, bias_ptr, g_ptr, beta_ptr, s_ptr, ws_ptr,
         M, K, Co, C, CB,
         T, H, W, To, Ho, Wo, kH, kW,
         sxn, sxc, sxt, sxh, sxw,
@@ -48,9 +59,18 @@ def _packed_conv3d_kernel(
     oh = (rm // Wo) % Ho
     ot = (rm // (Wo * Ho)) % To
     on = rm // (Wo * Ho * To)
-    # fp32 reciprocals of the steps (from memory: no host sync to read them)
-    r_in = tl.load(r_ptr)
-    r_out = tl.load(r_ptr + 1)
+    # the activation steps (from memory: no host sync to read them), checked, and their fp32
+    # reciprocals rounded once, as the reference and soft_fake_quant do
+    s_in = tl.load(s_ptr)
+    s_out = tl.load(s_ptr + 1)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=1.0)
+    tl.device_assert((s_in > 0.0) & (s_in < float("inf")) & (s_out > 0.0)
+                     & (s_out < float("inf")),
+                     "qgait::packed_conv3d: x_scale and out_scale must be finite and > 0")
+    tl.device_assert((ws > 0.0) & (ws < float("inf")),
+                     "qgait::packed_conv3d: w_scale must be finite and > 0")
+    r_in = tl.div_rn(1.0, s_in)
+    r_out = tl.div_rn(1.0, s_out)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -121,6 +141,10 @@ def forward(x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits, c_in, stride, p
             dilation, bias, bn_scale, bn_shift, act, neg_slope, out_mode, out_scale, out_qn,
             out_qp):
     """Launcher (arguments as torch.ops.qgait.packed_conv3d; checks done by the caller)."""
+    from torch.library import wrap_triton
+
+    from qgait.kernels.soft_quant import launch_opts
+
     N, C, T, H, W = x.shape
     Co, kT, kH, kW, CB = w_packed.shape
     To, Ho, Wo = (_out(s, k, st, p, d) for s, k, st, p, d in
@@ -148,15 +172,20 @@ def forward(x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits, c_in, stride, p
            else torch.int8 if out_qn < 0 else torch.uint8)
     y = torch.empty((N, To, Ho, Wo, Co), dtype=ydt, device=dev)
     M = N * To * Ho * Wo
-    # fp32 reciprocals rounded once, as the reference and soft_fake_quant do
     os_ = out_scale.reshape(()).float() if out_mode == 1 else torch.ones((), device=dev)
-    rs = torch.stack((1.0 / xs, 1.0 / os_)).contiguous()
+    steps = torch.stack((xs, os_)).contiguous()
     interp = dev.type == "cpu"
     BM, BN, BK = (16, 16, 32) if interp else (64, 64, 64)
     grid = (triton.cdiv(M, BM), triton.cdiv(Co, BN))
-    extra = {} if interp else {"enable_fp_fusion": False}
-    _packed_conv3d_kernel[grid](
-        x, w, y, comp, m1, b, g, beta, rs,
+    extra = launch_opts()
+    if not interp:
+        extra["num_warps"] = NUM_WARPS
+        if not torch.compiler.is_compiling():
+            # Inductor takes no such option for user kernels: under torch.compile the epilogue
+            # may be contracted to FMAs (docs/triton.md lists it among the GPU checks)
+            extra["enable_fp_fusion"] = False
+    wrap_triton(_packed_conv3d_kernel)[grid](
+        x, w, y, comp, m1, b, g, beta, steps, w_scale.float().contiguous(),
         M, K, Co, C, CB, T, H, W, To, Ho, Wo, kH, kW,
         *x.stride(), *stride, *padding, *dilation,
         float(in_qn), float(in_qp), zp, float(neg_slope), float(out_qn), float(out_qp),

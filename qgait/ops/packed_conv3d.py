@@ -130,6 +130,10 @@ if _TRITON_OK:
                            padding, dilation, bias, bn_scale, bn_shift, act, neg_slope,
                            out_mode, out_scale, out_qn, out_qp)
 
+    # Its own fake: triton_op would otherwise trace the launcher with fake tensors (which the
+    # interpreter cannot run); torch.compile / export / opcheck use this one.
+    _packed_triton.register_fake(_fake)
+
 
 # ---------------------------------------------------------------------------------------------
 # Backends and the public function.
