@@ -149,3 +149,47 @@ def test_part_linear_convert_is_exact():
         a, b = m(x)["embeddings"], p(x)["embeddings"]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert type(p.fc).__name__ == "PackedPartLinear"
+
+
+def test_report_cache_is_keyed_by_content_data_and_settings(demo, tmp_path):
+    """The report reuses an evaluation only under the same checkpoint content, test set,
+    settings and qgait version; a stale <checkpoint>.eval.json (the old path-only cache) is not
+    read; every quantized row compares packed and fake-quant over the whole test set."""
+    import shutil
+
+    from qgait.evaluation import cache
+    from qgait.model_io import load_checkpoint, save_checkpoint
+    from qgait.pipeline.demo import demo_config, report
+    out, res = demo
+    cfg = demo_config(out, None, True)
+    fp = tmp_path / "fp.pt"
+    shutil.copyfile(out / "fp" / "final.pt", fp)
+    stale = {"casia_b": {"cross_view": {c: {"mean": 123.0} for c in ("NM", "BG", "CL")}}}
+    fp.with_suffix(".eval.json").write_text(json.dumps(stale))
+    ck = {"fp": fp, "w4a4": out / "w4a4" / "soft" / "final.pt"}
+    r1 = report(ck, cfg, tmp_path, progress=False, name="r1")
+    by = {r["variant"]: r for r in res["rows"]}
+    for r in r1["rows"]:   # the demo's own numbers (same models, data, settings), not 123
+        assert {c: r[c] for c in ("NM", "BG", "CL")} == {c: by[r["variant"]][c]
+                                                       for c in ("NM", "BG", "CL")}
+        assert r["precision"] == "fp32" if r["variant"] == "fp" else "packed" in r["precision"]
+    w4 = r1["rows"][1]["fakequant_vs_packed"]
+    assert w4["sequences"] == r1["test_sequences"] == 60
+    assert w4["max_rel_diff"] < 1e-4 and w4["mean_rel_diff"] <= w4["max_rel_diff"]
+    assert w4["rank1_changed"] is False and w4["probe_outcomes_changed"] == 0
+    assert len(json.loads(cache.cache_path(fp).read_text())["entries"]) == 1
+    # another test subset: evaluated again, next to the first entry
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["data"]["test_ids"] = ["006", "007"]
+    r2 = report({"fp": fp}, cfg2, tmp_path, progress=False, name="r2")
+    assert r2["test_sequences"] == 40
+    assert len(json.loads(cache.cache_path(fp).read_text())["entries"]) == 2
+    # the same path with other content: evaluated again (the key holds the content hash)
+    ckd = load_checkpoint(fp)
+    first = next(k for k in ckd["model"] if k.endswith("weight"))
+    ckd["model"][first] = ckd["model"][first] * 0.5
+    save_checkpoint({k: v for k, v in ckd.items() if k not in ("format", "format_version")}, fp)
+    report({"fp": fp}, cfg2, tmp_path, progress=False, name="r3")
+    entries = json.loads(cache.cache_path(fp).read_text())["entries"]
+    assert len(entries) == 3
+    assert len({e["key"]["model_sha256"] for e in entries.values()}) == 2

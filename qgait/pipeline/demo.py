@@ -3,7 +3,8 @@
 1. generate a synthetic CASIA-B-like tree (or use ``--data``, an OpenGait pickle tree);
 2. train a small full-precision GaitLite3D (stage 0);
 3. for W8A8 and W4A4: stage 1 (QAT, straight-through) and stage 2 (soft quantizer + IDC);
-4. convert each to a packed integer model and check it against the fake-quant model;
+4. convert each to a packed integer model and compare it with the fake-quant model over the
+   whole test set;
 5. evaluate every model with the CASIA-B protocol, measure model bytes and CPU latency per
    30-frame sequence; print one table, write ``results.json`` and ``results.png``.
 
@@ -55,13 +56,48 @@ def max_embedding_diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) 
     return float((ea - eb).abs().max() / ea.abs().max().clamp_min(1e-12))
 
 
-def _evaluate(model, ds, cfg, progress):
-    from qgait.evaluation import evaluate, model_embed_fn
+def _embed_all(model, ds, cfg, progress):
+    """Embeddings ``[N, C, P]`` of the whole test set, fp32 on the CPU (no autocast)."""
+    from qgait.evaluation import extract, model_embed_fn
 
     fn = model_embed_fn(model, "cpu", None)
-    res = evaluate(fn, ds, "casia-b", max_frames=cfg["eval"]["max_frames"], progress=progress)
+    return extract(fn, ds, max_frames=cfg["eval"]["max_frames"], progress=progress)
+
+
+def _labels(ds):
+    import numpy as np
+    return tuple(np.array([getattr(q, k) for q in ds.seqs])
+                 for k in ("subject", "condition", "view"))
+
+
+def _cross(res: dict) -> dict:
     cross = res["casia_b"]["cross_view"]
-    return {c: cross[c]["mean"] for c in cross}, res
+    return {c: cross[c]["mean"] for c in cross}
+
+
+def compare_embeddings(fq: torch.Tensor, packed: torch.Tensor, ds) -> dict:
+    """The packed model against its fake-quant model over a whole test set: per sequence the
+    relative difference ``max |packed - fq| / max |fq|`` (its max and mean), both models'
+    cross-view rank-1, whether it changed, and how many CASIA-B probe outcomes (probe x gallery
+    view: nearest gallery sequence of the right subject or not) differ."""
+    import numpy as np
+
+    from qgait.evaluation import casia_b_hits
+    from qgait.evaluation.evaluate import score
+
+    n = fq.shape[0]
+    d = (packed - fq).abs().reshape(n, -1).amax(dim=1)
+    rel = d / fq.abs().reshape(n, -1).amax(dim=1).clamp_min(1e-12)
+    labels = _labels(ds)
+    r_fq, r_pk = _cross(score(fq, *labels)), _cross(score(packed, *labels))
+    h_fq, h_pk = casia_b_hits(fq, *labels), casia_b_hits(packed, *labels)
+    flips = 0
+    for c, e in h_fq["cond"].items():
+        a, b = e["hit"], h_pk["cond"][c]["hit"]
+        flips += int(np.sum((a != b) & ~(np.isnan(a) & np.isnan(b))))
+    return {"sequences": int(n), "max_rel_diff": float(rel.max()),
+            "mean_rel_diff": float(rel.mean()), "rank1_fakequant": r_fq, "rank1_packed": r_pk,
+            "rank1_changed": r_fq != r_pk, "probe_outcomes_changed": flips}
 
 
 def demo_config(out: Path, data: str | None, fast: bool, overrides=None) -> dict:
@@ -100,50 +136,67 @@ def run_demo(out="runs/demo", data=None, fast=False, variants=("w8a8", "w4a4"),
 def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str = "report",
            extra: dict | None = None) -> dict:
     """The results table of a pipeline run: per checkpoint ("fp" and the variants) the
-    cross-view rank-1 of the deployed model (fp32, or packed integers via ``convert``), its
-    bytes and its CPU latency per 30-frame sequence, and how far the packed model's embeddings
-    are from the fake-quant model's. A checkpoint's evaluation is read from
-    ``<checkpoint>.eval.json`` (what ``qgait eval`` writes) when present, else run and written
-    there. Prints the table, writes ``<out>/<name>.json`` and ``<out>/<name>.png``."""
-    from qgait.model_io import load_checkpoint_model
+    cross-view rank-1 of the deployed model (the fp32 model, or the packed integer model of
+    ``convert``), its bytes and CPU latency per 30-frame sequence. Every row is evaluated
+    without autocast (``precision`` says how it ran); a quantized row also compares the packed
+    model's embeddings with the fake-quant model's over the whole test set
+    (:func:`compare_embeddings`, under ``fakequant_vs_packed``).
+
+    Evaluations are cached in ``<checkpoint>.evals.json`` (:mod:`qgait.evaluation.cache`),
+    keyed by the checkpoint's content hash, the evaluation's arguments, the test set's
+    fingerprint and the qgait version: a changed model, data or qgait re-evaluates. Prints the
+    table, writes ``<out>/<name>.json`` and ``<out>/<name>.png``."""
+    from qgait.evaluation import cache
+    from qgait.evaluation.evaluate import score
+    from qgait.model_io import atomic_write_text, load_checkpoint_model
     from qgait.quant import convert
     from qgait.train.build import load_dataset
 
     t_start = time.perf_counter()
     test = load_dataset(cfg, "test", progress=False)
-    x30 = torch.from_numpy(test.frames(0)[:30].astype("float32"))[None, None]
+    data = cache.dataset_fingerprint(test)
     rows = []
     for vname, ck in checkpoints.items():
         ck = Path(ck)
         model, _ = load_checkpoint_model(ck)
         row = {"variant": vname}
         if vname == "fp":
-            row.update(model="FP32", bits=32)
+            row.update(model="FP32", bits=32, precision="fp32")
             deployed = model
         else:
             v = variant(vname)
-            row.update(model=f"{v.label} (packed int{v.w_bits})", bits=v.w_bits)
+            row.update(model=f"{v.label} (packed int{v.w_bits})", bits=v.w_bits,
+                       precision=f"packed W{v.w_bits}A{v.a_bits} integers, fp32 epilogue")
             deployed = convert(copy.deepcopy(model).eval())
-            row["fakequant_vs_packed_rel_diff"] = max_embedding_diff(model, deployed, x30)
-        ev_path = ck.with_suffix(".eval.json")
-        if ev_path.exists():
-            with open(ev_path) as f:
-                cross = json.load(f)["casia_b"]["cross_view"]
-            acc = {c: cross[c]["mean"] for c in cross}
-        else:
-            acc, full = _evaluate(deployed, test, cfg, progress)
-            with open(ev_path, "w") as f:
-                json.dump(full, f, indent=2)
-        row.update(acc, bytes=inference_nbytes(deployed), latency_ms=latency_ms(deployed),
-                   checkpoint=str(ck))
+        key = cache.evaluation_key(ck, deployed="fp32" if vname == "fp" else "packed",
+                                   amp=None, protocol="casia-b", data=data,
+                                   max_frames=cfg["eval"]["max_frames"])
+        entry = cache.lookup(ck, key)
+        if entry is None:
+            t0 = time.perf_counter()
+            feats = _embed_all(deployed, test, cfg, progress)
+            full = score(feats, *_labels(test))
+            full.update(protocol="casia-b", n_sequences=len(test),
+                        seconds=time.perf_counter() - t0, precision=row["precision"])
+            entry = {"evaluation": full}
+            if vname != "fp":
+                fq = _embed_all(model, test, cfg, progress)
+                entry["fakequant_vs_packed"] = compare_embeddings(fq, feats, test)
+            cache.store(ck, key, entry)
+        row.update(_cross(entry["evaluation"]))
+        if "fakequant_vs_packed" in entry:
+            cmp = entry["fakequant_vs_packed"]
+            row["fakequant_vs_packed"] = cmp
+            row["fakequant_vs_packed_rel_diff"] = cmp["max_rel_diff"]
+        row.update(bytes=inference_nbytes(deployed), latency_ms=latency_ms(deployed),
+                   checkpoint=str(ck), evaluation_key=key)
         rows.append(row)
     res = {"rows": rows, "threads": torch.get_num_threads(), "test_sequences": len(test),
            **(extra or {})}
     res["total_seconds"] = res.get("train_seconds", 0.0) + time.perf_counter() - t_start
     print(format_table(res))
     out = Path(out)
-    with open(out / f"{name}.json", "w") as f:
-        json.dump(res, f, indent=2)
+    atomic_write_text(out / f"{name}.json", json.dumps(res, indent=2))
     plot_results(res, out / f"{name}.png")
     print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
     return res
@@ -152,11 +205,20 @@ def report(checkpoints: dict, cfg: dict, out, progress: bool = True, name: str =
 def format_table(res: dict) -> str:
     conds = [c for c in ("NM", "BG", "CL") if c in res["rows"][0]]
     head = f"{'model':<44s}" + "".join(f"{c:>7s}" for c in conds) + f"{'bytes':>11s}{'ms/seq':>9s}"
-    lines = ["rank-1 (%, cross-view mean), inference bytes, CPU latency per 30-frame sequence",
-             head]
+    lines = ["rank-1 (%, cross-view mean), inference bytes, CPU latency per 30-frame sequence; "
+             "every row evaluated without autocast (FP32 in fp32, the others as packed "
+             "integer models)", head]
     for r in res["rows"]:
         lines.append(f"{r['model']:<44s}" + "".join(f"{r[c]:7.1f}" for c in conds)
                      + f"{r['bytes']:11,d}{r['latency_ms']:9.1f}")
+    for r in res["rows"]:
+        c = r.get("fakequant_vs_packed")
+        if c:
+            lines.append(f"{r['variant']}: packed vs fake-quant over {c['sequences']} test "
+                         f"sequences: relative difference max {c['max_rel_diff']:.1e}, mean "
+                         f"{c['mean_rel_diff']:.1e}; rank-1 "
+                         f"{'CHANGED' if c['rank1_changed'] else 'unchanged'} "
+                         f"({c['probe_outcomes_changed']} probe outcomes differ)")
     return "\n".join(lines)
 
 
