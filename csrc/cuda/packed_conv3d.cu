@@ -15,6 +15,7 @@
 // The epilogue uses __fmul_rn / __fadd_rn (never contracted into FMAs, IEEE rounding) and
 // __frcp_rn for 1/s, so it rounds like the fp32 reference; denormal results flush to zero under
 // --use_fast_math.
+#include "cuda/launch.cuh"
 #include "cuda/packed_conv3d.cuh"
 
 namespace qgait {
@@ -22,6 +23,11 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64, kBKW = 8;  // tile rows, columns, int32 words of K per step
 constexpr int kThreads = 256;
+#ifndef QGAIT_EMU_SMALL_GRID
+constexpr int kPackMaxBlocks = 65535 * 8;
+#else  // emulation: grid-stride rounds on small tensors
+constexpr int kPackMaxBlocks = 2;
+#endif
 
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
@@ -203,12 +209,12 @@ cudaError_t packed_conv3d_launch(const PackedConvParams& p, cudaStream_t stream)
   int8_t* xb = static_cast<int8_t*>(p.scratch);
   int32_t* comp = reinterpret_cast<int32_t*>(static_cast<char*>(p.scratch) + (xbytes + 15) / 16 * 16);
   const int64_t words = int64_t(xbytes / 4);
-  const int blocks = int((words + 255) / 256 < 65535 * 8 ? (words + 255) / 256 : 65535 * 8);
-  pack_input<<<blocks > 0 ? blocks : 1, 256, 0, stream>>>(p, d, zp, xb);
-  zero_point_sums<<<(p.Co + 127) / 128, 128, 0, stream>>>(p, zp, comp);
+  const int blocks = int((words + 255) / 256 < kPackMaxBlocks ? (words + 255) / 256 : kPackMaxBlocks);
+  QGAIT_LAUNCH(blocks > 0 ? blocks : 1, 256, 0, stream, pack_input)(p, d, zp, xb);
+  QGAIT_LAUNCH((p.Co + 127) / 128, 128, 0, stream, zero_point_sums)(p, zp, comp);
   const int64_t M = int64_t(p.N) * p.To * p.Ho * p.Wo;
   const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((p.Co + kBN - 1) / kBN));
-  conv_igemm<<<grid, kThreads, 0, stream>>>(p, d, xb, comp);
+  QGAIT_LAUNCH(grid, kThreads, 0, stream, conv_igemm)(p, d, xb, comp);
   return cudaGetLastError();
 }
 

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "launch.cuh"
 #include "pooling.cuh"
 
 namespace qgait::cuda {
@@ -38,7 +39,7 @@ __global__ void pool_fwd_kernel(const T* __restrict__ x, T* __restrict__ out,
                                 const int32_t* __restrict__ row0, const int32_t* __restrict__ row1,
                                 int64_t C, int64_t cstride, int H, int W, int B, int mode,
                                 bool hpp) {
-  extern __shared__ float smem[];
+  QGAIT_DYNAMIC_SMEM(float, smem);
   const int HW = H * W;
   float* z = smem;             // [HW]
   float* rsum = smem + HW;     // [H]
@@ -104,7 +105,7 @@ __global__ void pool_bwd_kernel(const T* __restrict__ grad, const int32_t* __res
                                 const int32_t* __restrict__ row0, const int32_t* __restrict__ row1,
                                 int64_t C, int64_t cstride, int H, int W, int B, int mode,
                                 bool hpp) {
-  extern __shared__ float smem[];
+  QGAIT_DYNAMIC_SMEM(float, smem);
   const int HW = H * W;
   float* dz = smem;          // [HW]
   float* rowc = smem + HW;   // [H]
@@ -151,7 +152,7 @@ cudaError_t launch_fwd(const void* x, void* out, int32_t* targ, int32_t* sarg,
                        int64_t H, int64_t W, int64_t B, int mode, bool hpp,
                        cudaStream_t stream) {
   const size_t smem = hpp ? (H * W + 3 * H) * sizeof(float) : 0;
-  pool_fwd_kernel<T><<<static_cast<unsigned>(n_out * C), kThreads, smem, stream>>>(
+  QGAIT_LAUNCH(static_cast<unsigned>(n_out * C), kThreads, smem, stream, pool_fwd_kernel<T>)(
       static_cast<const T*>(x), static_cast<T*>(out), targ, sarg, seq_base, seq_len, row0, row1,
       C, cstride, static_cast<int>(H), static_cast<int>(W), static_cast<int>(B), mode, hpp);
   return cudaGetLastError();
@@ -164,7 +165,7 @@ cudaError_t launch_bwd(const void* grad, const int32_t* targ, const int32_t* sar
                        int64_t H, int64_t W, int64_t B, int mode, bool hpp,
                        cudaStream_t stream) {
   const size_t smem = (H * W + H) * sizeof(float);
-  pool_bwd_kernel<T><<<static_cast<unsigned>(n_out * C), kThreads, smem, stream>>>(
+  QGAIT_LAUNCH(static_cast<unsigned>(n_out * C), kThreads, smem, stream, pool_bwd_kernel<T>)(
       static_cast<const T*>(grad), targ, sarg, static_cast<T*>(dx), seq_base, seq_len, row0,
       row1, C, cstride, static_cast<int>(H), static_cast<int>(W), static_cast<int>(B), mode,
       hpp);

@@ -20,6 +20,7 @@
 #include <cfloat>
 #include <cstdio>
 
+#include "launch.cuh"
 #include "soft_fake_quant.cuh"
 #include "soft_fake_quant_math.cuh"
 
@@ -27,11 +28,19 @@ namespace qgait::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kSegLen = 8192;      // elements of a row segment (rows kernel), mult. of 8
 constexpr int64_t kRowsMinInner = 128;  // below this, the columns kernel
 constexpr int kColTile = 32, kColRowThreads = 8;
+#ifndef QGAIT_EMU_SMALL_GRID
+constexpr int64_t kSegLen = 8192;      // elements of a row segment (rows kernel), mult. of 8
 constexpr int64_t kColChunkRows = 128;  // rows of one columns-kernel block (16 per thread)
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
+constexpr int64_t kMaxGridY = 65535;    // the hardware's gridDim.y limit
+#else  // emulation: several segments, chunks and grid-stride rounds on small tensors
+constexpr int64_t kSegLen = 64;
+constexpr int64_t kColChunkRows = 16;
+constexpr int64_t kMaxGrid = 3;
+constexpr int64_t kMaxGridY = 2;
+#endif
 
 // ---- element conversion and 16-byte vector access ------------------------------------------
 template <typename T> __device__ __forceinline__ float to_f32(T v);
@@ -279,7 +288,7 @@ template <typename T, int VEC, Ch MODE>
 void launch_fwd(const T* x, T* y, const float* scale, int64_t n, int64_t C, int64_t inner,
                 const SfqConsts& P, cudaStream_t stream) {
   const int64_t blocks = min64(kMaxGrid, cdiv(n / VEC > 0 ? n / VEC : 1, kThreads));
-  sfq_fwd_kernel<T, VEC, MODE><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  QGAIT_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, sfq_fwd_kernel<T, VEC, MODE>)(
       x, y, scale, n, C, inner, P);
 }
 
@@ -316,10 +325,10 @@ void backward_t(const T* gy, const T* x, T* dx, float* ds, float* ws, const floa
     const int64_t per = cdiv(min64(inner, kSegLen), vec ? V : 1);
     const int threads = static_cast<int>(min64(kThreads, cdiv(per, 32) * 32));
     if (vec) {
-      sfq_bwd_rows_kernel<T, V><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      QGAIT_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, sfq_bwd_rows_kernel<T, V>)(
           gy, x, dx, partial, scale, outer, C, inner, nseg, P);
     } else {
-      sfq_bwd_rows_kernel<T, 1><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      QGAIT_LAUNCH(static_cast<unsigned>(blocks), threads, 0, stream, sfq_bwd_rows_kernel<T, 1>)(
           gy, x, dx, partial, scale, outer, C, inner, nseg, P);
     }
     K = outer * nseg;
@@ -327,15 +336,16 @@ void backward_t(const T* gy, const T* x, T* dx, float* ds, float* ws, const floa
     const int64_t W = C * inner;
     const int64_t rpc = col_rows_per_chunk(outer);
     const int64_t nchunks = cdiv(outer, rpc);
-    const dim3 grid(static_cast<unsigned>(cdiv(W, kColTile)), static_cast<unsigned>(nchunks));
-    sfq_bwd_cols_kernel<T><<<grid, dim3(kColTile, kColRowThreads), 0, stream>>>(
+    const dim3 grid(static_cast<unsigned>(cdiv(W, kColTile)),
+                    static_cast<unsigned>(min64(nchunks, kMaxGridY)));
+    QGAIT_LAUNCH(grid, dim3(kColTile, kColRowThreads), 0, stream, sfq_bwd_cols_kernel<T>)(
         gy, x, dx, partial, scale, outer, W, inner, rpc, nchunks, P);
     K = inner * nchunks;
   }
   if (ds != nullptr) {
     const int threads = K >= kThreads ? kThreads : 32;
-    sfq_ds_finish_kernel<<<static_cast<unsigned>(min64(C, kMaxGrid)), threads, 0, stream>>>(
-        partial, ds, C, K, gamma);
+    QGAIT_LAUNCH(static_cast<unsigned>(min64(C, kMaxGrid)), threads, 0, stream,
+                 sfq_ds_finish_kernel)(partial, ds, C, K, gamma);
   }
 }
 

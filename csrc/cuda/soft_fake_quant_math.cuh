@@ -64,8 +64,11 @@ QGAIT_HD float sfq_exp(float x) {
   p = fma_rn(p, r, 1.6666665459e-1f);
   p = fma_rn(p, r, 5.0000001201e-1f);
   p = fma_rn(mul_rn(p, r), r, add_rn(r, 1.0f));
-  // 2^n built from its exponent bits (n in [-126, 127] here; NaN converts to 0, p stays NaN).
-  return mul_rn(p, as_float((static_cast<int>(n) + 127) << 23));
+  // 2^n built from its exponent bits (n in [-126, 127] here). A NaN n is mapped to 0 before the
+  // conversion, as the device's cvt does (p stays NaN): converting NaN to int is undefined in
+  // host C++, which the emulation's UBSan build reported.
+  const int ni = n == n ? static_cast<int>(n) : 0;
+  return mul_rn(p, as_float((ni + 127) << 23));
 }
 
 // tanh(z): an odd polynomial for |z| < 0.625 (where 1 - 2/(e^{2|z|}+1) cancels), else the

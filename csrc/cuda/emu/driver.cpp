@@ -1,0 +1,173 @@
+// Test driver of the CUDA emulation: a small program, linked with the .cu files built as host
+// C++ (-DQGAIT_CUDA_EMU), that runs their launchers on buffers read from a file and writes the
+// results back. tests/cuda_emu.py writes the requests and reads the answers; a separate
+// process keeps sanitizer runtimes, aborts and device asserts away from pytest.
+//
+//   driver IN OUT     IN: requests until EOF; OUT: one answer per request.
+// Request: u32 name length, name; u32 nbuf, per buffer {u32 kind (0 null, 1 input, 2 output),
+// u32 misalign (bytes past a 16-byte boundary), u64 nbytes, bytes}; u32 nint, i64[nint];
+// u32 ndbl, f64[ndbl]. Answer: i32 cudaError_t, then every output buffer's bytes in order.
+// Each buffer is its own heap block of exactly nbytes (after the misalignment), so ASan sees
+// any access past its end; scratch / workspace the launchers need is filled with garbage.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/packed_conv3d.cuh"
+#include "cuda/pooling.cuh"
+#include "cuda/soft_fake_quant.cuh"
+
+namespace {
+
+struct Buf {
+  uint32_t kind = 0, misalign = 0;
+  uint64_t nbytes = 0;
+  void* base = nullptr;
+  unsigned char* ptr = nullptr;
+};
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "emu driver: %s\n", what);
+  std::exit(3);
+}
+
+void read_exact(FILE* f, void* p, size_t n) {
+  if (n && std::fread(p, 1, n, f) != n) fail("truncated request");
+}
+
+template <class T>
+T rd(FILE* f) {
+  T v;
+  read_exact(f, &v, sizeof v);
+  return v;
+}
+
+void* garbage(size_t n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, n ? n : 1) != 0) fail("out of memory");
+  std::memset(p, 0xFF, n);  // NaN floats, -1 ints
+  return p;
+}
+
+using qgait_emu::reset_device;
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) fail("usage: driver IN OUT");
+  FILE* in = std::fopen(argv[1], "rb");
+  FILE* out = std::fopen(argv[2], "wb");
+  if (!in || !out) fail("cannot open the request / answer file");
+  uint32_t nlen;
+  while (std::fread(&nlen, 4, 1, in) == 1) {
+    std::string name(nlen, '\0');
+    read_exact(in, name.data(), nlen);
+    std::vector<Buf> b(rd<uint32_t>(in));
+    for (Buf& x : b) {
+      x.kind = rd<uint32_t>(in);
+      x.misalign = rd<uint32_t>(in);
+      x.nbytes = rd<uint64_t>(in);
+      if (x.kind == 0) continue;
+      if (posix_memalign(&x.base, 16, x.misalign + x.nbytes ? x.misalign + x.nbytes : 1) != 0)
+        fail("out of memory");
+      x.ptr = static_cast<unsigned char*>(x.base) + x.misalign;
+      read_exact(in, x.ptr, x.nbytes);
+    }
+    std::vector<int64_t> I(rd<uint32_t>(in));
+    read_exact(in, I.data(), I.size() * 8);
+    std::vector<double> D(rd<uint32_t>(in));
+    read_exact(in, D.data(), D.size() * 8);
+    auto P = [&](size_t i) -> void* { return b.at(i).ptr; };
+    auto need = [&](size_t nb, size_t ni, size_t nd) {
+      if (b.size() != nb || I.size() != ni || D.size() != nd) fail(("bad arguments to " + name).c_str());
+    };
+    cudaError_t rc = cudaSuccess;
+    if (name == "sfq_fwd") {
+      // x, y, scale | dtype, outer, C, inner, soft, k0 | qn, qp, k, tanh_scale, g_scale
+      need(3, 6, 5);
+      const qgait::cuda::SfqConsts c{float(D[0]), float(D[1]), float(D[2]), float(D[3]),
+                                     float(D[4]), I[4] != 0, I[5] != 0};
+      rc = qgait::cuda::sfq_forward_cuda(P(0), P(1), static_cast<const float*>(P(2)), int(I[0]),
+                                         I[1], I[2], I[3], c, nullptr);
+    } else if (name == "sfq_bwd") {
+      // gy, x, dx|null, ds|null, scale | dtype, outer, C, inner, soft, k0 | qn..g_scale, gamma
+      need(5, 6, 6);
+      const qgait::cuda::SfqConsts c{float(D[0]), float(D[1]), float(D[2]), float(D[3]),
+                                     float(D[4]), I[4] != 0, I[5] != 0};
+      const int64_t nws = qgait::cuda::sfq_backward_workspace(I[1], I[2], I[3]);
+      float* ws = static_cast<float*>(garbage(size_t(nws) * sizeof(float)));
+      rc = qgait::cuda::sfq_backward_cuda(P(0), P(1), P(2), static_cast<float*>(P(3)), ws,
+                                          static_cast<const float*>(P(4)), int(I[0]), I[1], I[2],
+                                          I[3], c, D[5], nullptr);
+      std::free(ws);
+    } else if (name == "pool_fwd") {
+      // x, out, targ|null, sarg|null, seq_base, seq_len, row0, row1
+      // | n_out, C, cstride, H, W, B, mode, hpp, dtype
+      need(8, 9, 0);
+      rc = qgait::cuda::pool_forward(
+          P(0), P(1), static_cast<int32_t*>(P(2)), static_cast<int32_t*>(P(3)),
+          static_cast<const int64_t*>(P(4)), static_cast<const int32_t*>(P(5)),
+          static_cast<const int32_t*>(P(6)), static_cast<const int32_t*>(P(7)), I[0], I[1], I[2],
+          I[3], I[4], I[5], int(I[6]), I[7] != 0, int(I[8]), nullptr);
+    } else if (name == "pool_bwd") {
+      // grad, targ|null, sarg|null, dx, seq_base, seq_len, row0, row1 | as pool_fwd
+      need(8, 9, 0);
+      rc = qgait::cuda::pool_backward(
+          P(0), static_cast<const int32_t*>(P(1)), static_cast<const int32_t*>(P(2)), P(3),
+          static_cast<const int64_t*>(P(4)), static_cast<const int32_t*>(P(5)),
+          static_cast<const int32_t*>(P(6)), static_cast<const int32_t*>(P(7)), I[0], I[1], I[2],
+          I[3], I[4], I[5], int(I[6]), I[7] != 0, int(I[8]), nullptr);
+    } else if (name == "conv") {
+      // x, x_scale, w, w_scale, bias|null, bn_scale|null, bn_shift|null, out_scale|null, y
+      // | x_dtype, sx[5], N, C, T, H, W, in_qn, in_qp, w_bits, Co, kT, kH, kW, sT, sH, sW,
+      //   pT, pH, pW, dT, dH, dW, To, Ho, Wo, act, out_mode, out_qn, out_qp | slope
+      need(9, 34, 1);
+      qgait::PackedConvParams p{};
+      int k = 0;
+      p.x = P(0);
+      p.x_dtype = int(I[k++]);
+      for (int i = 0; i < 5; ++i) p.sx[i] = I[k++];
+      p.N = int(I[k++]); p.C = int(I[k++]); p.T = int(I[k++]); p.H = int(I[k++]);
+      p.W = int(I[k++]);
+      p.x_scale = static_cast<const float*>(P(1));
+      p.in_qn = int(I[k++]); p.in_qp = int(I[k++]);
+      p.w = static_cast<const uint8_t*>(P(2));
+      p.w_bits = int(I[k++]);
+      p.Co = int(I[k++]); p.kT = int(I[k++]); p.kH = int(I[k++]); p.kW = int(I[k++]);
+      p.sT = int(I[k++]); p.sH = int(I[k++]); p.sW = int(I[k++]);
+      p.pT = int(I[k++]); p.pH = int(I[k++]); p.pW = int(I[k++]);
+      p.dT = int(I[k++]); p.dH = int(I[k++]); p.dW = int(I[k++]);
+      p.To = int(I[k++]); p.Ho = int(I[k++]); p.Wo = int(I[k++]);
+      p.w_scale = static_cast<const float*>(P(3));
+      p.bias = static_cast<const float*>(P(4));
+      p.bn_scale = static_cast<const float*>(P(5));
+      p.bn_shift = static_cast<const float*>(P(6));
+      p.act = int(I[k++]);
+      p.slope = float(D[0]);
+      p.out_mode = int(I[k++]);
+      p.out_scale = static_cast<const float*>(P(7));
+      p.out_qn = int(I[k++]); p.out_qp = int(I[k++]);
+      p.y = P(8);
+      const size_t nscratch = qgait::packed_conv3d_scratch_bytes(p);
+      p.scratch = garbage(nscratch);
+      rc = qgait::packed_conv3d_launch(p, nullptr);
+      std::free(p.scratch);
+    } else if (name == "reset") {
+      reset_device();
+    } else {
+      fail(("unknown request " + name).c_str());
+    }
+    const int32_t code = int32_t(rc);
+    std::fwrite(&code, 4, 1, out);
+    for (Buf& x : b) {
+      if (x.kind == 2) std::fwrite(x.ptr, 1, x.nbytes, out);
+      std::free(x.base);
+    }
+    std::fflush(out);
+  }
+  std::fclose(out);
+  return 0;
+}
