@@ -8,7 +8,8 @@ of x and one write of a fresh dL/dx, which is as large as x).
 
 Shapes are the heads of real models (GaitBase-like on 64x44 silhouettes: [N, 128, 30, 16, 11];
 a wider backbone: [N, 256, 30, 32, 22]); forward and forward+backward (the gradient is taken with
-torch.autograd.grad, so no .grad accumulation is timed).
+torch.autograd.grad, so no .grad accumulation is timed). On a CUDA machine the qgait providers
+are the cuda and triton backends on GPU tensors (``python -m qgait.gpu_check`` runs this file).
 """
 import pytest
 import torch
@@ -21,7 +22,11 @@ from _common import machine_info
 SHAPES = {"N32-C128-T30-H16-W11": (32, 128, 30, 16, 11),
           "N8-C256-T30-H32-W22": (8, 256, 30, 32, 22)}
 BINS = {"bins16": (16,), "bins16-8-4-2-1": (16, 8, 4, 2, 1)}
-PROVIDERS = {"qgait-cpu": "qgait", "eager": "baseline", "compiled": "baseline", "floor": "ceiling"}
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+QGAIT = ["qgait-cuda", "qgait-triton"] if ON_GPU else ["qgait-cpu"]
+PROVIDERS = {**{p: "qgait" for p in QGAIT}, "eager": "baseline", "compiled": "baseline",
+             "floor": "ceiling"}
 MODES = ("forward", "forward+backward")
 
 
@@ -39,9 +44,15 @@ def opengait_chain(x, bins):
 _COMPILED = {}
 
 
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
 def _fn(provider, bins):
-    if provider == "qgait-cpu":
-        return lambda x: set_pool_hpp(x, bins=bins, backend="cpu")
+    if provider.startswith("qgait-"):
+        backend = provider.split("-", 1)[1]
+        return lambda x: set_pool_hpp(x, bins=bins, backend=backend)
     if provider == "eager":
         return lambda x: opengait_chain(x, bins)
     if provider == "compiled":
@@ -56,23 +67,33 @@ def _fn(provider, bins):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_set_pool_hpp(benchmark, provider, mode, bins, shape):
-    if provider == "qgait-cpu" and not qgait.backends()["cpu"]["available"]:
-        pytest.skip("qgait._C not built")
+    if provider.startswith("qgait-"):
+        info = qgait.backends()[provider.split("-", 1)[1]]
+        if not info["available"]:
+            pytest.skip(f"{provider} unavailable here: {info['why']}")
     dims, b = SHAPES[shape], BINS[bins]
-    x = torch.randn(dims)
+    x = torch.randn(dims, device=DEVICE)
     fn = _fn(provider, b)
     nbytes = x.numel() * x.element_size()
     if mode == "forward":
-        run = lambda: fn(x)  # noqa: E731
+        def run():
+            r = fn(x)
+            _sync()
+            return r
     elif provider == "floor":
-        run = lambda: (x.sum(), torch.zeros_like(x))  # noqa: E731  one read, one fresh write
+        def run():  # one read, one fresh write
+            r = (x.sum(), torch.zeros_like(x))
+            _sync()
+            return r
         nbytes *= 2
     else:
         x.requires_grad_()
-        g = torch.randn(dims[0], dims[1], sum(b))
+        g = torch.randn(dims[0], dims[1], sum(b), device=DEVICE)
 
         def run():
-            return torch.autograd.grad(fn(x), x, g)[0]
+            r = torch.autograd.grad(fn(x), x, g)[0]
+            _sync()
+            return r
 
         nbytes *= 2  # read x, write dx
     run()  # warm-up (compilation for the compiled chain)
