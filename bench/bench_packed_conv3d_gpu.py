@@ -2,8 +2,9 @@
 
     pytest bench/bench_packed_conv3d_gpu.py --benchmark-only
 
-The layers, weights and cases are bench_packed_conv3d.py's (A [4, 32, 30, 64, 44] -> 64 and
-B [4, 64, 30, 32, 22] -> 128, kernel 3x3x3, padding 1; W8A8 / W4A8 / W4A4), on the GPU:
+The layers and data are bench_packed_conv3d.py's (A [4, 32, 30, 64, 44] -> 64 and
+B [4, 64, 30, 32, 22] -> 128, kernel 3x3x3, padding 1), on the GPU, for W8A8 / W4A8 / W4A4
+(weights on the int4 grid, packed as int8 or int4: the values do not change the time):
 
 * qgait-cuda / qgait-triton: float32 in, float32 out (the activation is quantized in the op);
 * cudnn-fp16 / cudnn-bf16: ``F.conv3d`` of channels-last half tensors (cuDNN), the float
@@ -22,7 +23,10 @@ from qgait.ops import packed_conv3d
 from qgait.quant import pack_weight
 
 from _common import machine_info
-from bench_packed_conv3d import CASES, LAYERS, _layer, _x_scale
+from bench_packed_conv3d import LAYERS, X_SCALE, _layer
+
+# (weight bits, activation bits); 4-bit activations take the step 1/15 (codes of x in [0, 1))
+CASES = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -41,11 +45,11 @@ def _run_fn(provider, layer):
         w_bits, a_bits = CASES[case.upper()]
     else:
         w_bits, a_bits = 8, 8
-    x, w_int, w_scale, bias, macs = _layer(layer, w_bits)
+    x, w_int, w_scale, bias, macs = _layer(layer)
     x, w_scale, bias = x.cuda(), w_scale.cuda(), bias.cuda()
     if provider.startswith("qgait-"):
         wp = pack_weight(w_int, w_bits).cuda()
-        xs = torch.tensor(_x_scale(a_bits), device="cuda")
+        xs = torch.tensor(X_SCALE if a_bits == 8 else 1.0 / 15, device="cuda")
         return (lambda: packed_conv3d(x, wp, w_scale, w_bits=w_bits, c_in=x.shape[1],
                                       x_scale=xs, in_bits=a_bits, padding=1, bias=bias,
                                       act="relu", backend=backend)), macs
