@@ -2,7 +2,8 @@
 
 * Every Triton kernel variant the launchers produce compiles offline for sm_80 and sm_90
   (tests/triton_aot.py: ``triton.compile`` with a ``GPUTarget``, no GPU needed), int8 ``tl.dot``
-  lowers to tensor-core MMA, and no variant spills registers (ptxas -v).
+  lowers to tensor-core MMA, no variant spills registers (ptxas -v), and torch.compile's
+  analysis of each launch runs and sees only outputs written.
 * packed_conv3d's Triton op has its own fake (opcheck, torch.compile, export), is launched
   through wrap_triton, computes 1 / step in the kernel and asserts the steps on the device.
 The soft fake-quant and pooling kernels' own checks are in test_soft_quant.py / test_pooling.py.
@@ -75,6 +76,24 @@ def test_no_variant_spills_registers(aot_report):
     assert not spills, spills
     conv = [r for r in aot_report[1] if r["kernel"] == "_packed_conv3d_kernel"]
     assert all(r["num_warps"] == 8 for r in conv)
+
+
+OUTPUTS = {"_sfq_fwd_kernel": {"y_ptr"}, "_sfq_bwd_kernel": {"dx_ptr", "part_ptr"},
+           "_sph_fwd_kernel": {"out_ptr", "targ_ptr", "sarg_ptr"}, "_sph_bwd_kernel": {"dx_ptr"},
+           "_packed_conv3d_kernel": {"y_ptr"}}
+
+
+def test_torch_compile_kernel_analysis(aot_report):
+    """torch.compile's analysis of each launch (TTIR, as for a wrap_triton kernel under
+    Inductor / functionalization) runs, tuple arguments included, and finds exactly outputs
+    written: never an input."""
+    for r in aot_report[1]:
+        writes = set(r["inductor_writes"])
+        assert writes and writes <= OUTPUTS[r["kernel"]], (r["variant"], writes)
+    fwd = {r["variant"]: set(r["inductor_writes"]) for r in aot_report[1]
+           if r["arch"] == "sm_90" and r["kernel"] == "_sph_fwd_kernel"}
+    assert fwd["sph_fwd.fp32.seq.m0.idx1"] == OUTPUTS["_sph_fwd_kernel"]
+    assert fwd["sph_fwd.fp32.seq.m0.idx0"] == {"out_ptr"}
 
 
 # ---- packed_conv3d's triton_op ----------------------------------------------------------------

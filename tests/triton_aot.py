@@ -11,7 +11,8 @@ the interpreter's); by hand::
 
     python tests/triton_aot.py --arch 80 90 [--jobs 2] [--only packed_conv3d]
 
-prints one JSON object per variant: kernel, variant, arch, ok, error, registers, spill bytes.
+prints one JSON object per variant: kernel, variant, arch, ok, error, registers, spill bytes,
+tensor-core instruction, and the pointers torch.compile's kernel analysis finds written.
 """
 from __future__ import annotations
 
@@ -212,6 +213,35 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             "spill_load_bytes": int(spill.group(2)) if spill else None}
 
 
+def inductor_writes(kernel, args, kwargs, arch) -> list[str]:
+    """The pointer arguments torch.compile's analysis of the kernel (its TTIR, as Inductor and
+    functionalization compute it for a wrap_triton launch) finds written, with a stand-in driver
+    for sm_<arch>: shows that tracing the launch works (tuple arguments included)."""
+    import triton
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    from triton.backends.compiler import GPUTarget
+
+    class _Driver:  # what generate_ttir asks of the active driver
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_current_device(self):
+            return 0
+
+    bound = inspect.signature(kernel.fn).bind_partial(*args, **{
+        k: v for k, v in kwargs.items() if k in kernel.arg_names})
+    kw = {k: torch.empty(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+          for k, v in bound.arguments.items()}
+    drivers = triton.runtime.driver
+    old = drivers._active  # None here: no GPU driver is active (reset_active would look for one)
+    drivers.set_active(_Driver())
+    try:
+        acc = identify_accessed_tensors(kernel, kw, {})
+    finally:
+        drivers._active = old
+    return sorted(d.name for d in acc.read_writes.writes)
+
+
 _CACHE: dict = {}
 
 
@@ -228,6 +258,7 @@ def _job(item):
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None
         rec.update(ok=True, error=None, mma=mma, **ptxas_report(ptx, arch))
+        rec["inductor_writes"] = inductor_writes(kernel, args, kwargs, arch)
     except Exception as e:  # noqa: BLE001 - reported per variant
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
     return rec
