@@ -58,6 +58,7 @@ __all__ = [
     "describe_model", "file_sha256",
     "load_any", "load_checkpoint", "load_checkpoint_model", "load_model", "load_weights",
     "model_to_bytes", "read_header", "save_checkpoint", "save_model", "trusting_legacy_files",
+    "upgrade_file",
 ]
 
 
@@ -318,9 +319,12 @@ def _read(src: Source, trust_legacy: bool | None, map_location="cpu") -> tuple[A
     except ModelFileError:
         raise
     except Exception as e:  # noqa: BLE001 - zip / EOF / key errors of a torn or foreign file
-        raise ModelFileError(f"{name}: cannot read it ({type(e).__name__}: "
-                             f"{_first_line(str(e)) or 'empty'}); the file is truncated or not "
-                             "a model file written by qgait") from None
+        text = str(e)
+        why = ("an incomplete zip archive" if "zip archive" in text else
+               "empty or cut short" if isinstance(e, EOFError) else
+               f"{type(e).__name__}: {_first_line(text, 80)}")
+        raise ModelFileError(f"{name}: cannot read it ({why}); the file is truncated or not a "
+                             "model file written by qgait") from None
     print(f"qgait: warning: {name}: read with {LEGACY_FLAG} (a pickled file of an older qgait; "
           "unpickling it can run code)", file=sys.stderr)
     try:
@@ -507,7 +511,7 @@ def load_model(src: Source, *, trust_legacy: bool | None = None) -> tuple[nn.Mod
         model = obj["model"]
         if not isinstance(model, nn.Module):
             raise ModelFileError(f"{name}: a legacy packed file without a model")
-        model = model.eval()
+        model = _legacy_arch(model.eval(), info["config"])
     else:   # a whole pickled module (trusted)
         model = obj.eval()
     if info["kind"] is None:
@@ -516,6 +520,19 @@ def load_model(src: Source, *, trust_legacy: bool | None = None) -> tuple[nn.Mod
         except TypeError:
             info["kind"] = "fp"
     return model, info
+
+
+def _legacy_arch(model: nn.Module, cfg: dict | None) -> nn.Module:
+    """A GaitLite3D unpickled from a qgait 0.1 file has no ``.arch``: derive it from the
+    file's config and the model, so that ``save_model`` can write it in the current format."""
+    m = (cfg or {}).get("model") or {}
+    if getattr(model, "arch", None) is None and type(model).__name__ == "GaitLite3D" and m:
+        h, w = getattr(model, "input_hw", (64, 44))
+        model.arch = {"name": "GaitLite3D", "num_classes": int(model.num_classes),
+                      "width": float(m["width"]), "embed_dim": m.get("embed_dim"),
+                      "bins": [int(b) for b in model.bins], "scale": float(m.get("scale", 16.0)),
+                      "height": int(h), "width_px": int(w)}
+    return model
 
 
 def load_checkpoint(src: Source, *, trust_legacy: bool | None = None,
@@ -528,7 +545,31 @@ def load_checkpoint(src: Source, *, trust_legacy: bool | None = None,
     if not _is_checkpoint(obj):
         raise _not_qgait(name, obj)
     _check_version(name, obj)
+    rng = obj.get("rng")
+    if legacy and isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        # qgait 0.1 kept numpy's state tuple: store it the current way (tensors, numbers)
+        import numpy as np
+        nm, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = {"name": str(nm), "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+                        "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}
     return obj
+
+
+def upgrade_file(src: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Re-writes a file of an older qgait (read with the full unpickler: only for files you
+    trust) in the current format: a checkpoint stays a checkpoint, a packed or whole-module
+    file becomes a model file. Returns what was written ("checkpoint" or "model")."""
+    obj, name, legacy = _read(src, True)
+    info = _info(name, obj, legacy)
+    if info["file"] == "checkpoint":
+        ck = load_checkpoint(src, trust_legacy=True)
+        save_checkpoint({k: v for k, v in ck.items()
+                         if k not in ("format", "format_version", "qgait_version")}, dest)
+        return "checkpoint"
+    model, info = load_model(src, trust_legacy=True)
+    save_model(model, dest, info["meta"], config=info["config"])
+    return "model"
 
 
 def load_weights(src: Source, *, trust_legacy: bool | None = None) -> tuple[dict, str]:

@@ -176,9 +176,11 @@ def test_crafted_files_are_refused_and_nothing_runs(tmp_path):
 def test_legacy_files_load_only_with_the_opt_in(models, checkpoint, tmp_path):
     # qgait 0.1: `qgait convert` pickled the whole packed module; checkpoints held numpy RNG
     packed = models["packed"]
+    old_module = copy.deepcopy(packed)
+    del old_module.arch     # qgait 0.1 models had none
     legacy_packed = tmp_path / "packed_old.pt"
-    torch.save({"model": packed, "config": {"stage": "soft"}, "format": "qgait-packed-1"},
-               legacy_packed)
+    cfg = {"stage": "soft", "model": {"width": 0.25, "embed_dim": 24, "scale": 16.0}}
+    torch.save({"model": old_module, "config": cfg, "format": "qgait-packed-1"}, legacy_packed)
     path, _ = checkpoint
     ck = torch.load(path, weights_only=True)
     ck["rng"]["numpy"] = np.random.get_state()
@@ -193,11 +195,23 @@ def test_legacy_files_load_only_with_the_opt_in(models, checkpoint, tmp_path):
     m, info = load_model(legacy_packed, trust_legacy=True)
     assert info["kind"] == "packed" and info["legacy"]
     assert torch.equal(_embed(m, x), _embed(packed, x))
+    # re-saved in the current format, it loads without the opt-in (docs/model_files.md)
+    save_model(m, tmp_path / "packed_new.pt", config=info["config"])
+    m2, info2 = load_model(tmp_path / "packed_new.pt")
+    assert info2["kind"] == "packed" and torch.equal(_embed(m2, x), _embed(packed, x))
     with model_io.trusting_legacy_files():
         m, info = load_model(legacy_ckpt)
     assert info["file"] == "checkpoint" and info["step"] == 2
     with pytest.raises(ModelFileError, match="--trust-legacy-file"):
         load_model(legacy_ckpt)   # the context ended: refused again
+    # upgrade_file: both re-written in the current format, readable with weights_only=True
+    assert model_io.upgrade_file(legacy_ckpt, tmp_path / "ck_new.pt") == "checkpoint"
+    assert model_io.upgrade_file(legacy_packed, tmp_path / "pk_new.pt") == "model"
+    new = torch.load(tmp_path / "ck_new.pt", weights_only=True)
+    assert new["format"] == "qgait-checkpoint" and new["step"] == 2
+    from qgait.train.trainer import set_rng_state
+    set_rng_state(new["rng"])
+    assert load_model(tmp_path / "pk_new.pt")[1]["kind"] == "packed"
 
 
 def test_unusable_files_name_the_file(models, tmp_path):
