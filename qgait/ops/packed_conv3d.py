@@ -169,8 +169,11 @@ _BACKENDS = (
 
 
 def _triple(name, v, lo):
-    t = (v,) * 3 if isinstance(v, int) else tuple(v)
-    if len(t) != 3 or not all(isinstance(e, int) and e >= lo for e in t):
+    def ok(e):
+        return isinstance(e, int) and not isinstance(e, bool) and e >= lo
+    # (a float or a string is not iterable into 3 ints: the same error, not a bare TypeError)
+    t = (v,) * 3 if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(t) != 3 or not all(ok(e) for e in t):
         raise ValueError(f"qgait::{OP}: {name} must be an int or 3 ints >= {lo}, got {v!r}")
     return list(t)
 
