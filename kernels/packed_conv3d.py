@@ -11,8 +11,9 @@ k in blocks of BK:
   exactly with ``zp * sum(w)`` per output channel.
 * B block: int8 weights, or int4 bytes unpacked with shifts: the low nibble is the even
   channel, ``(b << 4) >> 4`` and ``b >> 4`` on int8 sign-extend the two nibbles.
-* Epilogue (fp32, no fused multiply-add: launched with ``enable_fp_fusion=False``): rescale,
-  bias, folded BatchNorm, activation, then fp32 / requantized / int32 store, channels-last.
+* Epilogue (fp32, no fused multiply-add: its products are ``mul.rn`` on a GPU, which neither
+  LLVM nor ptxas contracts, whatever the compile options): rescale, bias, folded BatchNorm,
+  activation, then fp32 / requantized / int32 store, channels-last.
 
 The reciprocals of the activation steps are IEEE divisions in the kernel (``tl.div_rn``: a
 ``1 / s`` in the launcher is compiled by Inductor to approximate division on a GPU), and the
@@ -33,6 +34,18 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _mul_rn(a, b, GPU: tl.constexpr):
+    """a * b rounded once, never contracted with a following add into an FMA: PTX mul.rn
+    (explicit rounding: ptxas does not fuse it; inline asm: LLVM cannot). The epilogue relies
+    on it whatever the compile options (Inductor compiles user kernels with fp fusion on)."""
+    if GPU:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def _rint(v):
     # 1.5 * 2^23: for |v| < 2^22, (v + M) - M rounds half to even in fp32
     return (v + 12582912.0) - 12582912.0
@@ -47,7 +60,8 @@ def _packed_conv3d_kernel(
         sT, sH, sW, pT, pH, pW, dT, dH, dW,
         in_qn, in_qp, zp, slope, out_qn, out_qp,
         IS_FLOAT: tl.constexpr, INT4: tl.constexpr, HAS_BN: tl.constexpr, ACT: tl.constexpr,
-        OUT_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        OUT_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GPU: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -115,12 +129,12 @@ def _packed_conv3d_kernel(
     else:
         m1 = tl.load(m1_ptr + rn, mask=n_ok, other=0.0)
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)
-        z = acc.to(tl.float32) * m1[None, :]
+        z = _mul_rn(acc.to(tl.float32), m1[None, :], GPU)
         z = z + bias[None, :]
         if HAS_BN:
             g = tl.load(g_ptr + rn, mask=n_ok, other=0.0)
             beta = tl.load(beta_ptr + rn, mask=n_ok, other=0.0)
-            z = z * g[None, :]
+            z = _mul_rn(z, g[None, :], GPU)
             z = z + beta[None, :]
         if ACT == 1:
             z = tl.where(z < 0, 0.0, z)
@@ -181,8 +195,8 @@ def forward(x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits, c_in, stride, p
     if not interp:
         extra["num_warps"] = NUM_WARPS
         if not torch.compiler.is_compiling():
-            # Inductor takes no such option for user kernels: under torch.compile the epilogue
-            # may be contracted to FMAs (docs/triton.md lists it among the GPU checks)
+            # belt and braces (the epilogue's products are _mul_rn already); Inductor sets its
+            # own compile options for user kernels
             extra["enable_fp_fusion"] = False
     wrap_triton(_packed_conv3d_kernel)[grid](
         x, w, y, comp, m1, b, g, beta, steps, w_scale.float().contiguous(),
@@ -190,5 +204,5 @@ def forward(x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits, c_in, stride, p
         *x.stride(), *stride, *padding, *dilation,
         float(in_qn), float(in_qp), zp, float(neg_slope), float(out_qn), float(out_qp),
         IS_FLOAT=x.dtype == torch.float32, INT4=w_bits == 4, HAS_BN=bn_scale is not None,
-        ACT=act, OUT_MODE=out_mode, BM=BM, BN=BN, BK=BK, **extra)
+        ACT=act, OUT_MODE=out_mode, BM=BM, BN=BN, BK=BK, GPU=not interp, **extra)
     return y.permute(0, 4, 1, 2, 3)

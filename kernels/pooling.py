@@ -72,7 +72,9 @@ def _sph_fwd_kernel(x_ptr, out_ptr, targ_ptr, sarg_ptr, C, T, H, W, SEQ,
                 r1 = ((i + 1) * H + BINS[bi] - 1) // BINS[bi]
                 j = it.to(tl.int64) * NSTRIP + j0 + i
                 sm = mask & (rows >= r0) & (rows < r1)
-                mean = tl.sum(tl.where(sm, z, 0.0), axis=0) / ((r1 - r0) * W).to(tl.float32)
+                # IEEE division: ``/`` is div.full.f32 (2 ulp) on a GPU, the CPU rounds once
+                mean = tl.div_rn(tl.sum(tl.where(sm, z, 0.0), axis=0),
+                                 ((r1 - r0) * W).to(tl.float32))
                 mx = tl.max(tl.where(sm, z, float("-inf")), axis=0)
                 # a NaN in the strip is its max (torch.max); reductions need not propagate NaN
                 nan = sm & (z != z)
@@ -117,7 +119,7 @@ def _sph_bwd_kernel(g_ptr, targ_ptr, sarg_ptr, dx_ptr, C, T, H, W, SEQ,
                     r0 = (i * H) // BINS[bi]
                     r1 = ((i + 1) * H + BINS[bi] - 1) // BINS[bi]
                     sm = (rows >= r0) & (rows < r1)
-                    dz += tl.where(sm, g / ((r1 - r0) * W).to(tl.float32), 0.0)
+                    dz += tl.where(sm, tl.div_rn(g, ((r1 - r0) * W).to(tl.float32)), 0.0)
                 if MODE != 2:
                     a = tl.load(sarg_ptr + j)
                     dz += tl.where(offs == a, g, 0.0)

@@ -52,7 +52,7 @@ def _tanh(z):
     p = p * s - 3.33332819422e-1
     small = z + z * s * p
     e = tl.exp(tl.minimum(a + a, 88.0))
-    big = 1.0 - 2.0 / (e + 1.0)
+    big = 1.0 - tl.div_rn(2.0, e + 1.0)  # no approximate division (``/`` on a GPU)
     big = tl.where(z < 0, -big, big)
     return tl.where(a < 0.625, small, big)
 

@@ -78,6 +78,27 @@ def test_no_variant_spills_registers(aot_report):
     assert all(r["num_warps"] == 8 for r in conv)
 
 
+def test_no_approximate_division(aot_report):
+    """``/`` on fp32 lowers to div.full.f32 (2 ulp) on a GPU; every division in the kernels is
+    tl.div_rn (the pooling means, 1 / step, tanh), so they round as the CPU does."""
+    bad = [(r["variant"], r["arch"]) for r in aot_report[1] if r["approx_div"]]
+    assert not bad, bad
+
+
+def test_conv_epilogue_never_contracts_to_fma(aot_report):  # (skips as aot_report does)
+    """Compiled with fp fusion on (as Inductor compiles user kernels), the packed conv's
+    epilogue still has no FMA: its products are mul.rn, so float outputs stay bit-exact."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(HERE / "triton_aot.py"), "--arch", "90", "--jobs",
+                        "1", "--fp-fusion", "--only", "conv.xfp32.w8.out0.bn1"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert rec["ok"] and rec["fp_fusion"] is True, rec
+    assert rec["fma_f32"] == 0, rec
+
+
 OUTPUTS = {"_sfq_fwd_kernel": {"y_ptr"}, "_sfq_bwd_kernel": {"dx_ptr", "part_ptr"},
            "_sph_fwd_kernel": {"out_ptr", "targ_ptr", "sarg_ptr"}, "_sph_bwd_kernel": {"dx_ptr"},
            "_packed_conv3d_kernel": {"y_ptr"}}

@@ -258,6 +258,11 @@ def _job(item):
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None
         rec.update(ok=True, error=None, mma=mma, **ptxas_report(ptx, arch))
+        # fp32 division / FMA instructions in the PTX: div.full / div.approx are the 2-ulp
+        # divisions ``/`` lowers to; fma.rn.f32 a contraction (the options decide)
+        rec["approx_div"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx))
+        rec["fma_f32"] = len(re.findall(r"\bfma\.rn\.f32", ptx))
+        rec["fp_fusion"] = options.get("enable_fp_fusion", True)
         rec["inductor_writes"] = inductor_writes(kernel, args, kwargs, arch)
     except Exception as e:  # noqa: BLE001 - reported per variant
         rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
@@ -270,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default="", help="variants whose name contains this")
     ap.add_argument("--num-warps", type=int, default=None, help="override (a spill study)")
+    ap.add_argument("--fp-fusion", action="store_true",
+                    help="compile with enable_fp_fusion=True, as Inductor compiles user kernels")
     ap.add_argument("--list", action="store_true", help="list the variants, compile nothing")
     a = ap.parse_args(argv)
     todo = [v for v in launches() if a.only in v[0]]
@@ -278,6 +285,8 @@ def main(argv=None):
             print(kernel.fn.__name__, name)
         return 0
     override = {} if a.num_warps is None else {"num_warps": a.num_warps}
+    if a.fp_fusion:
+        override["enable_fp_fusion"] = True
     items = [(i, arch, a.only, override) for arch in a.arch for i in range(len(todo))]
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         for rec in ex.map(_job, items):
