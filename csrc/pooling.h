@@ -103,6 +103,11 @@ inline PoolBackward check_pool_backward(const char* op, bool hpp, const at::Tens
               "] (the forward's indices)");
   QGAIT_CHECK(!a.with_s || (sarg->scalar_type() == at::kInt && sarg->numel() == a.NO * a.C * a.B),
               op, "sarg must be int32 [", a.NO, ", ", a.C, ", ", a.B, "] (the forward's indices)");
+  // A kernel would dereference an index tensor on another device (a host pointer on the GPU).
+  QGAIT_CHECK(!a.with_t || targ.device() == grad.device(), op, "targ is on ", targ.device(),
+              " but grad is on ", grad.device(), " (pass the forward's indices unchanged)");
+  QGAIT_CHECK(!a.with_s || sarg->device() == grad.device(), op, "sarg is on ", sarg->device(),
+              " but grad is on ", grad.device(), " (pass the forward's indices unchanged)");
   return a;
 }
 

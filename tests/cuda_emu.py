@@ -257,27 +257,37 @@ class Batch:
                          [qn, qp, k, ts, gs, gamma])
 
     # ---- pooling (csrc/cuda/pooling.cuh) ------------------------------------------------------
-    def pool_fwd(self, x, tables, n_out, C, cstride, H, W, B, mode, hpp, need_idx) -> Result:
-        base, ln, r0, r1 = tables
-        shape = (n_out, C, B) if hpp else (n_out, C, H, W)
-        out = torch.full(shape, float("nan"), dtype=x.dtype)
-        targ = torch.full((n_out, C, H, W), -7, dtype=torch.int32) if need_idx[0] else None
-        sarg = torch.full((n_out, C, B), -7, dtype=torch.int32) if need_idx[1] else None
-        return self._add("pool_fwd", [("x", x, False, 0), ("out", out, True, 0),
-                                      ("targ", targ, True, 0), ("sarg", sarg, True, 0),
-                                      ("base", base, False, 0), ("len", ln, False, 0),
-                                      ("row0", r0, False, 0), ("row1", r1, False, 0)],
-                         [n_out, C, cstride, H, W, B, mode, int(hpp), _DTYPE_CODE[x.dtype]], [])
+    @staticmethod
+    def _pool_ints(shape, seqL, bins, mode, hpp, last):
+        N, C, T, H, W = shape
+        seqL, bins = list(seqL or []), list(bins or [])
+        return [N, C, T, H, W, mode, int(hpp), last, len(seqL), *seqL, len(bins), *bins]
 
-    def pool_bwd(self, grad, targ, sarg, x_shape, tables, n_out, C, cstride, H, W, B, mode,
-                 hpp) -> Result:
-        base, ln, r0, r1 = tables
+    def pool_fwd(self, x, seqL, bins, mode, hpp, need_idx) -> Result:
+        """set_pool_hpp (hpp) or temporal_pool forward of x [N, C, T, H, W]; need_idx =
+        (temporal arg-max, strip arg-max) outputs."""
+        N, C, T, H, W = x.shape
+        NO = len(seqL) if seqL else N
+        B = sum(bins) if hpp else 0
+        out = torch.full((NO, C, B) if hpp else (NO, C, H, W), float("nan"), dtype=x.dtype)
+        targ = torch.full((NO, C, H, W), -7, dtype=torch.int32) if need_idx[0] else None
+        sarg = torch.full((NO, C, B), -7, dtype=torch.int32) if need_idx[1] else None
+        return self._add("pool_fwd", [("x", x, False, 0), ("out", out, True, 0),
+                                      ("targ", targ, True, 0), ("sarg", sarg, True, 0)],
+                         self._pool_ints(x.shape, seqL, bins, mode, hpp, _DTYPE_CODE[x.dtype]),
+                         [])
+
+    def pool_bwd(self, grad, targ, sarg, x_shape, seqL, bins, mode, hpp) -> Result:
         dx = torch.full(x_shape, float("nan"), dtype=grad.dtype)
         return self._add("pool_bwd", [("grad", grad, False, 0), ("targ", targ, False, 0),
-                                      ("sarg", sarg, False, 0), ("dx", dx, True, 0),
-                                      ("base", base, False, 0), ("len", ln, False, 0),
-                                      ("row0", r0, False, 0), ("row1", r1, False, 0)],
-                         [n_out, C, cstride, H, W, B, mode, int(hpp), _DTYPE_CODE[grad.dtype]], [])
+                                      ("sarg", sarg, False, 0), ("dx", dx, True, 0)],
+                         self._pool_ints(x_shape, seqL, bins, mode, hpp,
+                                         _DTYPE_CODE[grad.dtype]), [])
+
+    def pool_limit(self, x_shape, seqL, bins, hpp, smem_optin) -> Result:
+        """pool_cuda_limit's reason ("" when the CUDA kernels take the call)."""
+        return self._add("pool_limit", [("why", torch.zeros(256, dtype=torch.uint8), True, 0)],
+                         self._pool_ints(x_shape, seqL, bins, 0, hpp, smem_optin), [])
 
     # ---- packed conv3d (csrc/cuda/packed_conv3d.cuh) -----------------------------------------
     def conv(self, x, x_scale, in_qn, in_qp, w_packed, w_scale, w_bits, c_in, stride, padding,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,10 @@ def background_jobs(request, tmp_path_factory):
             src, arch = params.params["src"], params.params["arch"]
             jobs[(src, arch)] = [str(CUDA_HOME / "bin" / "nvcc"), *NVCC_FLAGS, f"-arch={arch}",
                                  "-c", str(src), "-o", str(out / f"{src.stem}.{arch}.o")]
+        elif name == "test_no_approximate_division" and have_nvcc:
+            src = params.params["src"]
+            jobs[(src, "ptx")] = [str(CUDA_HOME / "bin" / "nvcc"), *NVCC_FLAGS, "-arch=sm_80",
+                                  "-ptx", str(src), "-o", str(out / f"{src.stem}.ptx")]
         elif name == "test_cuda_bind_parses" and have_headers and gxx:
             src = params.params["src"]
             jobs[(src, "g++")] = [gxx, *_bind_flags(out), str(src)]
@@ -157,6 +162,21 @@ def test_nvcc_compiles(background_jobs, src, arch):
         pytest.skip("nvcc not found (set CUDA_HOME)")
     p, seconds = background_jobs["futures"][(src, arch)].result()
     assert p.returncode == 0, f"nvcc {arch} {src.name} ({seconds:.1f} s):\n{_fail_output(p)}"
+
+
+@pytest.mark.skipif(not CUDA_FILES, reason="no csrc/cuda/*.cu files")
+@pytest.mark.parametrize("src", CUDA_FILES, ids=[p.name for p in CUDA_FILES])
+def test_no_approximate_division(background_jobs, src):
+    """Under --use_fast_math a plain fp32 `/` becomes div.approx (2 ulp) and 1/x rcp.approx: the
+    kernels must round like the CPU backend, so every fp32 division is an _rn intrinsic
+    (div.rn / rcp.rn in the PTX). The CPU emulation cannot see this (docs/cuda_emulation.md)."""
+    if not background_jobs["nvcc"]:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    p, seconds = background_jobs["futures"][(src, "ptx")].result()
+    assert p.returncode == 0, f"nvcc -ptx {src.name}:\n{_fail_output(p)}"
+    ptx = Path(p.args[-1]).read_text()
+    approx = sorted(set(re.findall(r"\b(?:div\.approx|div\.full|rcp\.approx)[.a-z0-9]*", ptx)))
+    assert not approx, f"{src.name}: approximate fp32 division in the PTX: {approx}"
 
 
 @pytest.mark.skipif(not BIND_FILES, reason="no csrc/cuda/*.cpp files")

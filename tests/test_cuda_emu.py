@@ -237,18 +237,6 @@ def test_soft_fake_quant_bad_step_asserts_once(asan):
 # Pooling: temporal max (+ arg-max), fused horizontal pyramid pooling (+ strip arg-max) and both
 # backwards; with and without indices, packed sequences (seqL), ties and NaN.
 # =============================================================================================
-def _pool_tables(N, C, T, H, W, seqL, bins):
-    HW = H * W
-    seqs = [(n, 0, T) for n in range(N)] if not seqL else \
-        [(0, sum(seqL[:i]), l) for i, l in enumerate(seqL)]
-    base = torch.tensor([(it * C * T + st) * HW for it, st, _ in seqs], dtype=torch.int64)
-    ln = torch.tensor([l for *_, l in seqs], dtype=torch.int32)
-    strips = [se for b in bins for se in strip_bounds(H, b)] or [(0, 0)]
-    r0 = torch.tensor([a for a, _ in strips], dtype=torch.int32)
-    r1 = torch.tensor([e for _, e in strips], dtype=torch.int32)
-    return (base, ln, r0, r1), len(seqs), (len(strips) if bins else 0)
-
-
 def _pool_input(shape, kind, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     if kind == "ties":  # few distinct values: many ties, first index must win
@@ -286,26 +274,23 @@ def test_pooling_matches_reference(asan, dtype, kind):
     for ci, (shape, seqL, bins) in enumerate(POOL_CASES):
         x = _pool_input(shape, kind, dtype, seed=ci)
         N, C, T, H, W = shape
-        HW = H * W
+        NO, B = len(seqL) if seqL else N, sum(bins)
         for mname, mode in MODES:
-            tables, NO, B = _pool_tables(N, C, T, H, W, seqL, bins)
             with_t, with_s = T > 1, mode != 2
-            fwd = b.pool_fwd(x, tables, NO, C, T * HW, H, W, B, mode, True, (with_t, with_s))
-            fwd_noidx = b.pool_fwd(x, tables, NO, C, T * HW, H, W, B, mode, True, (False, False))
+            fwd = b.pool_fwd(x, seqL, bins, mode, True, (with_t, with_s))
+            fwd_noidx = b.pool_fwd(x, seqL, bins, mode, True, (False, False))
             out_c, targ_c, sarg_c = _cpu_sph(x, seqL, bins, mode)
             g = torch.randn(NO, C, B, generator=torch.Generator().manual_seed(ci)).to(dtype)
             bwd = b.pool_bwd(g, targ_c if with_t else None, sarg_c if with_s else None, shape,
-                             tables, NO, C, T * HW, H, W, B, mode, True)
+                             seqL, bins, mode, True)
             cases.append(("sph", shape, seqL, bins, mname, mode, x, fwd, fwd_noidx, g, bwd,
                           (out_c, targ_c, sarg_c)))
         # temporal pooling alone (hpp = False: no shared memory)
-        tables, NO, _ = _pool_tables(N, C, T, H, W, seqL, ())
-        fwd = b.pool_fwd(x, tables, NO, C, T * HW, H, W, 0, 0, False, (T > 1, False))
-        fwd_noidx = b.pool_fwd(x, tables, NO, C, T * HW, H, W, 0, 0, False, (False, False))
+        fwd = b.pool_fwd(x, seqL, (), 0, False, (T > 1, False))
+        fwd_noidx = b.pool_fwd(x, seqL, (), 0, False, (False, False))
         out_c, targ_c = torch.ops.qgait.temporal_pool(x, list(seqL or []), True)
         g = torch.randn(NO, C, H, W, generator=torch.Generator().manual_seed(ci)).to(dtype)
-        bwd = b.pool_bwd(g, targ_c if T > 1 else None, None, shape, tables, NO, C, T * HW, H, W,
-                         0, 0, False)
+        bwd = b.pool_bwd(g, targ_c if T > 1 else None, None, shape, seqL, (), 0, False)
         cases.append(("tp", shape, seqL, (), "max", 1, x, fwd, fwd_noidx, g, bwd,
                       (out_c, targ_c, None)))
     b.run(asan)
@@ -347,23 +332,166 @@ def test_pooling_backward_against_autograd(asan):
     N, C, T, H, W = shape
     b = cuda_emu.Batch()
     cases = []
+    NO, B = len(seqL), sum(bins)
     for mname, mode in MODES:
-        tables, NO, B = _pool_tables(N, C, T, H, W, seqL, bins)
-        fwd = b.pool_fwd(x, tables, NO, C, T * H * W, H, W, B, mode, True, (True, mode != 2))
-        cases.append((mname, mode, tables, NO, B, fwd))
+        fwd = b.pool_fwd(x, seqL, bins, mode, True, (True, mode != 2))
+        cases.append((mname, mode, fwd))
     b.run(asan)
     b2 = cuda_emu.Batch()
     grads = []
-    for mname, mode, tables, NO, B, fwd in cases:
+    for mname, mode, fwd in cases:
         g = torch.randn(NO, C, B, generator=torch.Generator().manual_seed(mode))
         bwd = b2.pool_bwd(g, fwd.out["targ"], fwd.out["sarg"] if mode != 2 else None, shape,
-                          tables, NO, C, T * H * W, H, W, B, mode, True)
+                          seqL, bins, mode, True)
         grads.append((mname, g, bwd))
     b2.run(asan)
     for mname, g, bwd in grads:
         xr = x.clone().requires_grad_()
         set_pool_hpp_ref(xr, seqL, bins, mname).backward(g)
         torch.testing.assert_close(bwd.out["dx"], xr.grad, rtol=1e-6, atol=1e-7)
+
+
+@needs_c
+def test_pooling_shapes_the_old_glue_refused(asan):
+    """Shapes the CUDA glue used to refuse (issue 15): temporal pooling of a 128 x 88 map (no
+    shared memory at all), the fused pyramid on a 4096-row map (80 KiB of shared memory: the
+    launcher raises the kernel's limit), and 300 packed sequences (three launches, each with
+    its sequence starts in the kernel arguments)."""
+    cases = []
+    b = cuda_emu.Batch()
+    x = torch.randn(1, 2, 3, 128, 88)
+    out_c, targ_c = torch.ops.qgait.temporal_pool(x, [], True)
+    g = torch.randn(out_c.shape)
+    f = b.pool_fwd(x, None, (), 0, False, (True, False))
+    d = b.pool_bwd(g, targ_c, None, x.shape, None, (), 0, False)
+    cases.append(("tp 128x88", x, None, None, out_c, targ_c, None, g, f, d))
+    for seqL, shape, bins in ((None, (1, 1, 2, 4096, 2), (16, 1)),
+                              ([1 + i % 2 for i in range(300)], (1, 2, 450, 4, 3), (2, 1))):
+        x = torch.randn(shape)
+        out_c, targ_c, sarg_c = _cpu_sph(x, seqL, bins, 0)
+        g = torch.randn(out_c.shape)
+        f = b.pool_fwd(x, seqL, bins, 0, True, (True, True))
+        d = b.pool_bwd(g, targ_c, sarg_c, shape, seqL, bins, 0, True)
+        cases.append((f"sph {shape}", x, seqL, bins, out_c, targ_c, sarg_c, g, f, d))
+    b.run(asan)
+    for what, x, seqL, bins, out_c, targ_c, sarg_c, g, f, d in cases:
+        assert f.rc == 0 and d.rc == 0, what
+        torch.testing.assert_close(f.out["out"], out_c, rtol=1e-6, atol=1e-6)
+        assert torch.equal(f.out["targ"], targ_c), what
+        if sarg_c is not None:
+            assert torch.equal(f.out["sarg"], sarg_c), what
+            dx_c = torch.ops.qgait.set_pool_hpp_backward(g, targ_c, sarg_c, list(x.shape),
+                                                         list(seqL or []), list(bins), 0)
+        else:
+            dx_c = torch.ops.qgait.temporal_pool_backward(g, targ_c, list(x.shape), [])
+        torch.testing.assert_close(d.out["dx"], dx_c, rtol=1e-6, atol=1e-7)
+
+
+def test_pooling_cuda_limits_agree_with_the_python_backend(asan):
+    """pool_cuda_limit (what the CUDA glue enforces) and qgait.ops.pooling's cuda backend
+    reasons (what makes the auto backend fall back) accept and refuse the same shapes."""
+    from qgait.ops.pooling import cuda_limit_reasons
+
+    sm80, sm90 = 163 * 1024, 227 * 1024
+    cases = [((4, 128, 30, 64, 44), None, (16, 8, 4, 2, 1), True, sm80),
+             ((1, 1, 2, 4096, 2), None, (16,), True, sm80),
+             ((1, 1, 2, 4096, 16), None, (16,), True, sm80),   # 256 KiB: refused
+             ((1, 1, 2, 4096, 16), None, (16,), True, sm90),
+             ((1, 1, 2, 4096, 16), None, (), False, sm80),     # temporal: no limit
+             ((1, 2, 3, 128, 88), None, (), False, 48 * 1024),
+             ((1, 2, 3, 16, 11), None, tuple(range(1, 18)), True, sm80)]  # 17 levels
+    b = cuda_emu.Batch()
+    rs = [b.pool_limit(shape, seqL, bins, hpp, smem) for shape, seqL, bins, hpp, smem in cases]
+    b.run(asan)
+    for (shape, seqL, bins, hpp, smem), r in zip(cases, rs):
+        c_why = bytes(r.out["why"].tolist()).split(b"\0")[0].decode()
+        py_why = cuda_limit_reasons(shape, len(seqL or []), hpp, len(bins), smem)
+        assert bool(c_why) == bool(py_why), f"{shape} hpp={hpp}: C++ {c_why!r}, Python {py_why}"
+    assert cuda_limit_reasons((1, 1, 2, 4096, 16), 0, True, 1, sm80)  # the refusals are real
+    assert cuda_limit_reasons((1, 1, 2, 16, 11), 0, True, 17, sm80)
+
+
+def test_pooling_auto_backend_falls_back_on_a_shape_limit():
+    """When the first backend states a reason (here the CUDA kernels' shared-memory limit),
+    auto selection takes the next one instead of raising; a forced backend still raises."""
+    from qgait import _backend
+    from qgait.ops import pooling as P
+
+    x = torch.randn(1, 1, 2, 4096, 16)
+    cuda_like = _backend.Backend(
+        "cuda", lambda x, hpp, bins, n: P.cuda_limit_reasons(x.shape, n, hpp, len(bins), 163 * 1024),
+        "cuda-run")
+    ref = _backend.Backend("reference", lambda *a: [], "ref-run")
+    assert _backend.select("set_pool_hpp", (cuda_like, ref), "auto", False, x, True, (16,), 0) \
+        is ref
+    with pytest.raises(RuntimeError, match="shared memory"):
+        _backend.select("set_pool_hpp", (cuda_like, ref), "cuda", False, x, True, (16,), 0)
+    assert _backend.select("temporal_pool", (cuda_like, ref), "auto", False, x, False, (), 0) \
+        is cuda_like
+
+
+_INDEX_DEVICE_CHECK = r"""
+#include <iostream>
+
+#include "pooling.h"
+
+// check_pool_backward (csrc/pooling.h) is what every backward's glue, CUDA's included, runs
+// first. The CUDA glue cannot be built here (torch has no CUDA), and the dispatcher would send
+// a call with a meta index tensor to the fake kernel, so the check is exercised directly.
+int main() {
+  const at::Tensor g3 = at::randn({1, 2, 3}), g4 = at::randn({1, 2, 3, 4});
+  const auto cpu_i = at::TensorOptions().dtype(at::kInt);
+  const auto meta_i = cpu_i.device(at::kMeta);
+  auto run = [](const char* what, auto&& f) {
+    try {
+      f();
+      std::cout << what << ": accepted\n";
+    } catch (const c10::Error& e) {
+      std::cout << what << ": refused: " << e.what_without_backtrace() << "\n";
+    }
+  };
+  run("tp cpu", [&] { qgait::check_pool_backward("temporal_pool_backward", false, g4,
+                        at::zeros({1, 2, 3, 4}, cpu_i), nullptr, {1, 2, 2, 3, 4}, {}, {},
+                        qgait::kMax); });
+  run("tp meta targ", [&] { qgait::check_pool_backward("temporal_pool_backward", false, g4,
+                              at::zeros({1, 2, 3, 4}, meta_i), nullptr, {1, 2, 2, 3, 4}, {}, {},
+                              qgait::kMax); });
+  const at::Tensor sarg_meta = at::zeros({1, 2, 3}, meta_i), sarg_cpu = at::zeros({1, 2, 3}, cpu_i);
+  run("sph meta sarg", [&] { qgait::check_pool_backward("set_pool_hpp_backward", true, g3,
+                               at::zeros({1, 2, 3, 4}, cpu_i), &sarg_meta, {1, 2, 2, 3, 4}, {},
+                               {3}, qgait::kMeanMax); });
+  run("sph cpu", [&] { qgait::check_pool_backward("set_pool_hpp_backward", true, g3,
+                         at::zeros({1, 2, 3, 4}, cpu_i), &sarg_cpu, {1, 2, 2, 3, 4}, {}, {3},
+                         qgait::kMeanMax); });
+  // T = 1 and mode "mean" use no indices: an empty tensor anywhere is fine
+  run("tp T=1", [&] { qgait::check_pool_backward("temporal_pool_backward", false, g4,
+                        at::empty({0}, meta_i), nullptr, {1, 2, 1, 3, 4}, {}, {},
+                        qgait::kMax); });
+}
+"""
+
+
+@pytest.mark.slow
+def test_pool_backward_checks_index_devices(tmp_path):
+    """The backward refuses arg-max indices on another device than grad (a kernel would read
+    a host pointer on the GPU); ~30 s: one compile against torch's headers."""
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    (tmp_path / "t.cpp").write_text(_INDEX_DEVICE_CHECK)
+    cmd = [cuda_emu.compiler(), "-std=c++17", "-O0", "-w", *[f"-I{p}" for p in include_paths()],
+           f"-I{cuda_emu.CSRC}", str(tmp_path / "t.cpp"), "-o", str(tmp_path / "t"),
+           *[f"-L{p}" for p in library_paths()],
+           *[f"-Wl,-rpath,{p}" for p in library_paths()], "-ltorch_cpu", "-lc10"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = subprocess.run([str(tmp_path / "t")], capture_output=True, text=True, check=True).stdout
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert lines["tp cpu"] == "accepted" and lines["sph cpu"] == "accepted"
+    assert lines["tp T=1"] == "accepted"
+    assert lines["tp meta targ"].startswith("refused: qgait::temporal_pool_backward: targ is on meta")
+    assert lines["sph meta sarg"].startswith("refused: qgait::set_pool_hpp_backward: sarg is on meta")
 
 
 # =============================================================================================
@@ -466,18 +594,15 @@ def test_packed_conv3d_production_grid(asan_full):
 # The harness itself: launch limits fail as CUDA does.
 # =============================================================================================
 def test_launch_limits_fail_like_cuda(asan):
-    """Dynamic shared memory above 48 KiB without the attribute is refused with
-    cudaErrorInvalidValue (1), as on the device; the launch leaves the outputs untouched."""
-    shape = (1, 1, 2, 4096, 2)  # a tall map: 32 KiB of z + 48 KiB of row statistics
-    x = torch.randn(shape)
-    N, C, T, H, W = shape
-    tables, NO, B = _pool_tables(N, C, T, H, W, None, (1,))
+    """The harness refuses what CUDA refuses: a pooling map whose shared-memory needs exceed
+    the device's opt-in maximum gets cudaErrorInvalidValue (1) and leaves the outputs
+    untouched; the same map with W halved fits once the kernel raises its limit."""
     b = cuda_emu.Batch()
-    r = b.pool_fwd(x, tables, NO, C, T * H * W, H, W, B, 0, True, (False, False))
+    big = b.pool_fwd(torch.randn(1, 1, 2, 256, 200), None, (1,), 0, True, (False, False))
+    fits = b.pool_fwd(torch.randn(1, 1, 2, 256, 100), None, (1,), 0, True, (False, False))
     b.run(asan)
-    assert r.rc in (0, 1)
-    if r.rc == 1:  # before the attribute fix (part 2)
-        assert torch.isnan(r.out["out"]).all()
+    assert big.rc == 1 and torch.isnan(big.out["out"]).all()
+    assert fits.rc == 0 and not torch.isnan(fits.out["out"]).any()
 
 
 # =============================================================================================
@@ -518,18 +643,17 @@ def test_mutation_missing_barrier_is_caught():
     shape, bins = (1, 2, 2, 64, 4), (16, 4, 1)
     x = torch.randn(shape)
     N, C, T, H, W = shape
-    tables, NO, B = _pool_tables(N, C, T, H, W, None, bins)
     out_c, targ_c, sarg_c = _cpu_sph(x, None, bins, 0)
-    g = torch.randn(NO, C, B)
+    g = torch.randn(N, C, sum(bins))
     dx_c = torch.ops.qgait.set_pool_hpp_backward(g, targ_c, sarg_c, list(shape), [], list(bins), 0)
     b = cuda_emu.Batch()
-    r = b.pool_bwd(g, targ_c, sarg_c, shape, tables, NO, C, T * H * W, H, W, B, 0, True)
+    r = b.pool_bwd(g, targ_c, sarg_c, shape, None, bins, 0, True)
     b.run(exe)
     assert not torch.allclose(r.out["dx"], dx_c, rtol=1e-6, atol=1e-7), \
         "a kernel without its barrier passed the comparison"
     # the intact kernel passes the same comparison
     b = cuda_emu.Batch()
-    r = b.pool_bwd(g, targ_c, sarg_c, shape, tables, NO, C, T * H * W, H, W, B, 0, True)
+    r = b.pool_bwd(g, targ_c, sarg_c, shape, None, bins, 0, True)
     b.run(_build("asan"))
     torch.testing.assert_close(r.out["dx"], dx_c, rtol=1e-6, atol=1e-7)
 
@@ -551,12 +675,12 @@ def test_tsan_every_kernel(tsan):
     shape, seqL, bins = (1, 2, 5, 16, 3), [2, 3], (16, 4, 1)
     x = torch.randn(shape)
     N, C, T, H, W = shape
-    tables, NO, B = _pool_tables(N, C, T, H, W, seqL, bins)
-    fwd = b.pool_fwd(x, tables, NO, C, T * H * W, H, W, B, 0, True, (True, True))
+    NO, B = len(seqL), sum(bins)
+    fwd = b.pool_fwd(x, seqL, bins, 0, True, (True, True))
     out_c, targ_c, sarg_c = _cpu_sph(x, seqL, bins, 0) if _ext.HAS_C else (None,) * 3
     g = torch.randn(NO, C, B)
     if targ_c is not None:
-        bwd = b.pool_bwd(g, targ_c, sarg_c, shape, tables, NO, C, T * H * W, H, W, B, 0, True)
+        bwd = b.pool_bwd(g, targ_c, sarg_c, shape, seqL, bins, 0, True)
         checks.append(lambda: torch.testing.assert_close(
             bwd.out["dx"], torch.ops.qgait.set_pool_hpp_backward(
                 g, targ_c, sarg_c, list(shape), seqL, list(bins), 0), rtol=1e-6, atol=1e-7))

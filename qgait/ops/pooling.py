@@ -239,23 +239,63 @@ if _TRITON_OK:
 #   sph(x5, seqL, bins, mode) -> [N', C, B]   and   tp(x5, seqL) -> [N', C, H, W];
 # horizontal_pyramid_pool(x) is sph(x.unsqueeze(2)) with T = 1 (no temporal indices kept).
 # ---------------------------------------------------------------------------------------------
-def _why_not_reference(x):
+# Every why_not takes (x, hpp, bins): hpp is False for temporal_pool (no pyramid).
+def _why_not_reference(x, hpp=True, bins=(), n_seq=0):
     return []
 
 
 # Looked up once: torch.compile cannot trace the dispatcher query inside the public functions.
 _HAS_KERNEL = {key: _has_c_ops() and _ext.has_kernel(OP_SPH, key) for key in ("CPU", "CUDA")}
 
+# The CUDA kernels' shape limits (csrc/cuda/pooling.cu, pool_cuda_limit states the same).
+CUDA_MAX_LEVELS = 16
+_CUDA_SEQ_CHUNK = 128
+_SMEM_OPTIN: dict[int, int] = {}  # per device index, looked up once
+
+
+def cuda_limit_reasons(shape, n_seq: int, hpp: bool, n_levels: int, smem_optin: int) -> list[str]:
+    """Why the CUDA pooling kernels cannot take x of ``shape`` [N, C, T, H, W] (``n_seq``
+    packed sequences, 0 without seqL) on a GPU with ``smem_optin`` bytes of shared memory per
+    block. Only the fused pyramid keeps the H x W map in shared memory; temporal pooling has no
+    limit but the grid's."""
+    N, C, T, H, W = shape
+    why = []
+    if hpp and n_levels > CUDA_MAX_LEVELS:
+        why.append(f"more than {CUDA_MAX_LEVELS} pyramid levels (bins entries) in one call")
+    rows = min(n_seq, _CUDA_SEQ_CHUNK) if n_seq > 0 else N
+    if rows * C > 2**31 - 1:
+        why.append("N * C is above the grid limit of 2^31 - 1 blocks")
+    if T > 2**31 - 1 or H * W > 2**31 - 1:
+        why.append("T or H * W does not fit int32")
+    if hpp:
+        need = max(H * W + 3 * H, H * W + H) * 4
+        if need > smem_optin:
+            why.append(f"H*W = {H * W}: the fused pyramid keeps the map in shared memory "
+                       f"({need} bytes), this GPU has {smem_optin} per block")
+    return why
+
+
+def _smem_optin(device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM_OPTIN:
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM_OPTIN[idx] = int(getattr(props, "shared_memory_per_block_optin",
+                                       props.shared_memory_per_block))
+    return _SMEM_OPTIN[idx]
+
 
 def _why_not_native(device_type, key):
-    def why_not(x):
-        return (_backend.native_reasons(_HAS_KERNEL[key], device_type, x)
-                + _backend.float_reasons(x, _FLOATS))
+    def why_not(x, hpp=True, bins=(), n_seq=0):
+        why = (_backend.native_reasons(_HAS_KERNEL[key], device_type, x)
+               + _backend.float_reasons(x, _FLOATS))
+        if device_type == "cuda" and not why:  # a shape the kernels cannot take: fall back
+            why = cuda_limit_reasons(x.shape, n_seq, hpp, len(bins), _smem_optin(x.device))
+        return why
 
     return why_not
 
 
-def _why_not_triton(x):
+def _why_not_triton(x, hpp=True, bins=(), n_seq=0):
     return (_backend.triton_reasons((_TRITON_OK, _TRITON_WHY), x)
             + _backend.float_reasons(x, _FLOATS))
 
@@ -365,8 +405,8 @@ def _check_mode(op, mode) -> int:
     return MODES[mode]
 
 
-def _select(op, x, backend):
-    b = _backend.select(op, _BACKENDS, backend, x.device.type == "cpu", x)
+def _select(op, x, backend, hpp=True, bins=(), n_seq=0):
+    b = _backend.select(op, _BACKENDS, backend, x.device.type == "cpu", x, hpp, bins, n_seq)
     return b.run
 
 
@@ -387,7 +427,7 @@ def temporal_pool(x: torch.Tensor, seqL=None, backend: str | None = None) -> tor
     """
     _check_x(OP_TP, x, 5)
     s = _check_seqL(OP_TP, x, seqL)
-    return _select(OP_TP, x, backend).tp(x, s)
+    return _select(OP_TP, x, backend, False, (), len(s)).tp(x, s)
 
 
 def horizontal_pyramid_pool(x: torch.Tensor, bins: Sequence[int] = DEFAULT_BINS,
@@ -410,7 +450,7 @@ def horizontal_pyramid_pool(x: torch.Tensor, bins: Sequence[int] = DEFAULT_BINS,
     _check_x(OP_HPP, x, 4)
     b = _check_bins(OP_HPP, bins, x.shape[2])
     m = _check_mode(OP_HPP, mode)
-    return _select(OP_HPP, x, backend).sph(x.unsqueeze(2), [], b, m)
+    return _select(OP_HPP, x, backend, True, b).sph(x.unsqueeze(2), [], b, m)
 
 
 def set_pool_hpp(x: torch.Tensor, seqL=None, bins: Sequence[int] = DEFAULT_BINS,
@@ -436,4 +476,4 @@ def set_pool_hpp(x: torch.Tensor, seqL=None, bins: Sequence[int] = DEFAULT_BINS,
     s = _check_seqL(OP_SPH, x, seqL)
     b = _check_bins(OP_SPH, bins, x.shape[3])
     m = _check_mode(OP_SPH, mode)
-    return _select(OP_SPH, x, backend).sph(x, s, b, m)
+    return _select(OP_SPH, x, backend, True, b, len(s)).sph(x, s, b, m)

@@ -95,6 +95,11 @@ using cudaStream_t = CUstream_st*;
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 namespace qgait_emu {
 
@@ -267,6 +272,21 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorAssert: return "device-side assert triggered";
   }
   return "unknown error";
+}
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+// The emulated device: an sm_80 (A100) as far as limits go.
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int dev) {
+  if (dev != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock: *v = int(qgait_emu::kDefaultDynSmem); break;
+    case cudaDevAttrMultiProcessorCount: *v = 108; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(qgait_emu::kMaxDynSmemOptIn); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
 }
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {

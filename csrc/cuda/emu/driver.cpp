@@ -103,23 +103,34 @@ int main(int argc, char** argv) {
                                           static_cast<const float*>(P(4)), int(I[0]), I[1], I[2],
                                           I[3], c, D[5], nullptr);
       std::free(ws);
-    } else if (name == "pool_fwd") {
-      // x, out, targ|null, sarg|null, seq_base, seq_len, row0, row1
-      // | n_out, C, cstride, H, W, B, mode, hpp, dtype
-      need(8, 9, 0);
-      rc = qgait::cuda::pool_forward(
-          P(0), P(1), static_cast<int32_t*>(P(2)), static_cast<int32_t*>(P(3)),
-          static_cast<const int64_t*>(P(4)), static_cast<const int32_t*>(P(5)),
-          static_cast<const int32_t*>(P(6)), static_cast<const int32_t*>(P(7)), I[0], I[1], I[2],
-          I[3], I[4], I[5], int(I[6]), I[7] != 0, int(I[8]), nullptr);
-    } else if (name == "pool_bwd") {
-      // grad, targ|null, sarg|null, dx, seq_base, seq_len, row0, row1 | as pool_fwd
-      need(8, 9, 0);
-      rc = qgait::cuda::pool_backward(
-          P(0), static_cast<const int32_t*>(P(1)), static_cast<const int32_t*>(P(2)), P(3),
-          static_cast<const int64_t*>(P(4)), static_cast<const int32_t*>(P(5)),
-          static_cast<const int32_t*>(P(6)), static_cast<const int32_t*>(P(7)), I[0], I[1], I[2],
-          I[3], I[4], I[5], int(I[6]), I[7] != 0, int(I[8]), nullptr);
+    } else if (name == "pool_fwd" || name == "pool_bwd" || name == "pool_limit") {
+      // pool_fwd: x, out, targ|null, sarg|null; pool_bwd: grad, targ|null, sarg|null, dx;
+      // pool_limit: reason (out, 256 bytes)
+      // | N, C, T, H, W, mode, hpp, dtype (pool_limit: smem_optin), nseq, seqL..., nbins, bins...
+      if (I.size() < 10) fail("bad arguments to pool_*");
+      qgait::cuda::PoolCall c{};
+      c.N = I[0]; c.C = I[1]; c.T = I[2]; c.H = I[3]; c.W = I[4];
+      c.mode = int(I[5]);
+      c.hpp = I[6] != 0;
+      c.nseq = I[8];
+      c.seqL = c.nseq ? &I[9] : nullptr;
+      c.nbins = I.at(size_t(9 + c.nseq));
+      c.bins = c.nbins ? &I[size_t(10 + c.nseq)] : nullptr;
+      if (I.size() != size_t(10 + c.nseq + c.nbins)) fail("bad seqL / bins in pool_*");
+      if (name == "pool_fwd") {
+        need(4, I.size(), 0);
+        rc = qgait::cuda::pool_forward(P(0), P(1), static_cast<int32_t*>(P(2)),
+                                       static_cast<int32_t*>(P(3)), c, int(I[7]), nullptr);
+      } else if (name == "pool_bwd") {
+        need(4, I.size(), 0);
+        rc = qgait::cuda::pool_backward(P(0), static_cast<const int32_t*>(P(1)),
+                                        static_cast<const int32_t*>(P(2)), P(3), c, int(I[7]),
+                                        nullptr);
+      } else {
+        need(1, I.size(), 0);
+        const char* why = qgait::cuda::pool_cuda_limit(c, I[7]);
+        std::snprintf(static_cast<char*>(P(0)), b[0].nbytes, "%s", why ? why : "");
+      }
     } else if (name == "conv") {
       // x, x_scale, w, w_scale, bias|null, bn_scale|null, bn_shift|null, out_scale|null, y
       // | x_dtype, sx[5], N, C, T, H, W, in_qn, in_qp, w_bits, Co, kT, kH, kW, sT, sH, sW,
