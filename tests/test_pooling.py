@@ -463,6 +463,26 @@ def test_triton_launch_copies_no_table_to_the_device(triton_device, monkeypatch)
     torch.testing.assert_close(gz, gz_ref, rtol=0, atol=0)
 
 
+def test_triton_pooling_in_a_cuda_graph(triton_device):
+    """No host copy per call: a forward can be captured in a CUDA graph and replayed."""
+    if triton_device.type != "cuda":
+        pytest.skip("CUDA graph capture needs a GPU")
+    seqL, bins = [3, 1, 5], (16, 4, 1)
+    x = rand_x((1, 8, 9, 16, 11), seed=5).to(triton_device)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (compiles) outside the capture
+        set_pool_hpp(x, seqL, bins, backend="triton")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = set_pool_hpp(x, seqL, bins, backend="triton")
+    x.copy_(rand_x(tuple(x.shape), seed=6).to(triton_device))
+    graph.replay()
+    torch.cuda.synchronize()
+    _close_mean(y, set_pool_hpp_ref(x, seqL, bins), torch.float32)
+
+
 def test_torch_compile_inductor_cpu():
     if not qgait.backends()["cpu"]["available"]:
         pytest.skip("qgait._C not built")

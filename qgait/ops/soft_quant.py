@@ -22,7 +22,8 @@ tensor or one per channel along ``axis``), a grid ``[qn, qp]`` (``bits`` in 2..8
 
 ``k = 0`` is QGait's stage 1 (straight-through / LSQ); ``k > 0`` is stage 2 (soft).
 A NaN in ``x`` gives NaN in ``y`` (and in the gradients); a step ``<= 0`` or non-finite is an
-error (checked on the CPU; on CUDA with a device-side assert, so that no call syncs the host).
+error (checked on the CPU; on a GPU by a device-side assert in the CUDA and Triton kernels, so
+that no call syncs the host).
 
 Backends: ``reference`` (pure PyTorch, the truth), ``cpu`` (C++, AVX-512 / AVX2 / scalar),
 ``cuda`` (CUDA C++), ``triton``. See :mod:`qgait._backend` for how one is chosen.
@@ -272,7 +273,7 @@ def _check(x, scale, bits, axis, k, mode):
 
 
 def _check_scale_values(scale):
-    # Only where it costs no device sync; the CUDA kernels assert on the device instead.
+    # Only where it costs no device sync; the CUDA and Triton kernels assert on the device.
     if scale.device.type != "cpu" or torch.compiler.is_compiling():
         return
     bad = ~(torch.isfinite(scale) & (scale > 0))
