@@ -246,6 +246,34 @@ def _pipeline(p: argparse.ArgumentParser):
     return run
 
 
+@command("study", "LSQ vs QGait's method over bit widths and seeds, with bootstrap intervals")
+def _study(p: argparse.ArgumentParser):
+    p.add_argument("--config", required=True, help="pipeline config (stage lengths, data split)")
+    p.add_argument("--out", required=True, help="output folder; finished runs are skipped")
+    p.add_argument("--fp-checkpoint", help="the fp teacher (default: train it under OUT/fp)")
+    p.add_argument("--data", help="data root (overrides data.root)")
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="W=A bit widths")
+    p.add_argument("--methods", nargs="+", default=["ste", "soft1", "noidc", "idc"],
+                   choices=["ste", "soft1", "noidc", "idc"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--no-progress", action="store_true")
+    p.epilog = ("Any other --dotted.key value pair overrides the config, e.g. "
+                "--data.test_ids [041,050] to tune on a validation split")
+
+    def run(args, rest):
+        from qgait.pipeline.study import run_study
+        from qgait.train import load_config
+        over = parse_rest(rest) or {}
+        if args.data:
+            over.setdefault("data", {})["root"] = args.data
+        cfg = load_config(args.config, over)
+        run_study(cfg, args.out, args.fp_checkpoint, bits=args.bits, methods=args.methods,
+                  seeds=args.seeds, n_boot=args.n_boot, progress=not args.no_progress)
+        return 0
+    return run
+
+
 @command("convert", "a quantized checkpoint -> a packed int8/int4 inference model file")
 def _convert(p: argparse.ArgumentParser):
     p.add_argument("checkpoint", help="a qat/soft checkpoint written by qgait train/pipeline, "

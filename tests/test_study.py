@@ -1,0 +1,84 @@
+"""qgait study: the LSQ-vs-QGait study on a tiny synthetic run (training, caching, report)."""
+import json
+
+import numpy as np
+import pytest
+
+from qgait.pipeline.study import format_report, run_study, study_report, variant_name
+from qgait.train import load_config
+
+
+def test_variant_names():
+    assert variant_name(4, "idc") == "w4a4" and variant_name(3, "ste") == "w3a3-ste"
+    assert variant_name(2, "soft1") == "w2a2-soft1" and variant_name(4, "noidc") == "w4a4-noidc"
+    with pytest.raises(ValueError, match="unknown method"):
+        variant_name(4, "lsq")
+
+
+def _hits(seed, p):
+    rng = np.random.default_rng(seed)
+    subs = np.repeat([f"{i:03d}" for i in range(6)], 4)
+    views = np.tile(["000", "000", "090", "090"], 6)
+    return {"views": ["000", "090"],
+            "cond": {c: {"subject": subs, "view": views,
+                         "hit": (rng.random((24, 2)) < p).astype(float)} for c in ("NM", "CL")}}
+
+
+def test_report_mean_std_over_seeds_and_comparisons():
+    runs = {(3, m, s): _hits(10 * s + i, p) for i, (m, p) in enumerate([("ste", 0.4), ("idc", 0.8)])
+            for s in (0, 1, 2)}
+    runs["fp"] = _hits(99, 0.9)
+    rep = study_report(runs, [3], ["ste", "idc"], [0, 1, 2], n_boot=200)
+    fp, ste, idc = rep["rows"]
+    assert fp["bits"] == 32 and ste["method"] == "ste" and idc["n"] == 3
+    assert "BG" not in ste                     # no BG probes: the condition is left out
+    assert ste["NM"]["mean"] == pytest.approx(np.mean(ste["NM"]["seeds"]))
+    assert ste["NM"]["std"] == pytest.approx(np.std(ste["NM"]["seeds"], ddof=1))
+    (comp,) = rep["comparisons"]               # only idc - ste: noidc / soft1 were not run
+    assert (comp["a"], comp["b"]) == ("idc", "ste")
+    assert comp["mean"]["diff"] == pytest.approx(idc["mean"]["mean"] - ste["mean"]["mean"])
+    text = format_report(rep)
+    assert "W3A3 two-stage + IDC (QGait)" in text and "QGait (two-stage + IDC) - LSQ" in text
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cfg = load_config("demo_fast", {"data": {"root": str(root / "data")},
+                                    "pipeline": {"qat": {"train": {"iterations": 2}},
+                                                 "soft": {"train": {"iterations": 2}}}})
+    out = root / "out"
+    rep = run_study(cfg, out, bits=[3], methods=["ste", "idc"], seeds=[0, 1], n_boot=100,
+                    progress=False)
+    return cfg, out, rep
+
+
+def test_study_trains_every_run_and_writes_report(study):
+    cfg, out, rep = study
+    for s in (0, 1):
+        assert (out / f"seed{s}" / "w3a3-ste" / "qat" / "final.pt").exists()
+        assert (out / f"seed{s}" / "w3a3" / "soft" / "final.pt").exists()
+        assert (out / f"seed{s}" / "w3a3" / "soft" / "final.pt.hits.npz").exists()
+    saved = json.loads((out / "study.json").read_text())
+    assert [(r["bits"], r["method"]) for r in saved["rows"]] == [(32, "fp"), (3, "ste"),
+                                                                 (3, "idc")]
+    for r in saved["rows"][1:]:
+        assert r["n"] == 2 and len(r["NM"]["seeds"]) == 2
+        assert 0.0 <= r["mean"]["mean"] <= 100.0
+    assert saved["iterations"] == {"qat": 2, "soft": 2}
+    c = saved["comparisons"][0]
+    assert c["mean"]["lo"] <= c["mean"]["diff"] <= c["mean"]["hi"]
+    assert (out / "study.png").stat().st_size > 0 and (out / "study.md").exists()
+    # the seeds really are different runs
+    a = np.load(out / "seed0" / "w3a3-ste" / "qat" / "final.pt.hits.npz")
+    assert a["meta"].size == 1
+
+
+def test_study_rerun_reuses_runs_and_evaluations(study, capsys):
+    cfg, out, rep = study
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt*")}
+    again = run_study(cfg, out, fp_checkpoint=out / "fp" / "final.pt", bits=[3],
+                      methods=["ste", "idc"], seeds=[0, 1], n_boot=100, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt*")} == stamps
+    assert again["rows"] == rep["rows"]
+    assert "skipped" in capsys.readouterr().out
