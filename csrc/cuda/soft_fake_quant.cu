@@ -86,11 +86,16 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[VEC]) {
 }
 
 // ---- steps ---------------------------------------------------------------------------------
+// Set by the first thread that finds a bad step: only that thread reports it and asserts
+// (every thread that reads the step would otherwise print, thousands of identical lines). The
+// assert ends the kernel and leaves the context unusable, so the flag never needs a reset.
+__device__ int g_bad_step_reported = 0;
+
 // Loads step c and checks it on the device (no host sync): NaN, inf and s <= 0 all fail
 // `s > 0 && s <= FLT_MAX`.
 __device__ __forceinline__ float load_step(const float* __restrict__ scale, int64_t c) {
   const float s = __ldg(scale + c);
-  if (!(s > 0.f && s <= FLT_MAX)) {
+  if (!(s > 0.f && s <= FLT_MAX) && atomicCAS(&g_bad_step_reported, 0, 1) == 0) {
     printf("qgait::soft_fake_quant: scale[%lld] = %g; every step must be finite and > 0\n",
            static_cast<long long>(c), s);
     __assert_fail("qgait::soft_fake_quant: scale must be finite and > 0", __FILE__, __LINE__,

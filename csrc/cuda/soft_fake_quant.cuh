@@ -4,9 +4,9 @@
 // x is viewed as [outer, C, inner]: element (o, c, i) uses the step scale[c] (per tensor:
 // outer = C = 1, inner = numel). Buffers are contiguous and on the device of `stream`.
 //
-// Step values are validated on the device (finite and > 0), so no launcher syncs the host: a
-// bad step prints "qgait::soft_fake_quant: scale[c] = v; ..." from the kernel and trips a
-// device-side assert, which surfaces as "CUDA error: device-side assert triggered" at the next
+// Step values are validated on the device (finite and > 0), so no launcher syncs the host: the
+// first thread to find a bad step prints "qgait::soft_fake_quant: scale[c] = v; ..." (once per
+// process) and trips a device-side assert, which surfaces as "CUDA error: device-side assert triggered" at the next
 // synchronizing call (the CUDA context is then unusable, as after torch's own index asserts).
 #pragma once
 #include <cuda_runtime.h>
