@@ -85,18 +85,12 @@ def test_no_approximate_division(aot_report):
     assert not bad, bad
 
 
-def test_conv_epilogue_never_contracts_to_fma(aot_report):  # (skips as aot_report does)
+def test_conv_epilogue_never_contracts_to_fma(aot_report):
     """Compiled with fp fusion on (as Inductor compiles user kernels), the packed conv's
     epilogue still has no FMA: its products are mul.rn, so float outputs stay bit-exact."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, str(HERE / "triton_aot.py"), "--arch", "90", "--jobs",
-                        "1", "--fp-fusion", "--only", "conv.xfp32.w8.out0.bn1"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (rec,) = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert rec["ok"] and rec["fp_fusion"] is True, rec
-    assert rec["fma_f32"] == 0, rec
+    fused = [r for r in aot_report[1] if r["variant"].endswith(".fpfusion")]
+    assert len(fused) == 2 and all(r["fp_fusion"] is True for r in fused)
+    assert all(r["fma_f32"] == 0 for r in fused), fused
 
 
 OUTPUTS = {"_sfq_fwd_kernel": {"y_ptr"}, "_sfq_bwd_kernel": {"dx_ptr", "part_ptr"},

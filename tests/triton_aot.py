@@ -147,6 +147,10 @@ def launches():
             [1, 1, 1], [1, 1, 1], _t((64,)), _t((64,)) if bn else None,
             _t((64,)) if bn else None, act, 0.1, out_mode, _t(()) if out_mode == 1 else None,
             *oq)
+    # the first conv variant again with fp fusion on, as Inductor compiles user kernels: its
+    # epilogue must still have no FMA
+    name, kernel, a, kw = next(v for v in out if v[0].startswith("conv."))
+    out.append((name + ".fpfusion", kernel, a, {**kw, "enable_fp_fusion": True}))
     return out
 
 
