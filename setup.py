@@ -6,22 +6,58 @@ It is built against the torch that is already installed; install with
     pip install torch==2.13.0
     pip install -e . --no-build-isolation
 
-(``--no-build-isolation`` keeps pip from pulling a second torch into a build environment).
+A plain ``pip install -e .`` works too: pip's build isolation hides the installed torch, so
+this file then finds it in the environment's own site-packages (:func:`_import_torch`); it
+never lets pip fetch a second torch (``--no-build-isolation`` skips the detour).
 Set ``QGAIT_NO_EXT=1`` to install the pure-Python package only (reference backend), and
 ``QGAIT_NO_CUDA=1`` to skip the CUDA sources even when torch has CUDA.
 """
 import glob
 import os
+import site
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_TORCH = ("qgait: building qgait._C needs torch, and none is installed in this environment: "
+            "run `pip install torch==2.13.0` first (or set QGAIT_NO_EXT=1 for the pure-Python "
+            "package)")
+
+
+def _import_torch():
+    """The torch installed in the environment being installed into.
+
+    pip's default build isolation runs this file in a temporary environment holding only
+    pyproject.toml's build requirements, so ``import torch`` fails although torch is installed.
+    Listing torch there would make pip download a second copy (a multi-GB CUDA build, or
+    nothing offline) whose ABI need not match the installed one. Inside that environment the
+    interpreter and its sysconfig paths are still the target environment's, so the installed
+    torch is found there and put at the *end* of sys.path (the isolated setuptools still wins).
+    """
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    dirs = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    dirs += getattr(site, "getsitepackages", lambda: [])()
+    dirs.append(site.getusersitepackages())
+    for d in dict.fromkeys(dirs):  # unique, in order
+        if d not in sys.path and os.path.isfile(os.path.join(d, "torch", "__init__.py")):
+            sys.path.append(d)
+    try:
+        import torch
+    except ImportError:
+        sys.exit(NO_TORCH)  # one line, no traceback
+    return torch
 
 
 def _extensions():
     if os.environ.get("QGAIT_NO_EXT", "0") == "1":
         return [], {}
-    import torch
+    torch = _import_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     def rel(pattern):
