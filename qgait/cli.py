@@ -67,7 +67,8 @@ def _train(p: argparse.ArgumentParser):
 def _eval(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint (qgait train / pipeline: fp or fake-quant), a packed model "
-                        "(qgait convert) or an ONNX model (qgait export-onnx)")
+                        "(qgait convert), an ONNX model (qgait export-onnx) or a shipped model "
+                        "zoo:NAME (python -m qgait.zoo list)")
     p.add_argument("--config", help="data config for an ONNX model (default casia_b_fp)")
     p.add_argument("--data", help="data root (default: the checkpoint config's data.root)")
     p.add_argument("--ids", nargs=2, metavar=("FIRST", "LAST"),
@@ -99,7 +100,11 @@ def _eval(p: argparse.ArgumentParser):
             cfg["data"]["root"] = args.data
         if args.ids:
             cfg["data"]["test_ids"] = list(args.ids)
-        out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
+        # a shipped model (zoo:NAME) is read from the package: its results go to the cwd
+        model_file = Path(info["source"]) if info.get("zoo") else Path(args.checkpoint)
+        default_out = (Path(f"zoo-{info['zoo']['name']}.eval.json") if info.get("zoo")
+                       else model_file.with_suffix(".eval.json"))
+        out = Path(args.json) if args.json else default_out
         device = torch.device("cuda" if torch.cuda.is_available() and not is_onnx else "cpu")
         # quantized models (fake-quant, packed, ONNX) are evaluated in fp32 by default: an
         # autocast would round their exact fake-quant values to bf16
@@ -120,7 +125,7 @@ def _eval(p: argparse.ArgumentParser):
                        max_frames=args.max_frames or cfg["eval"]["max_frames"],
                        progress=not args.no_progress, min_frames=args.min_frames)
         res["checkpoint"], res["step"] = str(args.checkpoint), info.get("step")
-        res["model_sha256"], res["model_kind"] = file_sha256(args.checkpoint), info["kind"]
+        res["model_sha256"], res["model_kind"] = file_sha256(model_file), info["kind"]
         res["amp"] = str(amp)
         res["precision"] = precision_label(amp, device)
         import qgait
@@ -318,7 +323,8 @@ def load_any_model(path):
 
 @command("embed", "print or save the embedding of one silhouette sequence")
 def _embed(p: argparse.ArgumentParser):
-    p.add_argument("model", help="a checkpoint, a packed model (.pt) or an ONNX model")
+    p.add_argument("model", help="a checkpoint, a model file, an ONNX model or zoo:NAME (a "
+                   "shipped model: python -m qgait.zoo list)")
     p.add_argument("sequence", help="a folder of silhouette PNGs, or an OpenGait .pkl/.pkl.gz")
     p.add_argument("--save", help="write the embedding [C, P] here (.npy)")
 

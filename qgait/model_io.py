@@ -604,8 +604,12 @@ def load_checkpoint_model(src: Source, *, trust_legacy: bool | None = None
 
 
 def load_any(path: str | os.PathLike, *, trust_legacy: bool | None = None):
-    """A model file, a checkpoint or an ONNX model (qgait export-onnx) -> ``(callable with
-    (x, seqL) -> {"embeddings"}, info)``; ONNX files are read by onnxruntime (no pickle)."""
+    """A model file, a checkpoint, an ONNX model (qgait export-onnx) or a shipped model
+    (``"zoo:NAME"``, :mod:`qgait.zoo`) -> ``(callable with (x, seqL) -> {"embeddings"},
+    info)``; ONNX files are read by onnxruntime (no pickle)."""
+    from qgait import zoo
+    if zoo.is_zoo_name(path):
+        return zoo.load(path)
     if str(path).endswith(".onnx"):
         if not Path(path).is_file():
             raise ModelFileError(f"{path}: no such file; give an .onnx file written by qgait "
