@@ -172,7 +172,11 @@ def _data(p: argparse.ArgumentParser):
             from qgait.data import import_png
         except ImportError as e:
             raise UserError(f"qgait.data.import_png is unavailable ({e}); pip install pillow")
-        return import_png.main(list(args.args) + list(rest)) or 0
+        try:
+            return import_png.main(list(args.args) + list(rest)) or 0
+        except FileNotFoundError as e:   # the PNG tree is missing
+            raise UserError(f"{e}; give the root of a silhouette PNG tree "
+                            "<root>/<subject>/<condition>/<view>/*.png") from e
     return run
 
 
@@ -185,10 +189,10 @@ def _info(p: argparse.ArgumentParser):
         import qgait
         from qgait.models import build_model
         from qgait.train import load_config
+        cfg = load_config(args.config, parse_rest(rest))
         print(f"qgait {qgait.__version__}")
         for name, b in qgait.backends().items():
             print(f"  {name:<10s} {'yes' if b['available'] else 'no ':<4s} {b['why']}")
-        cfg = load_config(args.config, parse_rest(rest))
         m = cfg["model"]
         build_model(m["name"], num_classes=50, width=m["width"], embed_dim=m["embed_dim"],
                     bins=tuple(m["bins"]), scale=m["scale"]).summary()
@@ -311,14 +315,6 @@ def _convert(p: argparse.ArgumentParser):
               f"difference {diff:.2e}; wrote {args.out}")
         return 0 if diff < 1e-3 else 1
     return run
-
-
-def load_any_model(path):
-    """``(model-like callable (x, seqL) -> {"embeddings"}, config or None)`` of a checkpoint,
-    a model file or an ONNX file (see :func:`qgait.model_io.load_any`)."""
-    from qgait.model_io import load_any
-    model, info = load_any(path)
-    return model, info["config"]
 
 
 @command("embed", "print or save the embedding of one silhouette sequence")

@@ -160,6 +160,8 @@ def test_pipeline_yaml_key_is_checked_at_load(work):
     (["pipeline", "--config", "demo_fast", "--out", "run_out", "--fp-checkpoint", "fq.pt"],
      ["fq.pt", "full-precision"]),
     (["embed", "fp.pt", "no_such_seq.pkl"], ["no_such_seq.pkl"]),
+    (["data", "import-png", "no_such_png_tree", "out_pkl"], ["no_such_png_tree"]),
+    (["info", "--config", "no_such_config"], ["no_such_config"]),
     (["train", "--config", "synthetic_fp", "--out", "run_out", "--resume", "nope.pt"],
      ["nope.pt"]),
 ])
