@@ -9,7 +9,7 @@ so hard results are bit-exact with torch's fake-quant ops.
 
 Both kernels view x as ``[rows, inner]`` (per channel: ``rows = outer * C``, the channel of a
 row is ``row % C``; per tensor: one row of ``numel`` elements) and give each program a
-``[BR, BI]`` tile of it, ``BR * BI = BLOCK``, shaped from the layout: ``inner = 27`` takes
+``[BR, BI]`` tile of it, ``BR * BI <= BLOCK``, shaped from the layout: ``inner = 27`` takes
 32 x 32 tiles (84% of the lanes busy, not 3% as one 1024-wide block per row), the last axis
 (``inner = 1``) 1024 rows at once. Index arithmetic is int64: a tensor may hold 2^31 elements
 or more. The step gradient is reduced deterministically: each program writes one partial per

@@ -229,7 +229,8 @@ def render_markdown(result: dict) -> str:
         lines += ["", "| benchmark group | provider | median ms | rate |",
                   "| --- | --- | ---: | ---: |", *rows]
     if result.get("targets"):
-        lines += ["", "| target | group | value | wanted | met |", "| --- | --- | ---: | ---: | --- |"]
+        lines += ["", "| target | group | value | wanted | met |",
+                  "| --- | --- | ---: | ---: | --- |"]
         for t in result["targets"]:
             lines.append(f"| {t['ratio']} | {t['group']} | {t['value'] * 100:.0f}% | "
                          f"{t['target'] * 100:.0f}% | {'yes' if t['met'] else 'no'} |")
@@ -261,8 +262,8 @@ def main(argv=None) -> int:
               "was run", file=sys.stderr)
         return 2
     if not (root / "tests").is_dir() or not (root / "bench").is_dir():
-        print(f"qgait.gpu_check: needs a source checkout (tests/ and bench/ beside {root / 'qgait'})",
-              file=sys.stderr)
+        print("qgait.gpu_check: needs a source checkout (tests/ and bench/ beside "
+              f"{root / 'qgait'})", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
