@@ -317,6 +317,17 @@ class Batch:
                                ("y", y, True, 0)], ints, [slope])
         return r
 
+    def conv_scratch(self, x_shape, c_in, w_shape, stride, padding, dilation) -> Result:
+        """packed_conv3d_scratch_bytes for this geometry (out["bytes"], one int64)."""
+        N, C, T, H, W = x_shape
+        Co, kT, kH, kW = w_shape[:4]
+        osz = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, k, s, p, d in zip((T, H, W), (kT, kH, kW), stride, padding, dilation)]
+        ints = [0, 0, 0, 0, 0, 0, N, C, T, H, W, -128, 127, 8, Co, kT, kH, kW, *stride,
+                *padding, *dilation, *osz, 0, 2, 0, 0]
+        return self._add("conv_scratch", [(n, None, False, 0) for n in range(8)]
+                         + [("bytes", torch.zeros(1, dtype=torch.int64), True, 0)], ints, [0.0])
+
     def reset(self) -> Result:
         return self._add("reset", [], [], [])
 

@@ -589,6 +589,47 @@ def test_packed_conv3d_production_grid(asan_full):
     assert torch.equal(r.out["y"].permute(0, 4, 1, 2, 3), packed_conv3d_ref(*args))
 
 
+def test_packed_conv3d_narrow_channels_scratch():
+    """A 1-channel stem no longer pads C_in to 32: the scratch of [64, 1, 30, 64, 44] with a
+    3x3x3 kernel is the padded input, 1 byte per voxel (6.2 MB, was 199 MB), and its K loop
+    runs ceil(27 / 32) = 1 step instead of 27. Wide layers keep the 32-channel blocks."""
+    b = cuda_emu.Batch()
+    stem = b.conv_scratch((64, 1, 30, 64, 44), 1, (64, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    wide = b.conv_scratch((2, 40, 5, 8, 6), 40, (8, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    b.run(_build("asan"))
+    assert int(stem.out["bytes"]) == 64 * 32 * 66 * 46
+    assert int(wide.out["bytes"]) == 2 * 7 * 10 * 8 * 64
+
+
+@pytest.mark.parametrize("bad", ["x_scale", "w_scale", "out_scale"])
+def test_packed_conv3d_bad_scale_asserts_once(asan, bad):
+    """Scales are checked on the device as the CPU backend checks them (finite, > 0): one
+    report, one device-side assert, cudaErrorAssert."""
+    case = CONV_CASES[2]
+    n, ci, co, thw, k, s, p, d = case
+    g = torch.Generator().manual_seed(0)
+    x, xs, in_qn, in_qp = _conv_input(case, "int8", g)
+    wp = pack_weight(torch.randint(-128, 128, (co, ci, *k), generator=g), 8)
+    ws = torch.rand(co, generator=g) * 0.02 + 1e-3
+    out_scale = torch.tensor(0.05)
+    if bad == "x_scale":
+        xs = torch.tensor(float("nan"))
+    elif bad == "w_scale":
+        ws[5] = 0.0
+    else:
+        out_scale = torch.tensor(-1.0)
+    b = cuda_emu.Batch()
+    r = b.conv(x, xs, in_qn, in_qp, wp, ws, 8, ci, s, p, d, None, None, None, 0, 0.0,
+               1 if bad == "out_scale" else 2, out_scale, -128, 127)
+    proc = b.run(asan)
+    assert r.rc == 710
+    reports = re.findall(r"qgait::packed_conv3d: (\w+)\[(\d+)\] = (\S+);", proc.stdout)
+    assert len(reports) == 1 and reports[0][0] == bad, proc.stdout[-2000:]
+    if bad == "w_scale":
+        assert reports[0][1:] == ("5", "0")
+    assert proc.stderr.count("Assertion") == 1
+
+
 # =============================================================================================
 # The harness itself: launch limits fail as CUDA does.
 # =============================================================================================

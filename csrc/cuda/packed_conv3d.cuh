@@ -17,7 +17,7 @@ struct PackedConvParams {
   int x_dtype;
   int64_t sx[5];
   int N, C, T, H, W;
-  const float* x_scale;  // [1], device
+  const float* x_scale;  // [1], device; every scale is checked on the device (finite, > 0)
   int in_qn, in_qp;
   // weight: packed [Co, kT, kH, kW, C] int8 (w_bits 8) or [.., ceil(C/2)] bytes (w_bits 4)
   const uint8_t* w;
@@ -40,8 +40,8 @@ struct PackedConvParams {
   void* scratch;
 };
 
-// Bytes of scratch the launcher needs: the padded channels-last int8 input and the
-// per-channel zero-point correction.
+// Bytes of scratch the launcher needs: the padded channels-last int8 input (channels padded
+// to 32 only for C_in > 16).
 size_t packed_conv3d_scratch_bytes(const PackedConvParams& p);
 
 // Enqueues the whole op on `stream`; returns the launch error, if any.

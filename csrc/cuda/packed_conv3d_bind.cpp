@@ -1,6 +1,7 @@
 // Torch glue of the CUDA packed Conv3d: the shared argument checks, output and scratch
 // allocation, then the raw-pointer launcher of packed_conv3d.cu on the current stream.
-// Scale values (finite, > 0) are not checked here: reading them would sync the host.
+// Scale values (finite, > 0) are checked by the kernels (a device-side assert, as the soft
+// fake-quant's steps): reading them here would sync the host.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 

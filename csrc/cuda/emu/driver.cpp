@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
         const char* why = qgait::cuda::pool_cuda_limit(c, I[7]);
         std::snprintf(static_cast<char*>(P(0)), b[0].nbytes, "%s", why ? why : "");
       }
-    } else if (name == "conv") {
+    } else if (name == "conv" || name == "conv_scratch") {
       // x, x_scale, w, w_scale, bias|null, bn_scale|null, bn_shift|null, out_scale|null, y
       // | x_dtype, sx[5], N, C, T, H, W, in_qn, in_qp, w_bits, Co, kT, kH, kW, sT, sH, sW,
       //   pT, pH, pW, dT, dH, dW, To, Ho, Wo, act, out_mode, out_qn, out_qp | slope
@@ -163,9 +163,14 @@ int main(int argc, char** argv) {
       p.out_qn = int(I[k++]); p.out_qp = int(I[k++]);
       p.y = P(8);
       const size_t nscratch = qgait::packed_conv3d_scratch_bytes(p);
-      p.scratch = garbage(nscratch);
-      rc = qgait::packed_conv3d_launch(p, nullptr);
-      std::free(p.scratch);
+      if (name == "conv_scratch") {  // only the scratch size (into y, an int64)
+        const int64_t v = int64_t(nscratch);
+        std::memcpy(P(8), &v, sizeof v);
+      } else {
+        p.scratch = garbage(nscratch);
+        rc = qgait::packed_conv3d_launch(p, nullptr);
+        std::free(p.scratch);
+      }
     } else if (name == "reset") {
       reset_device();
     } else {
