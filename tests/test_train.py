@@ -280,3 +280,59 @@ def test_compare_runs_plot(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no CASIA-B"):
         compare_runs([runs[0], tmp_path / "empty"], tmp_path / "y.png")
+
+
+# ----------------------------------------------------------------------------- time budget
+def test_budget_iterations_arithmetic():
+    from qgait.train.trainer import budget_iterations
+    assert budget_iterations(100.0, 10.0, 5, 2.0, 1000) == 5 + 45
+    assert budget_iterations(100.0, 10.0, 5, 2.0, 30) == 30          # capped by iterations
+    assert budget_iterations(100.0, 150.0, 5, 2.0, 1000) == 6        # over budget: one more
+
+
+def _budget_cfg(out, **train):
+    return small_cfg(out, sched={"warmup": 6},
+                     train={"iterations": 100, "budget_minutes": 0.5, "budget_calibration": 3,
+                            **train})
+
+
+def test_time_budget_sets_the_length_and_equals_a_run_of_that_length(fake, tmp_path,
+                                                                     monkeypatch):
+    import qgait.train.trainer as tr
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(tr, "_clock", lambda: float(next(ticks)))  # every step takes 1 s
+    run = build_trainer(_budget_cfg(tmp_path / "budget"), fake)
+    hist = run.train()
+    run.batches.close()
+    # 3 calibration steps in 3 s, then 27 more fit into the 30 s budget
+    assert run.budget_iterations == 30 and len(hist) == 30 and run.step == 30
+    from qgait.model_io import load_checkpoint
+    ck = load_checkpoint(tmp_path / "budget" / "last.pt")
+    assert ck["budget_iterations"] == 30 and ck["config"]["train"]["iterations"] == 30
+    # the same as a run configured with 30 iterations from the start: lr and loss, exactly
+    plain = build_trainer(small_cfg(tmp_path / "plain", sched={"warmup": 6},
+                                    train={"iterations": 30}), fake)
+    ref = plain.train()
+    plain.batches.close()
+    assert [r["lr"] for r in hist] == [r["lr"] for r in ref]
+    assert [r["loss"] for r in hist] == [r["loss"] for r in ref]
+
+
+def test_time_budget_run_resumes_at_its_length(fake, tmp_path, monkeypatch):
+    import qgait.train.trainer as tr
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(tr, "_clock", lambda: float(next(ticks)))
+    first = build_trainer(_budget_cfg(tmp_path / "r"), fake)
+    first.add_step_hook(lambda t: setattr(t, "_stop", t.step >= 9))   # interrupted at 10
+    first.train()
+    first.batches.close()
+    assert first.step == 10 and first.budget_iterations == 30
+    # resumed on a machine twice as slow: the length measured once is kept
+    ticks2 = iter(range(0, 10**6, 2))
+    monkeypatch.setattr(tr, "_clock", lambda: float(next(ticks2)))
+    second = build_trainer(_budget_cfg(tmp_path / "r"), fake, resume="auto")
+    second.train()
+    second.batches.close()
+    assert second.step == 30
+    with pytest.raises(ValueError, match="warmup"):
+        small_cfg(tmp_path, train={"budget_minutes": 1.0, "budget_calibration": 5})

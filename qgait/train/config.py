@@ -48,7 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "train": {"iterations": 1000, "amp": "auto", "channels_last": "auto",
               "log_every": 10, "ckpt_every": 200, "keep_every": 0,
               "out_dir": "runs/{name}", "threads": 0, "progress": True,
-              "init_from": None},  # weights to start a new run from (QAT pipeline: quant.*)
+              "init_from": None,   # weights to start a new run from (QAT pipeline: quant.*)
+              # a wall-time budget: after budget_calibration steps the run's length is set to
+              # what the measured step time fits into the budget (at most train.iterations)
+              "budget_minutes": None, "budget_calibration": 30},
     "eval": {"max_frames": 720, "metric": "euc"},
     # QGait stages "qat" (stage 1) and "soft" (stage 2); see qgait/pipeline/stages.py
     "quant": {
@@ -227,6 +230,15 @@ def validate(cfg: dict, _pipeline: bool = True) -> dict:
         raise ConfigError("config: data.K must be >= 2 (a triplet needs a positive)")
     if not isinstance(t["iterations"], int) or t["iterations"] < 0:
         raise ConfigError(f"config: train.iterations must be an int >= 0, got {t['iterations']!r}")
+    if t["budget_minutes"] is not None:
+        cal, warm = t["budget_calibration"], cfg["sched"]["warmup"]
+        if t["budget_minutes"] <= 0 or not isinstance(cal, int) or cal < 3:
+            raise ConfigError("config: train.budget_minutes must be > 0 and "
+                              "train.budget_calibration an int >= 3")
+        if warm <= cal:
+            raise ConfigError(f"config: train.budget_minutes needs sched.warmup ({warm}) > "
+                              f"train.budget_calibration ({cal}): the run's length is only "
+                              "known after the calibration steps, which must not depend on it")
     lr = cfg["optim"]["lr"]
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError(f"config: optim.lr must be > 0, got {cfg['optim']['lr']}")

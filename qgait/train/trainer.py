@@ -135,6 +135,18 @@ def lr_lambda(cfg: dict, iterations: int) -> Callable[[int], float]:
     return f
 
 
+_clock = time.perf_counter   # the loop's clock (step times, the budget); tests replace it
+
+
+def budget_iterations(budget_s: float, elapsed_s: float, step: int, step_s: float,
+                      cap: int) -> int:
+    """The run's total iterations under a wall-time budget: the steps done plus as many more
+    as ``step_s`` (a measured seconds-per-step) fits into what is left of ``budget_s`` after
+    ``elapsed_s``, at most ``cap`` (``train.iterations``) and at least one more step."""
+    more = int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
+    return int(min(cap, step + max(1, more)))
+
+
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW; BatchNorm parameters and biases get no weight decay. Quantizer steps
     (``w_scale`` / ``a_scale`` of the SoftQuant layers) get their own group, without decay and
@@ -196,6 +208,8 @@ class Trainer:
         self.step_hooks: list[Callable[["Trainer"], None]] = []
         self.history: list[dict] = []
         self._stop = False
+        # train.budget_minutes: the iteration count measured once, kept in the checkpoint
+        self.budget_iterations: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -251,7 +265,11 @@ class Trainer:
         """Trains until ``iterations`` steps in total (default ``train.iterations``); saves a
         checkpoint every ``train.ckpt_every`` steps and on exit (also on Ctrl-C / SIGTERM)."""
         t = self.cfg["train"]
+        if self.budget_iterations is not None:
+            self._set_iterations(self.budget_iterations)
         end = t["iterations"] if iterations is None else iterations
+        budget = t["budget_minutes"] if iterations is None else None
+        calibrate_at = self.step + int(t["budget_calibration"])
         bar = None
         if self.is_main and t["progress"]:
             from tqdm import tqdm
@@ -265,7 +283,7 @@ class Trainer:
                 old = None
         log = CSVLog(self.out_dir / "log.csv") if self.is_main else None
         tb = _tensorboard(self.out_dir) if self.is_main else None
-        last = time.perf_counter()
+        last = begin = _clock()
         try:
             while self.step < end and not self._stop:
                 step, x, labels = next(self.batches)
@@ -273,11 +291,16 @@ class Trainer:
                     raise RuntimeError(f"Trainer: batch for step {step} at step {self.step}")
                 rec = self.train_step(x, labels)
                 self.step += 1
-                now = time.perf_counter()
+                now = _clock()
                 rec["sec_per_iter"] = now - last
                 last = now
                 rec["step"] = self.step
                 self.history.append(rec)
+                if budget and self.budget_iterations is None and self.step >= calibrate_at:
+                    end = self._resolve_budget(budget * 60.0, now - begin)
+                    if bar is not None:
+                        bar.total = end
+                        bar.refresh()
                 if log is not None:
                     log.write(rec)
                 if tb is not None:
@@ -319,6 +342,34 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._stop = bool(flag.item() > 0)
 
+    # ---------------------------------------------------------------- time budget
+    def _resolve_budget(self, budget_s: float, elapsed_s: float) -> int:
+        """Fixes the run's length from the median step time of the calibration steps (their
+        first third left out: warm-up of caches and allocator). The LR schedule's warmup must
+        outlast the calibration, so the steps taken so far are those of a run configured with
+        that length from the start (config validation checks it)."""
+        t = self.cfg["train"]
+        recent = [r["sec_per_iter"] for r in self.history[-int(t["budget_calibration"]):]]
+        step_s = float(np.median(recent[len(recent) // 3:]))
+        n = budget_iterations(budget_s, elapsed_s, self.step, step_s, int(t["iterations"]))
+        if self.world_size > 1:   # every rank must stop at the same step
+            import torch.distributed as dist
+            v = torch.tensor([n], dtype=torch.int64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(v, op=dist.ReduceOp.MIN)
+            n = int(v.item())
+        self.budget_iterations = n
+        self._set_iterations(n)
+        if self.is_main:
+            print(f"qgait train: {t['budget_minutes']:g} min budget, {step_s:.3f} s per step "
+                  f"measured: {n} iterations", flush=True)
+        return n
+
+    def _set_iterations(self, n: int) -> None:
+        self.cfg["train"]["iterations"] = int(n)
+        self.scheduler.lr_lambdas = [lr_lambda(self.cfg, int(n))
+                                     for _ in self.scheduler.lr_lambdas]
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         sampler = getattr(self.batches, "sampler", None)
@@ -332,6 +383,7 @@ class Trainer:
             "rng": rng_state(),
             "config": self.cfg,
             "stage": self.cfg["stage"],
+            "budget_iterations": self.budget_iterations,
         }
 
     def save(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -349,6 +401,9 @@ class Trainer:
         self.scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
         self.step = int(ck["step"])
+        if ck.get("budget_iterations") is not None:   # a budget run resumes at its length
+            self.budget_iterations = int(ck["budget_iterations"])
+            self._set_iterations(self.budget_iterations)
 
 
 def _triplet_term(trainer, out, x, labels):
