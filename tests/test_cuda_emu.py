@@ -18,7 +18,7 @@ import torch
 import cuda_emu
 from qgait import _ext
 from qgait.ops.packed_conv3d import packed_conv3d_ref
-from qgait.ops.pooling import set_pool_hpp_ref, strip_bounds, temporal_pool_ref
+from qgait.ops.pooling import set_pool_hpp_ref, temporal_pool_ref
 from qgait.ops.soft_quant import _ref_parts, _tanh_consts
 from qgait.quant import pack_weight
 
@@ -305,7 +305,8 @@ def test_pooling_matches_reference(asan, dtype, kind):
             _bits_equal(out, ref, f"out {case}")
         else:
             tol = dict(rtol=1e-2, atol=1e-2) if low else dict(rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(out, ref, equal_nan=True, **tol, msg=lambda m: f"{case}: {m}")
+            torch.testing.assert_close(out, ref, equal_nan=True, **tol,
+                                       msg=lambda m: f"{case}: {m}")
         out_c, targ_c, sarg_c = cpu
         if shape[2] > 1:  # arg-max indices: the CPU kernel's (torch.max's first index / NaN)
             assert torch.equal(fwd.out["targ"], targ_c), f"targ {case}"
@@ -418,7 +419,8 @@ def test_pooling_auto_backend_falls_back_on_a_shape_limit():
 
     x = torch.randn(1, 1, 2, 4096, 16)
     cuda_like = _backend.Backend(
-        "cuda", lambda x, hpp, bins, n: P.cuda_limit_reasons(x.shape, n, hpp, len(bins), 163 * 1024),
+        "cuda",
+        lambda x, hpp, bins, n: P.cuda_limit_reasons(x.shape, n, hpp, len(bins), 163 * 1024),
         "cuda-run")
     ref = _backend.Backend("reference", lambda *a: [], "ref-run")
     assert _backend.select("set_pool_hpp", (cuda_like, ref), "auto", False, x, True, (16,), 0) \
@@ -489,8 +491,10 @@ def test_pool_backward_checks_index_devices(tmp_path):
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert lines["tp cpu"] == "accepted" and lines["sph cpu"] == "accepted"
     assert lines["tp T=1"] == "accepted"
-    assert lines["tp meta targ"].startswith("refused: qgait::temporal_pool_backward: targ is on meta")
-    assert lines["sph meta sarg"].startswith("refused: qgait::set_pool_hpp_backward: sarg is on meta")
+    assert lines["tp meta targ"].startswith(
+        "refused: qgait::temporal_pool_backward: targ is on meta")
+    assert lines["sph meta sarg"].startswith(
+        "refused: qgait::set_pool_hpp_backward: sarg is on meta")
 
 
 # =============================================================================================
@@ -724,19 +728,22 @@ def test_tsan_every_kernel(tsan):
         checks.append(lambda: torch.testing.assert_close(
             bwd.out["dx"], torch.ops.qgait.set_pool_hpp_backward(
                 g, targ_c, sarg_c, list(shape), seqL, list(bins), 0), rtol=1e-6, atol=1e-7))
-    case = CONV_CASES[3]
-    gen = torch.Generator().manual_seed(0)
-    xc, xs, in_qn, in_qp = _conv_input(case, "float_s", gen)
-    n, ci, co, thw, k, s, p, d = case
-    wp = pack_weight(torch.randint(-128, 128, (co, ci, *k), generator=gen), 8)
-    args = (xc, xs, in_qn, in_qp, wp, torch.rand(co, generator=gen) * 0.01 + 1e-3, 8, ci, s, p, d,
-            None, None, None, 0, 0.0, 2, None, 0, 0)
-    conv = b.conv(*args)
+    convs = []
+    for case, kind in ((CONV_CASES[3], "float_s"), (CONV_CASES[1], "uint8_cl")):  # wide, narrow
+        gen = torch.Generator().manual_seed(0)
+        xc, xs, in_qn, in_qp = _conv_input(case, kind, gen)
+        n, ci, co, thw, k, s, p, d = case
+        wp = pack_weight(torch.randint(-128, 128, (co, ci, *k), generator=gen), 8)
+        args = (xc, xs, in_qn, in_qp, wp, torch.rand(co, generator=gen) * 0.01 + 1e-3, 8, ci, s,
+                p, d, None, None, None, 0, 0.0, 2, None, 0, 0)
+        convs.append((args, b.conv(*args)))
     b.run(tsan)
     set_pool_hpp_ref(x, seqL, bins)  # the reference runs too
     torch.testing.assert_close(fwd.out["out"], set_pool_hpp_ref(x, seqL, bins), rtol=1e-5,
                                atol=1e-5)
-    assert torch.equal(conv.out["y"].permute(0, 4, 1, 2, 3), packed_conv3d_ref(*args))
+    for args, conv in convs:
+        assert torch.equal(conv.out["y"].permute(0, 4, 1, 2, 3),
+                           packed_conv3d_ref(args[0].contiguous(), *args[1:]))
     for c in checks:
         c()
 
@@ -746,7 +753,8 @@ def test_tsan_catches_missing_barrier(tsan):
     """block_sum without the barrier between the warps' partial sums and their reduction: the
     first warp reads warp_sums while other warps write them, a data race TSan reports."""
     exe = _build("tsan", _mutate("cuda/soft_fake_quant.cu",
-                                 "  if ((tid & 31) == 0) warp_sums[tid >> 5] = v;\n  __syncthreads();",
+                                 "  if ((tid & 31) == 0) warp_sums[tid >> 5] = v;\n"
+                                 "  __syncthreads();",
                                  "  if ((tid & 31) == 0) warp_sums[tid >> 5] = v;"))
     # inner = 201: the scalar rows kernel, 64 threads (two warps) per 64-element segment
     x, gy, scale = _sfq_inputs((2, 3, 201), 1, -8, 7, torch.float32, seed=1)

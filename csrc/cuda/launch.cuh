@@ -1,7 +1,8 @@
 // How the .cu files launch kernels and declare dynamic shared memory, so that the same source
 // builds with nvcc and, with -DQGAIT_CUDA_EMU, as host C++ against the CPU emulation
 // (emu/cuda_emu.h; docs/cuda_emulation.md):
-//   QGAIT_LAUNCH(grid, block, smem, stream, kernel)(args...)  ==  kernel<<<grid, block, smem, stream>>>(args...)
+//   QGAIT_LAUNCH(grid, block, smem, stream, kernel)(args...)
+//       == kernel<<<grid, block, smem, stream>>>(args...)
 //   QGAIT_DYNAMIC_SMEM(float, smem);                           ==  extern __shared__ float smem[];
 // QGAIT_EMU_SMALL_GRID (emulation builds only) shrinks each kernel's grid cap so that
 // grid-stride loops and multi-chunk reductions run on small tensors; each .cu reads it where

@@ -288,7 +288,8 @@ cudaError_t packed_conv3d_launch(const PackedConvParams& p, cudaStream_t stream)
   const int zp = p.in_qn >= 0 ? 128 : 0;
   int8_t* xb = static_cast<int8_t*>(p.scratch);
   const int64_t units = int64_t(packed_conv3d_scratch_bytes(p) / (d.narrow ? 1 : 4));
-  const int blocks = int((units + 255) / 256 < kPackMaxBlocks ? (units + 255) / 256 : kPackMaxBlocks);
+  const int64_t want = (units + 255) / 256;
+  const int blocks = int(want < kPackMaxBlocks ? want : kPackMaxBlocks);
   // Walk W first unless the channels are the input's fastest dimension (channels-last).
   const bool w_fast = !(p.sx[1] == 1 && p.C > 1);
   QGAIT_LAUNCH(blocks > 0 ? blocks : 1, 256, 0, stream, pack_input)(p, d, zp, w_fast, xb);

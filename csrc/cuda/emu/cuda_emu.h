@@ -831,7 +831,8 @@ inline int __float2int_rz(float v) {
 inline int __dp4a(int a, int b, int c) {
   uint32_t acc = uint32_t(c);
   for (int j = 0; j < 4; ++j)
-    acc += uint32_t(int32_t(int8_t(uint32_t(a) >> (8 * j))) * int32_t(int8_t(uint32_t(b) >> (8 * j))));
+    acc += uint32_t(int32_t(int8_t(uint32_t(a) >> (8 * j))) *
+                    int32_t(int8_t(uint32_t(b) >> (8 * j))));
   return int(acc);
 }
 inline int __dp4a(unsigned a, unsigned b, unsigned c) = delete;  // unsigned form not emulated

@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
     read_exact(in, D.data(), D.size() * 8);
     auto P = [&](size_t i) -> void* { return b.at(i).ptr; };
     auto need = [&](size_t nb, size_t ni, size_t nd) {
-      if (b.size() != nb || I.size() != ni || D.size() != nd) fail(("bad arguments to " + name).c_str());
+      if (b.size() != nb || I.size() != ni || D.size() != nd)
+        fail(("bad arguments to " + name).c_str());
     };
     cudaError_t rc = cudaSuccess;
     if (name == "sfq_fwd") {
