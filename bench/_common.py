@@ -5,6 +5,31 @@ import platform
 import torch
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_int8")
+
+
+def cpu_class() -> str:
+    """The CPU class a number was measured on: model, cores, the ISA flags that pick kernels,
+    and the caps in force (QGAIT_CPU_ISA for qgait, ONEDNN_MAX_CPU_ISA for torch / oneDNN)."""
+    import qgait
+
+    model, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    have = " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; flags: {have}; "
+            f"qgait ISA {qgait.cpu_isa()} (QGAIT_CPU_ISA={os.environ.get('QGAIT_CPU_ISA', '-')}), "
+            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}")
+
+
 def machine_info() -> dict:
     import qgait
 
@@ -24,4 +49,5 @@ def machine_info() -> dict:
         "qgait_isa": qgait.cpu_isa(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "cpu_class": cpu_class(),
     }

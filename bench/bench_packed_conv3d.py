@@ -3,8 +3,12 @@
     pytest bench/bench_packed_conv3d.py --benchmark-only --benchmark-min-rounds=2
 
 Layers (kernel 3x3x3, padding 1): A [4, 32, 30, 64, 44] -> 64, B [4, 64, 30, 32, 22] -> 128.
+Cases: W8A8 (int8 weights in [-127, 127], 8-bit activations), W4A8 (int4 weights), W4A4 (int4
+weights, 4-bit activations); the baselines run the int8 weights.
+The AVX2 class on an AVX-512 machine: cap both sides in the same run,
+    QGAIT_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 pytest bench/bench_packed_conv3d.py ...
 Modes:
-  f32io  float32 in, float32 out. qgait int8 / int4 (activation quantized inside the op);
+  f32io  float32 in, float32 out. qgait W8A8 / W4A8 / W4A4 (activation quantized inside the op);
          torch fp32 conv3d; torch bf16 channels-last conv3d; torch.ao.nn.quantized.Conv3d (x86
          engine) including its quantize_per_tensor and dequantize.
   q8io   8-bit codes in, 8-bit codes out (channels-last): qgait int8 / int4 with requantized
@@ -35,25 +39,35 @@ LAYERS = {"A": ((4, 32, 30, 64, 44), 64), "B": ((4, 64, 30, 32, 22), 128)}
 X_SCALE, OUT_SCALE = 0.01, 0.05
 
 
-def _layer(name):
+# (label, weight bits, activation bits): int8 weights span [-127, 127], int4 [-8, 7]; 4-bit
+# activations take the step 1/15 (codes 0..15 of x in [0, 1)), 8-bit ones X_SCALE.
+CASES = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+def _x_scale(a_bits):
+    return X_SCALE if a_bits == 8 else 1.0 / 15
+
+
+def _layer(name, w_bits=4):
     (n, ci, t, h, w), co = LAYERS[name]
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, ci, t, h, w, generator=g)  # post-ReLU activations
-    w_int = torch.randint(-8, 8, (co, ci, 3, 3, 3), generator=g)
+    lo, hi = (-8, 8) if w_bits == 4 else (-127, 128)
+    w_int = torch.randint(lo, hi, (co, ci, 3, 3, 3), generator=g)
     w_scale = torch.rand(co, generator=g) * 0.01 + 1e-3
     bias = torch.randn(co, generator=g) * 0.1
     macs = n * t * h * w * ci * co * 27
     return x, w_int, w_scale, bias, macs
 
 
-def _qgait(bits, mode, x, w_int, w_scale, bias):
+def _qgait(bits, mode, x, w_int, w_scale, bias, a_bits=8):
     wp = pack_weight(w_int, bits)
-    ci = x.shape[1]
-    kw = dict(w_bits=bits, c_in=ci, x_scale=torch.tensor(X_SCALE), padding=1, bias=bias,
-              act="relu")
+    ci, xs = x.shape[1], _x_scale(a_bits)
+    kw = dict(w_bits=bits, c_in=ci, x_scale=torch.tensor(xs), in_bits=a_bits, padding=1,
+              bias=bias, act="relu")
     if mode == "f32io":
         return (lambda: packed_conv3d(x, wp, w_scale, **kw)), wp.numel()
-    xq = torch.round(torch.clamp(x / X_SCALE, 0, 255)).to(torch.uint8).contiguous(
+    xq = torch.round(torch.clamp(x / xs, 0, 2 ** a_bits - 1)).to(torch.uint8).contiguous(
         memory_format=torch.channels_last_3d)
     return (lambda: packed_conv3d(xq, wp, w_scale, out="quant", out_scale=torch.tensor(OUT_SCALE),
                                   **kw)), wp.numel()
@@ -121,10 +135,12 @@ def _torch_float(dtype, x, w_int, w_scale, bias):
 
 
 PROVIDERS = [  # (provider, mode, role)
-    ("qgait_int8", "f32io", "qgait"), ("qgait_int4", "f32io", "qgait"),
+    ("qgait_w8a8", "f32io", "qgait"), ("qgait_w4a8", "f32io", "qgait"),
+    ("qgait_w4a4", "f32io", "qgait"),
     ("torch_fp32", "f32io", "baseline"), ("torch_bf16_cl", "f32io", "baseline"),
     ("torch_ao_x86", "f32io", "baseline"),
-    ("qgait_int8", "q8io", "qgait"), ("qgait_int4", "q8io", "qgait"),
+    ("qgait_w8a8", "q8io", "qgait"), ("qgait_w4a8", "q8io", "qgait"),
+    ("qgait_w4a4", "q8io", "qgait"),
     ("torch_ao_x86", "q8io", "baseline"),
     ("int8_peak", "f32io", "ceiling"), ("int8_peak", "q8io", "ceiling"),
 ]
@@ -134,9 +150,11 @@ PROVIDERS = [  # (provider, mode, role)
 @pytest.mark.parametrize("provider,mode,role", PROVIDERS,
                          ids=[f"{p}-{m}" for p, m, _ in PROVIDERS])
 def test_packed_conv3d(benchmark, provider, mode, role, layer):
-    x, w_int, w_scale, bias, macs = _layer(layer)
+    # int8 weights span [-127, 127] (qgait W8A8 and every baseline), int4 ones [-8, 7]
+    w_bits, a_bits = CASES[provider[6:].upper()] if provider.startswith("qgait") else (8, 8)
+    x, w_int, w_scale, bias, macs = _layer(layer, w_bits)
     if provider.startswith("qgait"):
-        fn, wbytes = _qgait(8 if provider == "qgait_int8" else 4, mode, x, w_int, w_scale, bias)
+        fn, wbytes = _qgait(w_bits, mode, x, w_int, w_scale, bias, a_bits)
     elif provider == "int8_peak":
         fn, wbytes = _peak(macs), 0
     elif provider == "torch_ao_x86":

@@ -25,6 +25,7 @@ std::string set_cpu_isa_op(std::string name) {
 std::string cpu_features_op() {
   std::string s = std::string("detected=") + qgait::isa_name(qgait::detected_isa());
   s += qgait::cpu_has_vnni() ? " vnni=1" : " vnni=0";
+  s += qgait::cpu_has_avx_vnni() ? " avx_vnni=1" : " avx_vnni=0";
   s += qgait::cpu_has_amx_int8() ? " amx_int8=1" : " amx_int8=0";
   return s;
 }

@@ -128,6 +128,82 @@ def test_reference_acc_is_integer_conv():
                     assert int(acc[0, o, t, h, v]) == s
 
 
+# ---- the AVX2-class kernels' range choice (vpmaddubsw with int16 sums where exact) --------
+# Each row drives one kernel to the edge of its exactness bound: every code at its maximum (or
+# the input at its most negative code) against weights all at one extreme, so a chunk of int16
+# sums one step longer than the bound allows would wrap, and a pair sum that could saturate
+# would. (w_bits, weight value, input kind, code-range args): the kernel it selects on AVX2.
+RANGE_CASES = [
+    (4, -8, ("uint8", 255, {}), "maddubs, W4A8: L = 8"),
+    (4, 7, ("uint8", 255, {}), "maddubs, W4A8 positive"),
+    (8, -128, ("float", 15.0, dict(in_bits=4)), "maddubs, W8A4: L = 8"),
+    (8, 127, ("float", 15.0, dict(in_bits=4)), "maddubs, W8A4 positive"),
+    (4, -8, ("float", 7.0, dict(in_bits=4, in_signed=True)), "maddubs, W4A4: L = 136"),
+    (4, -8, ("float", -8.0, dict(in_bits=4, in_signed=True)), "maddubs, W4A4 lowest code"),
+    (8, -128, ("uint8", 128, {}), "maddubs1, W8 with codes <= 128: L = 1"),
+    (8, 127, ("uint8", 128, {}), "maddubs1 positive"),
+    (8, -128, ("uint8", 255, {}), "madd16, W8A8"),
+    (8, -128, ("int8", -128, dict(in_signed=True)), "madd16, int8 codes at -128"),
+    (8, 127, ("int8", 7, dict(in_signed=True, in_bits=4)), "maddubs, int8 codes in [-8, 7]"),
+]
+RANGE_SHAPES = [
+    (1, 36, 17, (3, 4, 13), (3, 3, 3), 1, 1, 1),     # K = 27 * 9 = 243 steps > 136
+    (2, 5, 33, (2, 3, 6), (3, 3, 3), (1, 2, 1), 1, 1),  # C_in padded, C_out tail, stride
+]
+
+
+@pytest.mark.parametrize("shape", RANGE_SHAPES, ids=_ids(RANGE_SHAPES))
+@pytest.mark.parametrize("w_bits,wv,inp,what", RANGE_CASES, ids=[c[3] for c in RANGE_CASES])
+def test_cpu_code_range_extremes_exact(cpu_isa, shape, w_bits, wv, inp, what):
+    n, ci, co, (t, h, w), k, st, pd, dl = shape
+    kind, v, extra = inp
+    g = torch.Generator().manual_seed(3)
+    w_int = torch.full((co, ci, *k), wv)
+    w_int[0] = torch.randint(-8 if w_bits == 4 else -128, 8 if w_bits == 4 else 128, (ci, *k),
+                             generator=g)  # one channel of mixed signs
+    kw = dict(w_bits=w_bits, c_in=ci, stride=st, padding=pd, dilation=dl, **extra)
+    if kind == "float":
+        x = torch.full((n, ci, t, h, w), v * 0.25)
+        kw["x_scale"] = torch.tensor(0.25)
+    else:
+        x = torch.full((n, ci, t, h, w), v, dtype=torch.uint8 if kind == "uint8" else torch.int8)
+        kw["x_scale"] = torch.tensor(0.5)
+    x[..., 0] = x[..., 0] * 0  # a column of zero codes too
+    wp = pack_weight(w_int, w_bits)
+    ws = torch.rand(co, generator=g) * 0.02 + 1e-3
+    got = packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw)
+    ref = packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw)
+    assert torch.equal(got, ref), what
+    # and a random input over the same code range, with every epilogue
+    xr = (torch.rand(x.shape, generator=g) * (v if kind != "int8" else 1.0)).to(x.dtype)
+    if kind == "int8":
+        xr = torch.randint(min(v, 0), max(v, 0) + 1, x.shape, generator=g).to(torch.int8)
+    for out in ("float", "quant"):
+        args = dict(kw, act="leaky_relu", out=out, out_scale=torch.tensor(0.3), **_epilogue_args(co))
+        assert torch.equal(packed_conv3d(xr, wp, ws, backend="cpu", **args),
+                           packed_conv3d(xr, wp, ws, backend="reference", **args)), what
+
+
+def test_avx_vnni_path_exact():
+    """The AVX-VNNI (VEX vpdpbusd) kernel, which the avx2 level uses on CPUs reporting avx_vnni."""
+    import qgait
+
+    feats = torch.ops.qgait._cpu_features()
+    if "avx_vnni=1" not in feats:
+        pytest.skip(f"this CPU has no AVX-VNNI ({feats}); its kernel is compiled but cannot run")
+    qgait.set_cpu_isa("avx2")
+    try:
+        for case in CASES + RANGE_SHAPES:
+            for w_bits in (8, 4):
+                for kind in INPUTS:
+                    x, wp, ws, kw = make_case(case, w_bits, kind)
+                    assert torch.equal(packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw),
+                                       packed_conv3d(x, wp, ws, out="acc", backend="reference",
+                                                     **kw))
+    finally:
+        qgait.set_cpu_isa("amx")
+
+
 # ---- fused epilogue -------------------------------------------------------------------------
 def _epilogue_args(co, seed=1):
     g = torch.Generator().manual_seed(seed)

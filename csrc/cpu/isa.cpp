@@ -71,6 +71,15 @@ bool cpu_has_vnni() {
 #endif
 }
 
+bool cpu_has_avx_vnni() {
+#if defined(__x86_64__)
+  static const bool v = detected_isa() >= Isa::AVX2 && __builtin_cpu_supports("avxvnni");
+  return v;
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_amx_int8() { return detected_isa() >= Isa::AMX; }
 
 Isa cpu_isa() {

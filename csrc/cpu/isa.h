@@ -12,6 +12,7 @@ enum class Isa : int { Scalar = 0, AVX2 = 1, AVX512 = 2, AMX = 3 };
 Isa cpu_isa();                  // level used now: min(detected, cap)
 Isa detected_isa();             // widest level the CPU (and OS) support
 bool cpu_has_vnni();            // AVX512-VNNI (vpdpbusd)
+bool cpu_has_avx_vnni();        // AVX-VNNI (VEX vpdpbusd on ymm; Alder Lake, Zen 5, ...)
 bool cpu_has_amx_int8();        // AMX tiles usable (CPU flag and OS permission granted)
 void set_isa_cap(Isa cap);      // cap the level (tests)
 const char* isa_name(Isa isa);

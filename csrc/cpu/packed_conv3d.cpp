@@ -1,12 +1,16 @@
 // CPU packed low-bit Conv3d: direct convolution over a channels-last, spatially padded copy of
 // the input held as uint8 codes, with int8 (or int4) weights and exact int32 accumulation.
 //
-//   x codes      u[n, t, h, w, c] = x_int + zp       (zp = 128 for a signed grid, else 0)
+//   x codes      u[n, t, h, w, c] = x_int + zp       (zp = -lo >= 0, see below)
 //   accumulator  acc[co] = sum_{tap, c} u * w_int - zp * sum_{tap, c} w_int   (exact int32)
 //
 // The shift by zp makes every activation code unsigned, which is what the u8 x s8 dot products
 // (vpdpbusd) need; padding is filled with zp, i.e. with the code of x_int = 0, so the
 // correction zp * sum(w) is one constant per output channel, whatever the border.
+//
+// The codes are shifted by zp = -lo, lo the smallest input integer possible in this call (the
+// grid's for a float input, 0 for uint8, -128 for int8 unless the AVX2 path measured the
+// input), so a 4-bit signed grid gives codes 0..15, which the AVX2 range choice relies on.
 //
 // Code paths (cpu/isa.h picks one at run time; the cap makes tests run each):
 //   avx512 + VNNI  tile of 6 output pixels x 64 output channels in 24 zmm accumulators; each
@@ -15,9 +19,11 @@
 //                  call, when the weights are laid out for the kernel (tens of KB, reused by
 //                  every output pixel), so int4 runs the int8 inner loop: unpacking them in
 //                  registers (two vpshufb per 4 bytes of weights) measured 1.2x the int8 time.
-//   avx2           vpmaddwd on u8 / s8 values widened to 16 bits (vpmaddubsw would saturate:
-//                  255 * 128 * 2 > 2^15), tile 4 pixels x 16 channels. Also used by AVX-512
-//                  CPUs without VNNI.
+//   avx2           chosen per call from the code range of the input and the weight range of
+//                  the layer (see "avx2 paths" below): vpmaddubsw with int16 sums where that
+//                  is exact (W4A8, W8A4, W4A4), vpmaddwd on 16-bit codes where it is not
+//                  (W8A8 with codes past 128), VEX vpdpbusd on CPUs with AVX-VNNI. Also used
+//                  by AVX-512 CPUs without VNNI.
 //   scalar         plain loops.
 // The epilogue (rescale, bias, folded BatchNorm, activation, fp32 store or requantization to
 // the next layer's grid) uses the same fp32 operations in the same order on every path, with
@@ -136,65 +142,275 @@ void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
 }  // namespace
 }  // namespace qgait
 
-// ---- avx2 path ------------------------------------------------------------------------------
+// ---- avx2 paths -----------------------------------------------------------------------------
+// Weights and codes are the same as the VNNI path's; what differs is the multiply:
+//   maddubs   vpmaddubsw (u8 x s8 pairs summed into int16, saturating) then vpaddw: L steps of
+//             int16 partial sums per lane, widened (vpmaddwd by ones) into int32 once per L
+//             steps. Exact when no int16 sum can leave [-32768, 32767], i.e. when
+//             L * 2 * a_max * |w|_max fits (a_max: the largest code of this call, |w|_max: the
+//             largest weight magnitude of this layer; chosen per call, see avx2_chunk).
+//             W4A8: 2 * 255 * 8 = 4,080 -> L = 8; W8A4: 2 * 15 * 128 = 3,840 -> L = 8;
+//             W4A4: 2 * 15 * 8 = 240 -> L = 136. Per 32 multiply-adds that is one vpmaddubsw
+//             and one vpaddw, against two vpmaddwd + two vpaddd for 16-bit operands, and
+//             against the vpmaddubsw + vpmaddwd + vpaddd of an int8 GEMM without VNNI (two
+//             uops on the multiplier ports).
+//   maddubs1  L = 1 (e.g. 8-bit weights with codes <= 128): vpmaddubsw, vpmaddwd by ones,
+//             vpaddd per step (the sequence of an int8 GEMM without VNNI, exact here because
+//             the range check says no single pair sum can saturate).
+//   madd16    W8A8 with codes past that (L = 0): vpmaddwd on 16-bit codes. The code rows of
+//             one output row are widened once into a small per-thread buffer, so each step
+//             broadcasts two channels with one vpbroadcastd from memory (no shuffles).
+//   avx_vnni  VEX vpdpbusd on ymm (CPUs reporting avx_vnni): the VNNI path's arithmetic with 8
+//             lanes, exact for every range.
+// All three: tiles of up to 4 output pixels x 16 output channels (8 ymm accumulators),
+// weights of one step in two ymm, one broadcast per pixel and step.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace qgait {
 namespace {
 
-constexpr int kM2 = 4;  // output pixels per tile
+// Output pixels per AVX2 tile: 4 x 2 accumulators, 2 weight vectors and 4 broadcasts fill the
+// 16 ymm registers (g++ loads all broadcasts of a step first; with 6 pixels it kept 8 of the
+// 12 accumulators on the stack, a store and a load per step each).
+constexpr int kMA = 4;
 
-// w2: int16 weights [taps][Cp/2][Coutp][2]: lane co of a ymm holds the pair (2k, 2k+1).
-template <int M>
-void tile_avx2(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t ntaps,
-               const int16_t* w2, int64_t k2, int64_t Coutp, int32_t* out) {
-  __m256i acc[M][2];
-  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const uint8_t* ap = a + toff[t];
-    const int16_t* wp = w2 + t * k2 * Coutp * 2;
-    for (int64_t k = 0; k < k2; ++k) {
-      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * Coutp * 2));
-      const __m256i b1 =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * Coutp * 2 + 16));
-      for (int m = 0; m < M; ++m) {
-        const uint8_t* p = ap + m * astep + 2 * k;
-        // two codes zero-extended to 16 bits, as one int32 broadcast to every lane
-        const __m256i av = _mm256_set1_epi32(static_cast<int32_t>(p[0] | (uint32_t(p[1]) << 16)));
-        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(av, b0));
-        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(av, b1));
+// One step of one pixel in the 4-pixel tiles below: broadcast the pixel's 4 codes (2 for
+// madd16), multiply by the two weight vectors (ymm14, ymm15) and add into its two accumulators.
+// Written as asm because g++ 12 rotates loop-carried ymm accumulators through an extra
+// vmovdqa per accumulator and step (8 moves per 16 multiplies; the loop then ran at about the
+// speed of oneDNN's three-instruction int8 sequence).
+#define QG_PIX(src, acc0, acc1, MUL, ADD)                 \
+  "vpbroadcastd " src ", %%ymm13\n\t"                     \
+  MUL " %%ymm14, %%ymm13, %%ymm12\n\t"                    \
+  ADD " %%ymm12, %[" acc0 "], %[" acc0 "]\n\t"            \
+  MUL " %%ymm15, %%ymm13, %%ymm13\n\t"                    \
+  ADD " %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
+#define QG_STEP4(MUL, ADD, SCALE)                                                       \
+  "vmovdqu (%[wk]), %%ymm14\n\t"                                                        \
+  "vmovdqu 32(%[wk]), %%ymm15\n\t"                                                      \
+  QG_PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                              \
+  QG_PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)                              \
+  QG_PIX("(%[p2],%[o]," SCALE ")", "h20", "h21", MUL, ADD)                              \
+  QG_PIX("(%[p3],%[o]," SCALE ")", "h30", "h31", MUL, ADD)
+#define QG_OPERANDS                                                                      \
+  : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3]),             \
+    [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])              \
+  : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),       \
+    [o] "r"(aoff[s])                                                                     \
+  : "xmm12", "xmm13", "xmm14", "xmm15"
+
+// p[m]: window corner of pixel m (a tile narrower than 4 repeats its last pixel; those rows of
+// out are not read). w: int8 [K][Coutp][4] (offset to this tile's 16 channels), steps of 4
+// channels; aoff[s]: byte offset of step s. out: [4][16] int32.
+void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
+                  const int8_t* w, int64_t wstride, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t s0 = 0; s0 < K; s0 += L) {
+    const int64_t s1 = std::min(K, s0 + L);
+    __m256i h[8];
+    for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
+    // wrapping vpaddw: the bound on L keeps every true partial sum inside int16
+    for (int64_t s = s0; s < s1; ++s) {
+      const int8_t* wk = w + s * wstride;
+      asm(QG_STEP4("vpmaddubsw", "vpaddw", "1") QG_OPERANDS);
+    }
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(h[i], ones));
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), acc[i]);
+}
+
+// p[m]: 16-bit codes; w: int16 [K][Coutp][2], steps of 2 channels; aoff in 16-bit elements.
+void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const int16_t* w,
+                 int64_t wstride, int32_t* out) {
+  __m256i h[8];
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < K; ++s) {
+    const int16_t* wk = w + s * wstride;
+    asm(QG_STEP4("vpmaddwd", "vpaddd", "2") QG_OPERANDS);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+}
+
+// L = 1: each vpmaddubsw result widened at once (vpmaddwd by ones, ymm11) into int32.
+#define QG_PIX1(src, acc0, acc1)                          \
+  "vpbroadcastd " src ", %%ymm13\n\t"                     \
+  "vpmaddubsw %%ymm14, %%ymm13, %%ymm12\n\t"              \
+  "vpmaddwd %%ymm11, %%ymm12, %%ymm12\n\t"                \
+  "vpaddd %%ymm12, %[" acc0 "], %[" acc0 "]\n\t"          \
+  "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t"              \
+  "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"                \
+  "vpaddd %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
+void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
+                   const int8_t* w, int64_t wstride, int32_t* out) {
+  __m256i h[8];
+  for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t s = 0; s < K; ++s) {
+    const int8_t* wk = w + s * wstride;
+    asm("vmovdqa %[ones], %%ymm11\n\t"
+        "vmovdqu (%[wk]), %%ymm14\n\t"
+        "vmovdqu 32(%[wk]), %%ymm15\n\t"
+        QG_PIX1("(%[p0],%[o],1)", "h00", "h01") QG_PIX1("(%[p1],%[o],1)", "h10", "h11")
+        QG_PIX1("(%[p2],%[o],1)", "h20", "h21") QG_PIX1("(%[p3],%[o],1)", "h30", "h31")
+        : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3]),
+          [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])
+        : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),
+          [o] "r"(aoff[s]), [ones] "m"(ones)
+        : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+}
+
+// Epilogue of M pixels x nco channels from acc rows of ld (16): epi_one's fp32 operations, 8
+// channels at a time (a channel tail of the last tile goes through epi_one itself).
+void epi_avx2(const Epi& E, const int32_t* acc, int64_t ld, int M, int64_t co0, int64_t nco,
+              int64_t Co,
+              void* y, int64_t pix) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 slope = _mm256_set1_ps(E.slope), r = _mm256_set1_ps(E.r_out);
+  const __m256 qn = _mm256_set1_ps(E.qn), qp = _mm256_set1_ps(E.qp);
+  // byte 0 of each dword, per 128-bit lane
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  int64_t j = 0;
+  for (; j + 8 <= nco; j += 8) {
+    const int64_t co = co0 + j;
+    const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(E.comp + co));
+    const __m256 m1 = _mm256_loadu_ps(E.m1 + co), bias = _mm256_loadu_ps(E.bias + co);
+    __m256 g = zero, beta = zero;
+    if (E.g) {
+      g = _mm256_loadu_ps(E.g + co);
+      beta = _mm256_loadu_ps(E.beta + co);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t idx = (pix + m) * Co + co;
+      const __m256i a = _mm256_sub_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * ld + j)), comp);
+      if (E.mode == kOutAcc) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(y) + idx), a);
+        continue;
       }
+      __m256 z = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), m1), bias);
+      if (E.g) z = _mm256_add_ps(_mm256_mul_ps(z, g), beta);
+      if (E.act != kActNone) {
+        const __m256 neg = _mm256_cmp_ps(z, zero, _CMP_LT_OQ);
+        z = _mm256_blendv_ps(z, E.act == kActRelu ? zero : _mm256_mul_ps(z, slope), neg);
+      }
+      if (E.mode == kOutFloat) {
+        _mm256_storeu_ps(static_cast<float*>(y) + idx, z);
+        continue;
+      }
+      __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(z, r), qn), qp);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i b = _mm256_shuffle_epi8(_mm256_cvtps_epi32(v), pick);
+      const __m128i lo8 = _mm_unpacklo_epi32(_mm256_castsi256_si128(b),
+                                             _mm256_extracti128_si256(b, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(y) + idx), lo8);
     }
   }
-  for (int m = 0; m < M; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16), acc[m][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16 + 8), acc[m][1]);
+  for (; j < nco; ++j)
+    for (int m = 0; m < M; ++m) epi_one(E, co0 + j, acc[m * ld + j], y, (pix + m) * Co + co0 + j);
+}
+
+// Codes of 8 floats as int32 lanes: rint(clamp(x * r, qn, qp)) + zp (max(NaN, qn) = qn).
+inline __m256i quant8(__m256 x, __m256 vr, __m256 vqn, __m256 vqp, __m256i vzp) {
+  __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, vr), vqn), vqp);
+  v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+}
+
+void quant_row_avx2(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp) {
+  const __m256 vr = _mm256_set1_ps(r), vqn = _mm256_set1_ps(qn), vqp = _mm256_set1_ps(qp);
+  const __m256i vzp = _mm256_set1_epi32(zp);
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_shuffle_epi8(quant8(_mm256_loadu_ps(x + i), vr, vqn, vqp, vzp), pick);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(u + i),
+                     _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  }
+  quant_row_scalar(x + i, n - i, u + i, r, qn, qp, zp);
+}
+
+// quant_frame_clast_avx512's job with 8 pixels per step: the codes of 4 channels packed into
+// one dword per pixel, stored pixel by pixel (AVX2 has no scatter).
+void quant_frame_clast_avx2(const float* x, int64_t cstride, int64_t hstride, int64_t H,
+                            int64_t W, int64_t C, int64_t Cp, uint8_t* dst, int64_t dst_hstride,
+                            float r, float qn, float qp, int zp) {
+  const __m256 vr = _mm256_set1_ps(r), vqn = _mm256_set1_ps(qn), vqp = _mm256_set1_ps(qp);
+  const __m256i vzp = _mm256_set1_epi32(zp);
+  alignas(32) int32_t lanes[8];
+  for (int64_t p0 = 0; p0 < C; p0 += 4) {
+    for (int64_t h = 0; h < H; ++h) {
+      uint8_t* d = dst + h * dst_hstride + p0;
+      int64_t w = 0;
+      for (; w + 8 <= W; w += 8) {
+        __m256i packed = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q =
+              p0 + j < C ? quant8(_mm256_loadu_ps(x + (p0 + j) * cstride + h * hstride + w), vr,
+                                  vqn, vqp, vzp)
+                         : vzp;
+          packed = _mm256_or_si256(packed, _mm256_slli_epi32(q, 8 * j));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), packed);
+        for (int k = 0; k < 8; ++k) std::memcpy(d + (w + k) * Cp, lanes + k, 4);
+      }
+      for (; w < W; ++w)
+        for (int64_t j = 0; j < 4 && p0 + j < C; ++j)
+          quant_row_scalar(x + (p0 + j) * cstride + h * hstride + w, 1, d + w * Cp + j, r, qn,
+                           qp, zp);
+    }
   }
 }
 
-using Avx2Fn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const int16_t*, int64_t,
-                        int64_t, int32_t*);
-const Avx2Fn kAvx2Tiles[kM2] = {tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>};
+// 16-bit copies of the kT x kH code rows one output row reads (for madd16).
+void widen_rows(const uint8_t* const* rows, int64_t nrows, int64_t len, uint16_t* dst) {
+  for (int64_t k = 0; k < nrows; ++k) {
+    const uint8_t* s = rows[k];
+    uint16_t* d = dst + k * len;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i < len; ++i) d[i] = s[i];
+  }
+}
 
-// Work item = (output row, group of 16 output channels).
-void items_avx2(const Ctx& c, const int16_t* w2, int64_t i0, int64_t i1) {
-  const ConvGeom& g = c.g;
-  const int64_t ngrp = c.Coutp / 16, ntaps = static_cast<int64_t>(c.toff.size());
-  alignas(64) int32_t out[kM2 * 16];
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t grp = i % ngrp, r = i / ngrp;
-    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
-    const int64_t co0 = grp * 16, nco = std::min<int64_t>(16, g.Co - co0);
-    const uint8_t* base = c.row_base(n, t, h);
-    for (int64_t w0 = 0; w0 < g.Wo; w0 += kM2) {
-      const int M = static_cast<int>(std::min<int64_t>(kM2, g.Wo - w0));
-      kAvx2Tiles[M - 1](base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data(), ntaps,
-                        w2 + co0 * 2, c.Cp / 2, c.Coutp, out);
-      const int64_t pix = c.out_pixel(n, t, h, w0);
-      for (int m = 0; m < M; ++m)
-        for (int64_t j = 0; j < nco; ++j)
-          epi_one(c.E, co0 + j, out[m * 16 + j], c.y, (pix + m) * g.Co + co0 + j);
+}  // namespace
+}  // namespace qgait
+#pragma GCC pop_options
+
+// ---- avx_vnni path (VEX vpdpbusd on ymm) ------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+namespace qgait {
+namespace {
+
+void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
+                  const int8_t* w, int64_t wstride, int32_t* out) {
+  __m256i acc[4][2];
+  for (int m = 0; m < 4; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < K; ++s) {
+    const int8_t* wk = w + s * wstride;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32));
+    for (int m = 0; m < 4; ++m) {
+      int32_t v;
+      std::memcpy(&v, p[m] + aoff[s], 4);
+      const __m256i av = _mm256_set1_epi32(v);
+      acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], av, b0);
+      acc[m][1] = _mm256_dpbusd_avx_epi32(acc[m][1], av, b1);
     }
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16), acc[m][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16 + 8), acc[m][1]);
   }
 }
 
@@ -419,7 +635,82 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
 namespace qgait {
 namespace {
 
-enum class Path { Scalar, AVX2, VNNI };
+enum class Path { Scalar, AVX2, VNNI };  // AVX2: maddubs, madd16 or avx_vnni (Avx2Kind)
+enum class Avx2Kind { Maddubs, Maddubs1, Madd16, AvxVnni };
+
+// The AVX2-class kernels' walk over the reduction: K steps (of 4 channels, 2 for madd16) whose
+// input offsets are aoff[s] and whose weights lie at w + s * wstride.
+struct Avx2Plan {
+  Avx2Kind kind;
+  std::vector<int64_t> aoff;
+  int64_t K = 0, L = 0;
+  const void* w = nullptr;
+  int64_t wstride = 0;
+};
+
+// Longest run of vpmaddubsw steps whose int16 sums stay exact, for codes in [0, amax] and
+// weights in [wlo, whi] (wlo <= 0 <= whi): one step adds a pair sum in [2 amax wlo,
+// 2 amax whi]. 0 when a single pair can saturate.
+int64_t avx2_chunk(int64_t amax, int64_t wlo, int64_t whi) {
+  const int64_t up = 2 * amax * whi, down = -2 * amax * wlo;
+  int64_t L = int64_t(1) << 40;
+  if (up > 0) L = std::min(L, 32767 / up);
+  if (down > 0) L = std::min(L, 32768 / down);
+  return L;
+}
+
+void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
+  const ConvGeom& g = c.g;
+  static thread_local std::vector<uint16_t> s16;
+  const int64_t rowlen = c.Wp * c.Cp, nrows = g.kT * g.kH;
+  if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen))
+    s16.resize(static_cast<size_t>(nrows * rowlen));
+  std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
+  alignas(32) int32_t out[kMA * 16];
+  const int64_t astep = g.sW * c.Cp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const uint8_t* base = c.row_base(n, t, h);
+    if (p.kind == Avx2Kind::Madd16) {
+      for (int64_t kt = 0; kt < g.kT; ++kt)
+        for (int64_t kh = 0; kh < g.kH; ++kh)
+          rows[kt * g.kH + kh] = base + (kt * g.dT * c.Hp + kh * g.dH) * rowlen;
+      widen_rows(rows.data(), nrows, rowlen, s16.data());
+    }
+    for (int64_t co0 = 0; co0 < g.Co;) {
+      const int64_t nco = std::min<int64_t>(16, g.Co - co0);
+      for (int64_t w0 = 0; w0 < g.Wo;) {
+        const int M = static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
+        const uint8_t* p8[kMA];
+        const uint16_t* p16[kMA];
+        for (int m = 0; m < kMA; ++m) {
+          const int64_t off = (w0 + std::min(m, M - 1)) * astep;
+          p8[m] = base + off;
+          p16[m] = s16.data() + off;
+        }
+        const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4;
+        switch (p.kind) {
+          case Avx2Kind::Maddubs:
+            tile_maddubs(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            break;
+          case Avx2Kind::Maddubs1:
+            tile_maddubs1(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            break;
+          case Avx2Kind::AvxVnni:
+            tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            break;
+          case Avx2Kind::Madd16:
+            tile_madd16(p16, p.aoff.data(), p.K, static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
+                        p.wstride, out);
+            break;
+        }
+        epi_avx2(c.E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
+        w0 += M;
+      }
+      co0 += 16;
+    }
+  }
+}
 
 // Work items handed out in small chunks from a shared counter: on a loaded machine a thread
 // that is descheduled for a while no longer holds up a fixed half of the work (a static split
@@ -467,7 +758,10 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   const auto dt = x.scalar_type();
   const bool flt = dt == at::kFloat;
   const void* xv = x.const_data_ptr();
-  const QuantRowFn qrow = cpu_isa() >= Isa::AVX512 ? quant_row_avx512 : quant_row_scalar;
+  const Isa isa = cpu_isa();
+  const QuantRowFn qrow = isa >= Isa::AVX512 ? quant_row_avx512
+                          : isa >= Isa::AVX2 ? quant_row_avx2
+                                             : quant_row_scalar;
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
@@ -478,11 +772,12 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // region is a point where a busy machine can stall the call until all threads are scheduled
   // again.
   std::memset(buf.data(), zp, total);
-  if (flt && wrows && cpu_isa() >= Isa::AVX512) {
+  if (flt && wrows && isa >= Isa::AVX2) {
+    const auto frame = isa >= Isa::AVX512 ? quant_frame_clast_avx512 : quant_frame_clast_avx2;
     at::parallel_for(0, g.N * g.T, 1, [&](int64_t b, int64_t e) {
       for (int64_t nt = b; nt < e; ++nt) {
         const int64_t n = nt / g.T, t = nt % g.T;
-        quant_frame_clast_avx512(static_cast<const float*>(xv) + n * st[0] + t * st[2], st[1],
+        frame(static_cast<const float*>(xv) + n * st[0] + t * st[2], st[1],
                                  st[3], g.H, g.W, g.C, Cp,
                                  buf.data() + (((n * Tp + t + g.pT) * Hp + g.pH) * Wp + g.pW) * Cp,
                                  Wp * Cp, r, qn, qp, zp);
@@ -548,16 +843,22 @@ inline int32_t weight_at(const uint8_t* wp, int64_t w_bits, int64_t cb, int64_t 
   return (nib ^ 8) - 8;
 }
 
-// Weights as [taps][Cp/G][Coutp][G] of T (int4 widened), zero past C_in and C_out: lane co of a
-// vector then holds G consecutive input channels of output channel co.
+// Weights as [Coutp/B][taps][Cp/G][B][G] of T (int4 widened), zero past C_in and C_out: lane co
+// of a vector then holds G consecutive input channels of output channel co, and the B channels
+// one tile reads are contiguous from step to step. (B = Coutp: [taps][Cp/G][Coutp][G].) The AVX2
+// tiles read B = 16 channels: with the full Coutp between steps (512 bytes for 128 channels)
+// their weights fell into an eighth of L1's sets and came from L2, at a third of the speed.
 template <typename T, int G>
 std::vector<T> interleave_weights(const uint8_t* wraw, int64_t w_bits, int64_t cb, int64_t ntaps,
-                                  int64_t C, int64_t Co, int64_t Cp, int64_t Coutp) {
+                                  int64_t C, int64_t Co, int64_t Cp, int64_t Coutp,
+                                  int64_t B = 0) {
+  if (B == 0) B = Coutp;
   std::vector<T> out(static_cast<size_t>(ntaps * Cp * Coutp), 0);
+  const int64_t K = ntaps * (Cp / G);
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t k = 0; k < ntaps; ++k)
       for (int64_t ch = 0; ch < C; ++ch)
-        out[((k * (Cp / G) + ch / G) * Coutp + co) * G + ch % G] =
+        out[(((co / B) * K + k * (Cp / G) + ch / G) * B + co % B) * G + ch % G] =
             static_cast<T>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
   return out;
 }
@@ -589,21 +890,77 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   c.Wp = g.W + 2 * g.pW;
   c.Cp = (g.C + 3) / 4 * 4;
   c.Coutp = (g.Co + 15) / 16 * 16;
-  const int zp = in_qn < 0 ? 128 : 0;
-  const float xs = x_scale.item<float>();
-  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs,
-                     static_cast<float>(in_qn), static_cast<float>(in_qp));
   for (int64_t kt = 0; kt < g.kT; ++kt)
     for (int64_t kh = 0; kh < g.kH; ++kh)
       for (int64_t kw = 0; kw < g.kW; ++kw)
         c.toff.push_back(((kt * g.dT * c.Hp + kh * g.dH) * c.Wp + kw * g.dW) * c.Cp);
   const int64_t ntaps = static_cast<int64_t>(c.toff.size());
 
+  // Weight sums (for the zero-point correction) and the weight range (for the AVX2 choice).
+  const at::Tensor wpk = w_packed.contiguous();
+  const uint8_t* wraw = static_cast<const uint8_t*>(wpk.const_data_ptr());
+  const int64_t cb = w_packed.size(4);
+  std::vector<int32_t> wsum(c.Coutp, 0);
+  int64_t wlo = 0, whi = 0;
+  for (int64_t co = 0; co < g.Co; ++co) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < ntaps; ++k)
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        const int32_t v = weight_at(wraw, w_bits, cb, ntaps, co, k, ch);
+        s += v;
+        wlo = std::min<int64_t>(wlo, v);
+        whi = std::max<int64_t>(whi, v);
+      }
+    wsum[co] = s;
+  }
+
+  // Range of the input integers [lo, hi] (lo <= 0 <= hi); the codes are u = x_int - lo, in
+  // [0, hi - lo], and the padding holds -lo, the code of zero. A float input is clamped to its
+  // grid; integer codes are used as they are (like the reference), so where the AVX2 choice
+  // depends on their range it is measured (one pass over the input).
+  int64_t lo = in_qn, hi = in_qp;
+  const bool avx2_small = path == Path::AVX2 && !cpu_has_avx_vnni() &&
+                          avx2_chunk(255, wlo, whi) < 136;
+  if (x.scalar_type() == at::kBool) {
+    lo = 0, hi = 1;
+  } else if (x.scalar_type() == at::kByte) {
+    lo = 0, hi = avx2_small ? x.max().item<int64_t>() : 255;
+  } else if (x.scalar_type() == at::kChar) {
+    lo = -128, hi = 127;
+    if (avx2_small) {
+      const auto mm = at::aminmax(x);
+      lo = std::min<int64_t>(0, std::get<0>(mm).item<int64_t>());
+      hi = std::max<int64_t>(0, std::get<1>(mm).item<int64_t>());
+    }
+  } else if (avx2_small) {
+    // the codes are monotone in x: those of min(x) and max(x) bound them all (a NaN, which
+    // takes in_qn, makes aminmax NaN: then the grid stays the range)
+    const auto mm = at::aminmax(x);
+    const float mn = std::get<0>(mm).item<float>(), mx = std::get<1>(mm).item<float>();
+    if (!std::isnan(mn) && !std::isnan(mx)) {
+      const float r = 1.0f / x_scale.item<float>();
+      uint8_t cmn, cmx;
+      quant_row_scalar(&mn, 1, &cmn, r, static_cast<float>(in_qn), static_cast<float>(in_qp),
+                       static_cast<int>(-in_qn));
+      quant_row_scalar(&mx, 1, &cmx, r, static_cast<float>(in_qn), static_cast<float>(in_qp),
+                       static_cast<int>(-in_qn));
+      lo = std::min<int64_t>(0, int64_t(cmn) + in_qn);
+      hi = std::max<int64_t>(0, int64_t(cmx) + in_qn);
+    }
+  }
+  const int zp = static_cast<int>(-lo);
+  const float xs = x_scale.item<float>();
+  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs,
+                     static_cast<float>(in_qn), static_cast<float>(in_qp));
+
   // Per-channel epilogue constants, all fp32 (the same products the reference forms).
   const at::Tensor wsc = w_scale.contiguous();
   std::vector<float> m1(c.Coutp, 0.f), bz(c.Coutp, 0.f), bg, bb;
   std::vector<int32_t> comp(c.Coutp, 0);
-  for (int64_t co = 0; co < g.Co; ++co) m1[co] = xs * wsc.const_data_ptr<float>()[co];
+  for (int64_t co = 0; co < g.Co; ++co) {
+    m1[co] = xs * wsc.const_data_ptr<float>()[co];
+    comp[co] = zp * wsum[co];
+  }
   if (bias) {
     const at::Tensor b = bias->contiguous();
     std::copy(b.const_data_ptr<float>(), b.const_data_ptr<float>() + g.Co, bz.begin());
@@ -614,17 +971,6 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     bb.assign(c.Coutp, 0.f);
     std::copy(s.const_data_ptr<float>(), s.const_data_ptr<float>() + g.Co, bg.begin());
     std::copy(sh.const_data_ptr<float>(), sh.const_data_ptr<float>() + g.Co, bb.begin());
-  }
-
-  // Weights in the path's layout, and the zero-point correction zp * sum(w).
-  const at::Tensor wpk = w_packed.contiguous();
-  const uint8_t* wraw = static_cast<const uint8_t*>(wpk.const_data_ptr());
-  const int64_t cb = w_packed.size(4);
-  for (int64_t co = 0; co < g.Co; ++co) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < ntaps; ++k)
-      for (int64_t ch = 0; ch < g.C; ++ch) s += weight_at(wraw, w_bits, cb, ntaps, co, k, ch);
-    comp[co] = zp * s;
   }
   c.E = Epi{comp.data(), m1.data(), bz.data(), bn_scale ? bg.data() : nullptr,
             bn_scale ? bb.data() : nullptr, act, static_cast<float>(neg_slope), out_mode,
@@ -639,10 +985,36 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     const int64_t items = rows * ((c.Coutp + 63) / 64);
     parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, wv.data(), b, e); });
   } else if (path == Path::AVX2) {
-    const std::vector<int16_t> w2 =
-        interleave_weights<int16_t, 2>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp);
-    const int64_t items = rows * (c.Coutp / 16);
-    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_avx2(c, w2.data(), b, e); });
+    Avx2Plan p;
+    const int64_t L = avx2_chunk(hi - lo, wlo, whi);
+    p.kind = cpu_has_avx_vnni() ? Avx2Kind::AvxVnni
+             : L >= 2           ? Avx2Kind::Maddubs
+             : L == 1           ? Avx2Kind::Maddubs1
+                                : Avx2Kind::Madd16;
+    const int64_t G = p.kind == Avx2Kind::Madd16 ? 2 : 4;  // channels per step
+    const int64_t per_tap = c.Cp / G;
+    p.K = ntaps * per_tap;
+    p.L = std::max<int64_t>(1, std::min(L, p.K));
+    for (int64_t kt = 0; kt < g.kT; ++kt)
+      for (int64_t kh = 0; kh < g.kH; ++kh)
+        for (int64_t kw = 0; kw < g.kW; ++kw) {
+          // madd16 reads the 16-bit copies of the row's kT x kH input rows, laid end to end
+          const int64_t tap = p.kind == Avx2Kind::Madd16
+                                  ? ((kt * g.kH + kh) * c.Wp + kw * g.dW) * c.Cp
+                                  : c.toff[(kt * g.kH + kh) * g.kW + kw];
+          for (int64_t j = 0; j < per_tap; ++j) p.aoff.push_back(tap + j * G);
+        }
+    std::vector<uint8_t> w8;
+    std::vector<int16_t> w16;
+    if (p.kind == Avx2Kind::Madd16) {
+      w16 = interleave_weights<int16_t, 2>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp, 16);
+      p.w = w16.data();
+    } else {
+      w8 = interleave_weights<uint8_t, 4>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp, 16);
+      p.w = w8.data();
+    }
+    p.wstride = 16 * G;  // elements per step of one 16-channel block
+    parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_avx2(c, p, b, e); });
   } else {
     std::vector<int16_t> ws(static_cast<size_t>(g.Co * ntaps * c.Cp), 0);
     for (int64_t co = 0; co < g.Co; ++co)
