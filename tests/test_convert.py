@@ -118,3 +118,67 @@ def test_convert_part_linear_inside_sequential():
     convert(head)
     assert isinstance(head[1], PackedPartLinear)
     torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- integer between layers in a nested model (GaitLite3D) -------------------------------------
+def _gaitlite(w_bits, a_bits, width=0.25, seed=0):
+    from qgait.models import GaitLite3D
+    from qgait.quant import QuantConfig, quantize_
+
+    torch.manual_seed(seed)
+    m = GaitLite3D(num_classes=0, width=width)
+    quantize_(m, QuantConfig(w_bits=w_bits, a_bits=a_bits))
+    x = (torch.rand(1, 1, 8, 64, 44) < 0.3).float()
+    m.train()
+    m(x)  # initialises the steps
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm3d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+    return m.eval(), x
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (4, 4)])
+def test_gaitlite_chain_is_integer_and_exact(cpu_isa, w_bits, a_bits):
+    """convert() chains every packed conv of GaitLite3D's trunk through its nested blocks and the
+    max pooling (codes between layers, fp32 only out of the last), and the converted model's
+    embeddings equal the fake-quant model's (hard mode) and the unchained conversion's."""
+    import copy
+
+    from qgait.quant.convert import PackedMaxPool3d
+
+    model, x = _gaitlite(w_bits, a_bits)
+    with torch.no_grad():
+        ref = model(x)["embeddings"]
+        flat = convert(copy.deepcopy(model), requantize=False)
+        chained = convert(copy.deepcopy(model))
+        packed = [m for m in chained.modules() if isinstance(m, PackedConv3d)]
+        assert len(packed) == 6 and isinstance(chained.pool1, PackedMaxPool3d)
+        assert [m.out_scale is not None for m in packed] == [True] * 5 + [False]
+        seen = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: seen.append((i[0].dtype, o.dtype)))
+                 for m in packed]
+        got = chained(x)["embeddings"]
+        for h in hooks:
+            h.remove()
+        assert all(not o.is_floating_point for _, o in seen[:5]) and seen[5][1] == torch.float32
+        assert all(not i.is_floating_point for i, _ in seen[1:])
+        assert torch.equal(got, flat(x)["embeddings"])
+        assert torch.equal(got, ref)
+        # a clip shorter than the stem's temporal kernel, and sequences packed along T
+        short = x[:, :, :2]
+        assert torch.equal(chained(short)["embeddings"], flat(short)["embeddings"])
+        assert torch.equal(chained(x, seqL=[3, 5])["embeddings"], model(x, seqL=[3, 5])["embeddings"])
+
+
+def test_packed_maxpool_codes_commute_with_requantization():
+    from qgait.quant.convert import PackedMaxPool3d
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 3, 9, 7, generator=g)
+    q = lambda t: torch.round(torch.clamp(t / 0.1, -128, 127)).to(torch.int8)  # noqa: E731
+    for k, s in (((1, 2, 2), (1, 2, 2)), ((2, 3, 3), (1, 2, 2))):
+        pool = PackedMaxPool3d.from_pool(nn.MaxPool3d(k, s))
+        codes = pool(q(z).contiguous(memory_format=torch.channels_last_3d))
+        assert codes.dtype == torch.int8 and torch.equal(codes, q(nn.functional.max_pool3d(z, k, s)))
+        assert torch.equal(pool(z), nn.functional.max_pool3d(z, k, s))

@@ -129,6 +129,10 @@ class GaitLite3D(nn.Module):
         self.head = (BNNeckHead(self.parts, self.embed_dim, num_classes, scale)
                      if num_classes else None)
 
+    # The children trunk() runs one after another, each output feeding the next: convert() reads
+    # it to keep the packed convolutions integer from the stem to stage3 (pool1 included).
+    sequential_children = ("stem", "stage1", "pool1", "stage2", "stage3")
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, 1, T, H, W] -> [N, 8c, T, H/4, W/4]`` feature maps (before pooling)."""
         conv = self.stem[0]

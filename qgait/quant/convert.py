@@ -7,9 +7,18 @@
 Every ``SoftQuantConv3d`` becomes a ``PackedConv3d`` holding the hard-mode integers of its
 learned steps. Inside an ``nn.Sequential`` a ``BatchNorm3d`` that directly follows it, and then a
 ``ReLU`` / ``LeakyReLU``, are folded into its epilogue (BatchNorm with its running statistics,
-i.e. eval semantics) and replaced by ``nn.Identity``. With ``requantize=True`` a packed layer
-whose next module (after those identities) is another packed layer with quantized input writes
-that layer's int8 / uint8 codes directly, so a chain of convolutions stays integer.
+i.e. eval semantics) and replaced by ``nn.Identity``.
+
+With ``requantize=True`` a packed layer whose output goes straight into another packed layer
+with quantized input writes that layer's int8 / uint8 codes directly, so a chain of
+convolutions stays integer. "Straight into" is read from the module tree: the modules of an
+``nn.Sequential`` (nested ones flattened, identities skipped) run one after another, and so do
+the children a model names in a ``sequential_children`` attribute (GaitLite3D: stem, stage1,
+pool1, stage2, stage3). A ``MaxPool3d`` (no padding) between two packed layers does not break
+the chain: requantization ``q(z) = round(clamp(z / s))`` is monotone, so ``max(q(z)) =
+q(max(z))`` and pooling the codes gives the codes of the pooled floats; it is replaced by a
+:class:`PackedMaxPool3d`, which also takes integer codes. Any other module ends a chain (the
+packed layer before it writes fp32). The result equals the unchained model's bit for bit.
 """
 from __future__ import annotations
 
@@ -56,12 +65,98 @@ def _convert_sequential(seq: nn.Sequential, requantize: bool) -> int:
         else:
             n += _convert(mod, requantize)
             i += 1
-    if requantize:
-        chain = [m for m in seq if not isinstance(m, nn.Identity)]
-        for a, b in zip(chain, chain[1:]):
-            if isinstance(a, PackedConv3d) and isinstance(b, PackedConv3d) and b.a_bits:
-                a.set_output_quant(b.a_scale, b.a_bits, b.a_signed)
     return n
+
+
+class PackedMaxPool3d(nn.MaxPool3d):
+    """``nn.MaxPool3d`` (no padding, no indices) that also pools int8 / uint8 codes.
+
+    torch's max_pool3d has no integer kernel. Codes are pooled as windows of a channels-last
+    view (``[N, T, H, W, C]`` reshaped so each window is a set of axes, then ``amax``), which
+    is exact; the output is channels_last_3d, the layout the next packed layer reads fastest.
+    """
+
+    @classmethod
+    def from_pool(cls, pool: nn.MaxPool3d) -> "PackedMaxPool3d":
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                   pool.return_indices, pool.ceil_mode)
+
+    def forward(self, x):
+        if x.is_floating_point():
+            return super().forward(x)
+        k = _triple3(self.kernel_size)
+        s = _triple3(self.stride if self.stride is not None else self.kernel_size)
+        n, c = x.shape[:2]
+        out = [(x.shape[2 + i] - k[i]) // s[i] + 1 for i in range(3)]
+        v = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C], a view of a channels-last tensor
+        if k == s:  # non-overlapping windows: one reshape
+            v = v[:, :out[0] * k[0], :out[1] * k[1], :out[2] * k[2]]
+            v = v.reshape(n, out[0], k[0], out[1], k[1], out[2], k[2], c).amax(dim=(2, 4, 6))
+        else:
+            v = (v.unfold(1, k[0], s[0]).unfold(2, k[1], s[1]).unfold(3, k[2], s[2])
+                 .amax(dim=(-3, -2, -1)))
+        return v.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _triple3(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+def _chains_integer_pool(m: nn.Module) -> bool:
+    """A max pooling that commutes with requantization and can be run on codes."""
+    return (isinstance(m, nn.MaxPool3d) and not m.return_indices and not m.ceil_mode
+            and all(p == 0 for p in _triple3(m.padding))
+            and all(d == 1 for d in _triple3(m.dilation)))
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _flatten(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of the leaves ``module`` runs one after another."""
+    names = (list(module._modules) if _is_plain_sequential(module)
+             else list(getattr(module, "sequential_children", ())))
+    out = []
+    for name in names:
+        child = module._modules[name]
+        if child is None:
+            continue
+        if _is_plain_sequential(child) or hasattr(child, "sequential_children"):
+            out += _flatten(child)
+        else:
+            out.append((module, name, child))
+    return out
+
+
+def _link_chains(module: nn.Module) -> None:
+    """Let every packed layer that feeds another one (see the module docstring) write codes."""
+    PackedConv3d = _packed_cls()
+    if _is_plain_sequential(module) or hasattr(module, "sequential_children"):
+        leaves = [e for e in _flatten(module) if not isinstance(e[2], nn.Identity)]
+        for i, (_, _, a) in enumerate(leaves):
+            if not isinstance(a, PackedConv3d):
+                continue
+            j = i + 1
+            while j < len(leaves) and _chains_integer_pool(leaves[j][2]):
+                j += 1
+            if j < len(leaves) and isinstance(leaves[j][2], PackedConv3d) and leaves[j][2].a_bits:
+                b = leaves[j][2]
+                a.set_output_quant(b.a_scale, b.a_bits, b.a_signed)
+                for parent, name, pool in leaves[i + 1:j]:
+                    if not isinstance(pool, PackedMaxPool3d):
+                        parent._modules[name] = PackedMaxPool3d.from_pool(pool)
+        for leaf in (e[2] for e in leaves):
+            _link_chains(leaf)
+        # children outside the declared order (e.g. a model's head)
+        named = set(getattr(module, "sequential_children", ()))
+        if not _is_plain_sequential(module):
+            for name, child in module.named_children():
+                if name not in named:
+                    _link_chains(child)
+        return
+    for child in module.children():
+        _link_chains(child)
 
 
 class PackedPartLinear(nn.Module):
@@ -127,8 +222,9 @@ def convert(model: nn.Module, requantize: bool = True) -> nn.Module:
     Args:
         model: a trained fake-quant model (steps initialised). BatchNorms are folded with their
             running statistics.
-        requantize: let consecutive packed layers in one ``nn.Sequential`` pass int8 / uint8
-            codes instead of fp32.
+        requantize: let packed layers that feed one another (consecutive in an
+            ``nn.Sequential``, nested ones flattened, or in a model's ``sequential_children``;
+            max pooling between them allowed) pass int8 / uint8 codes instead of fp32.
     Returns:
         ``model`` (converted in place, in eval mode). Its outputs equal the fake-quant model's
         (hard mode) up to fp32 rounding.
@@ -141,6 +237,8 @@ def convert(model: nn.Module, requantize: bool = True) -> nn.Module:
             raise ValueError("qgait.quant.convert: a SoftQuantConv3d has uninitialised steps; "
                              "run a forward pass (or train) before converting")
     _convert(model, requantize)
+    if requantize:
+        _link_chains(model)
     return model.eval()
 
 
