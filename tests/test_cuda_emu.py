@@ -658,6 +658,17 @@ def _mutate(rel: str, old: str, new: str, count: int = 1) -> dict[str, str]:
     return {rel: text.replace(old, new, count)}
 
 
+def test_mutation_oversized_block_fails_like_cuda():
+    """Pooling launched with 2048 threads per block: CUDA refuses the launch (invalid
+    configuration, 9) before any thread runs; so does the emulation, and the bind would raise."""
+    exe = _build("asan", _mutate("cuda/pooling.cu", "constexpr int kThreads = 256;",
+                                 "constexpr int kThreads = 2048;"))
+    b = cuda_emu.Batch()
+    r = b.pool_fwd(torch.randn(1, 2, 3, 8, 4), None, (4, 1), 0, True, (True, True))
+    b.run(exe)
+    assert r.rc == 9 and torch.isnan(r.out["out"]).all()
+
+
 def test_mutation_tail_check_is_caught():
     """The forward's tail check `i < n` turned into `i <= n`: an out-of-bounds read of x and
     write of y, which ASan reports (the intact kernel passes the same request)."""
