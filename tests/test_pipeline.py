@@ -13,10 +13,25 @@ from qgait.pipeline.stages import k_at, quantize_model
 from qgait.train.config import DEFAULTS
 
 
+# (stage, out_dir) -> the model's state when that stage's first training step began, as the
+# demo below really ran it (observed, not rebuilt from the checkpoints afterwards).
+STAGE_STARTS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    res = run_demo(out, fast=True, progress=False)
+    from qgait.train.trainer import Trainer
+    train_step = Trainer.train_step
+
+    def observed(self, x, labels):
+        key = (self.cfg["stage"], str(self.out_dir))
+        if key not in STAGE_STARTS:  # before the step's hooks and its update
+            STAGE_STARTS[key] = copy.deepcopy(self.unwrapped.state_dict())
+        return train_step(self, x, labels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", observed)
+        res = run_demo(out, fast=True, progress=False)
     return out, res
 
 
@@ -48,21 +63,26 @@ def test_stage_transitions_carry_steps_and_apply_k_schedule(demo):
     qat = load_checkpoint(out / "w4a4" / "qat" / "final.pt")
     soft = load_checkpoint(out / "w4a4" / "soft" / "final.pt")
     assert qat["stage"] == "qat" and soft["stage"] == "soft"
-    # stage 2 starts from stage 1's learned steps (and weights), exactly
-    from qgait.models import build_model
-    from qgait.pipeline.stages import prepare_quantized
-    cfg = copy.deepcopy(soft["config"])
-    m = cfg["model"]
-    model = build_model(m["name"], num_classes=5, width=m["width"], embed_dim=m["embed_dim"],
-                        bins=tuple(m["bins"]), scale=m["scale"])
-    start = prepare_quantized(model, cfg).state_dict()
+    # stage 2 started from stage 1's final state, exactly: weights, learned steps and BN
+    # statistics, as observed at stage 2's first step (only the temperature k differs)
+    start = STAGE_STARTS[("soft", str(out / "w4a4" / "soft"))]
+    assert start.keys() == qat["model"].keys()
     n = 0
     for k, v in qat["model"].items():
-        if k.endswith(("w_scale", "a_scale", "weight")):
-            assert torch.equal(start[k], v), k
-            n += k.endswith("_scale")
+        if k.endswith("_extra_state"):
+            assert v["k"] == 0.0 and start[k]["k"] == soft["config"]["quant"]["k0"], k
+            continue
+        assert torch.equal(start[k], v), k
+        n += k.endswith("_scale")
     assert n > 10
-    assert start["stem.0._extra_state"]["k"] == cfg["quant"]["k0"]
+    # ... and trained from there: the observation is the start, not the end
+    assert any(not torch.equal(start[k], v) for k, v in soft["model"].items()
+               if k.endswith("weight"))
+    # stage 1 started from the fp model's weights and BN statistics (its steps are new)
+    fp = load_checkpoint(out / "fp" / "final.pt")
+    start1 = STAGE_STARTS[("qat", str(out / "w4a4" / "qat"))]
+    assert all(torch.equal(start1[k], v) for k, v in fp["model"].items()), [
+        k for k, v in fp["model"].items() if not torch.equal(start1[k], v)]
     # the k schedule ran to k1 on the last step, in every quantized layer
     q = soft["config"]["quant"]
     iters = soft["config"]["train"]["iterations"]
