@@ -50,8 +50,34 @@ ENV = {
 }
 
 
+# The real thing: the same driver and kernels built by nvcc with setup.py's flags, for a GPU.
+_NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-gencode=arch=compute_80,code=sm_80",
+               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+
+
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+def nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _toolchain(variant: str, inc: Path) -> tuple[str, list[str], list[str], list[str]]:
+    """(compiler, compile flags, extra flags for .cu files, link flags) of a variant."""
+    if variant == "cuda":
+        cc = nvcc()
+        if cc is None:
+            raise SanitizerMissing("nvcc not found (set CUDA_HOME)")
+        return cc, [*_NVCC_FLAGS, f"-I{inc}"], [], []
+    cxx = compiler()
+    if cxx is None:
+        raise SanitizerMissing("no C++ compiler (g++ / clang++)")
+    return (cxx, [*_COMMON, *_SAN[variant], f"-I{inc / 'cuda' / 'emu' / 'include'}", f"-I{inc}"],
+            ["-x", "c++"], [_SAN[variant][0], "-pthread"])
 
 
 class SanitizerMissing(RuntimeError):
@@ -82,12 +108,11 @@ def build(variant: str = "asan", sources: dict[str, str] | None = None) -> Path:
 
     ``sources`` maps paths relative to csrc/ (e.g. "cuda/pooling.cu") to replacement texts: a
     mutated kernel. Objects are cached one per translation unit and content hash, so a mutation
-    recompiles only the file it changes."""
-    cxx = compiler()
-    if cxx is None:
-        raise SanitizerMissing("no C++ compiler (g++ / clang++)")
+    recompiles only the file it changes. Variant "cuda" builds the real kernels with nvcc (it
+    needs a GPU to run: SanitizerMissing otherwise)."""
     overrides = dict(sources or {})
-    flags_key = " ".join([cxx, *_COMMON, *_SAN[variant]]) + _compiler_version(cxx)
+    cxx, _, _, _ = _toolchain(variant, CSRC)
+    flags_key = " ".join([cxx, *_toolchain(variant, CSRC)[1]]) + _compiler_version(cxx)
     headers = _headers(overrides)
     units = [f"cuda/{f}" for f in CU_FILES] + ["cuda/emu/driver.cpp"]
     keys = {}
@@ -109,13 +134,13 @@ def build(variant: str = "asan", sources: dict[str, str] | None = None) -> Path:
             shutil.copytree(CSRC, inc, ignore=shutil.ignore_patterns("cpu", "*.o"))
             for rel, text in overrides.items():
                 (inc / rel).write_text(text)
-        flags = [*_COMMON, *_SAN[variant], f"-I{inc / 'cuda' / 'emu' / 'include'}", f"-I{inc}"]
+        cxx, flags, cu_flags, link_flags = _toolchain(variant, inc)
         objs, jobs = [], []
         for rel in units:
             obj = objdir / f"{variant}-{Path(rel).stem}-{keys[rel]}.o"
             objs.append(obj)
             if not obj.exists():
-                lang = ["-x", "c++"] if rel.endswith(".cu") else []
+                lang = cu_flags if rel.endswith(".cu") else []
                 jobs.append(([cxx, *flags, *lang, "-c", str(inc / rel), "-o", str(tmp / obj.name)],
                              obj))
         # two at a time (CI machines here have two cores)
@@ -130,10 +155,10 @@ def build(variant: str = "asan", sources: dict[str, str] | None = None) -> Path:
             errors += _finish(p, obj, tmp)
         if errors:
             raise RuntimeError("emulation build failed:\n" + "\n".join(errors))
-        link = [cxx, *_SAN[variant][:1], "-pthread", *map(str, objs), "-o", str(tmp / "driver")]
+        link = [cxx, *link_flags, *map(str, objs), "-o", str(tmp / "driver")]
         p = subprocess.run(link, capture_output=True, text=True)
         if p.returncode != 0:
-            raise SanitizerMissing(f"cannot link with {_SAN[variant][0]}: {p.stderr[-2000:]}")
+            raise SanitizerMissing(f"cannot link the {variant} driver: {p.stderr[-2000:]}")
         # a sanitizer runtime that cannot start here (e.g. TSan on an unsupported memory layout)
         probe = subprocess.run([str(tmp / "driver"), os.devnull, str(tmp / "probe.out")],
                                capture_output=True, text=True, env={**os.environ, **ENV})

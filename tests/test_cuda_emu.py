@@ -1,15 +1,20 @@
 """Every CUDA kernel, executed on the CPU by the emulation harness (tests/cuda_emu.py,
 csrc/cuda/emu/; docs/cuda_emulation.md), against the CPU kernel and the pure-PyTorch references.
 
-The real csrc/cuda/*.cu sources are built as host C++ with AddressSanitizer + UBSan (one host
-thread per CUDA thread, garbage-filled shared memory and scratch, outputs pre-filled with NaN /
--7, grids shrunk so that grid-stride loops and chunked reductions loop); the ThreadSanitizer
-build runs behind the ``tsan`` marker. Mutation tests show that a broken tail check and a
-missing barrier are caught. Exact where the math is exact: soft fake-quant y (bit for bit with
-the CPU kernel), maxima and arg-max indices, packed conv3d (integers and the fp32 epilogue).
+The real csrc/cuda/*.cu sources are built as host C++ with AddressSanitizer + UBSan (one fiber
+per CUDA thread, garbage-filled shared memory and scratch, outputs pre-filled with NaN / -7,
+grids shrunk so that grid-stride loops and chunked reductions loop); the ThreadSanitizer build
+(one host thread per CUDA thread) runs behind the ``tsan`` marker. Mutation tests show that a
+broken tail check, a missing barrier and an oversized block are caught. Exact where the math
+is exact: soft fake-quant y and dx (bit for bit with the CPU kernel), maxima and arg-max
+indices, packed conv3d (integers and the fp32 epilogue).
+
+On a machine with a GPU, ``QGAIT_EMU_DRIVER=cuda`` runs the comparison tests on the device
+instead: the same driver and kernels built by nvcc with setup.py's flags.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -44,6 +49,21 @@ def asan():
 @pytest.fixture(scope="module")
 def asan_full():
     return _build("asan_full")
+
+
+# The comparisons run on the emulation, or with QGAIT_EMU_DRIVER=cuda on a GPU: the same
+# driver and kernels built by nvcc (setup.py's flags), the same requests and checks.
+ON_GPU = os.environ.get("QGAIT_EMU_DRIVER", "") == "cuda"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _build("cuda") if ON_GPU else _build("asan")
+
+
+@pytest.fixture(scope="module")
+def kernels_full():
+    return _build("cuda") if ON_GPU else _build("asan_full")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +147,7 @@ def _consts(qn, qp, k, soft):
 
 @needs_c
 @pytest.mark.parametrize("dtype", FLOATS, ids=DT_IDS)
-def test_soft_fake_quant_matches_cpu_kernel(asan, dtype):
+def test_soft_fake_quant_matches_cpu_kernel(kernels, dtype):
     """y bit for bit with the CPU kernel (itself bit-equal to torch's fake-quant in hard mode),
     dx bit for bit, ds within the reordering of a float sum, over every layout and mode, with
     16-byte aligned (vector path) and misaligned (scalar path) buffers."""
@@ -149,7 +169,7 @@ def test_soft_fake_quant_matches_cpu_kernel(asan, dtype):
                                     misalign=mis)
                 cases.append((shape, axis, qn, qp, k, soft, mis, x, gy, scale, gamma, f, bw,
                               only_dx, only_ds))
-    b.run(asan)
+    b.run(kernels)
     for (shape, axis, qn, qp, k, soft, mis, x, gy, scale, gamma, f, bw, only_dx,
          only_ds) in cases:
         case = f"{shape} axis={axis} grid=[{qn},{qp}] k={k} soft={soft} misalign={mis}"
@@ -182,7 +202,7 @@ def test_soft_fake_quant_matches_cpu_kernel(asan, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_soft_fake_quant_production_grid(asan_full, dtype):
+def test_soft_fake_quant_production_grid(kernels_full, dtype):
     """The same kernels with the production grid limits (one block per step segment), against
     the pure-PyTorch reference: y exact in hard mode; dx / ds within fp32 rounding of the
     polynomial tanh."""
@@ -197,7 +217,7 @@ def test_soft_fake_quant_production_grid(asan_full, dtype):
             cases.append((x, gy, scale, axis, qn, qp, k, soft,
                           b.sfq_fwd(x, scale, outer, C, inner, P),
                           b.sfq_bwd(gy, x, scale, outer, C, inner, P, 1.0)))
-    b.run(asan_full)
+    b.run(kernels_full)
     from qgait.ops.soft_quant import soft_fake_quant_backward_ref, soft_fake_quant_ref
 
     for x, gy, scale, axis, qn, qp, k, soft, f, bw in cases:
@@ -267,7 +287,7 @@ def _cpu_sph(x, seqL, bins, mode):
 @needs_c
 @pytest.mark.parametrize("kind", ["randn", "ties", "nan"])
 @pytest.mark.parametrize("dtype", FLOATS, ids=DT_IDS)
-def test_pooling_matches_reference(asan, dtype, kind):
+def test_pooling_matches_reference(kernels, dtype, kind):
     b = cuda_emu.Batch()
     cases = []
     for ci, (shape, seqL, bins) in enumerate(POOL_CASES):
@@ -292,7 +312,7 @@ def test_pooling_matches_reference(asan, dtype, kind):
         bwd = b.pool_bwd(g, targ_c if T > 1 else None, None, shape, seqL, (), 0, False)
         cases.append(("tp", shape, seqL, (), "max", 1, x, fwd, fwd_noidx, g, bwd,
                       (out_c, targ_c, None)))
-    b.run(asan)
+    b.run(kernels)
     low = dtype != torch.float32
     for op, shape, seqL, bins, mname, mode, x, fwd, fwd_noidx, g, bwd, cpu in cases:
         case = f"{op} {shape} seqL={seqL} bins={bins} mode={mname} {kind}"
@@ -325,7 +345,7 @@ def test_pooling_matches_reference(asan, dtype, kind):
             torch.testing.assert_close(bwd.out["dx"], dx_c, **tol, msg=lambda m: f"dx {case}: {m}")
 
 
-def test_pooling_backward_against_autograd(asan):
+def test_pooling_backward_against_autograd(kernels):
     """dx of the fused op equals autograd through the reference (fp32, no ties / NaN)."""
     shape, seqL, bins = (1, 2, 5, 8, 3), [2, 3], (4, 2, 1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
@@ -336,7 +356,7 @@ def test_pooling_backward_against_autograd(asan):
     for mname, mode in MODES:
         fwd = b.pool_fwd(x, seqL, bins, mode, True, (True, mode != 2))
         cases.append((mname, mode, fwd))
-    b.run(asan)
+    b.run(kernels)
     b2 = cuda_emu.Batch()
     grads = []
     for mname, mode, fwd in cases:
@@ -344,7 +364,7 @@ def test_pooling_backward_against_autograd(asan):
         bwd = b2.pool_bwd(g, fwd.out["targ"], fwd.out["sarg"] if mode != 2 else None, shape,
                           seqL, bins, mode, True)
         grads.append((mname, g, bwd))
-    b2.run(asan)
+    b2.run(kernels)
     for mname, g, bwd in grads:
         xr = x.clone().requires_grad_()
         set_pool_hpp_ref(xr, seqL, bins, mname).backward(g)
@@ -352,7 +372,7 @@ def test_pooling_backward_against_autograd(asan):
 
 
 @needs_c
-def test_pooling_shapes_the_old_glue_refused(asan):
+def test_pooling_shapes_the_old_glue_refused(kernels):
     """Shapes the CUDA glue used to refuse (issue 15): temporal pooling of a 128 x 88 map (no
     shared memory at all), the fused pyramid on a 4096-row map (80 KiB of shared memory: the
     launcher raises the kernel's limit), and 300 packed sequences (three launches, each with
@@ -373,7 +393,7 @@ def test_pooling_shapes_the_old_glue_refused(asan):
         f = b.pool_fwd(x, seqL, bins, 0, True, (True, True))
         d = b.pool_bwd(g, targ_c, sarg_c, shape, seqL, bins, 0, True)
         cases.append((f"sph {shape}", x, seqL, bins, out_c, targ_c, sarg_c, g, f, d))
-    b.run(asan)
+    b.run(kernels)
     for what, x, seqL, bins, out_c, targ_c, sarg_c, g, f, d in cases:
         assert f.rc == 0 and d.rc == 0, what
         torch.testing.assert_close(f.out["out"], out_c, rtol=1e-6, atol=1e-6)
@@ -543,7 +563,7 @@ CONV_VARIANTS = [
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"c{c[1]}o{c[2]}k{''.join(map(str, c[4]))}"
                                                   for c in CONV_CASES])
-def test_packed_conv3d_exact(asan, case):
+def test_packed_conv3d_exact(kernels, case):
     n, ci, co, thw, k, s, p, d = case
     b = cuda_emu.Batch()
     runs = []
@@ -562,7 +582,7 @@ def test_packed_conv3d_exact(asan, case):
         args = (x, xs, in_qn, in_qp, wp, ws, w_bits, ci, s, p, d, bias, bn_s, bn_b, act, 0.1,
                 out_mode, out_scale, oqn, oqp)
         runs.append((kind, w_bits, out_mode, args, b.conv(*args)))
-    b.run(asan)
+    b.run(kernels)
     for kind, w_bits, out_mode, args, r in runs:
         what = f"{kind} w{w_bits} out_mode={out_mode}"
         assert r.rc == 0, what
@@ -578,7 +598,7 @@ def test_packed_conv3d_exact(asan, case):
             assert torch.equal(got, ref), what
 
 
-def test_packed_conv3d_production_grid(asan_full):
+def test_packed_conv3d_production_grid(kernels_full):
     case = CONV_CASES[3]
     n, ci, co, thw, k, s, p, d = case
     g = torch.Generator().manual_seed(1)
@@ -588,7 +608,7 @@ def test_packed_conv3d_production_grid(asan_full):
     args = (x, xs, in_qn, in_qp, wp, ws, 4, ci, s, p, d, None, None, None, 0, 0.0, 2, None, 0, 0)
     b = cuda_emu.Batch()
     r = b.conv(*args)
-    b.run(asan_full)
+    b.run(kernels_full)
     assert r.rc == 0
     assert torch.equal(r.out["y"].permute(0, 4, 1, 2, 3), packed_conv3d_ref(*args))
 

@@ -1,13 +1,18 @@
-// Test driver of the CUDA emulation: a small program, linked with the .cu files built as host
-// C++ (-DQGAIT_CUDA_EMU), that runs their launchers on buffers read from a file and writes the
-// results back. tests/cuda_emu.py writes the requests and reads the answers; a separate
-// process keeps sanitizer runtimes, aborts and device asserts away from pytest.
+// Test driver of the CUDA kernels: a small program, linked with the .cu files, that runs their
+// launchers on buffers read from a file and writes the results back. tests/cuda_emu.py writes
+// the requests and reads the answers; a separate process keeps sanitizer runtimes, aborts and
+// device asserts away from pytest. Built two ways:
+//  * as host C++ with -DQGAIT_CUDA_EMU (the CPU emulation, emu/cuda_emu.h): buffers are host
+//    heap blocks;
+//  * with nvcc, against the real CUDA runtime: buffers are device memory (cudaMalloc), copied
+//    in before and out after each request, which ends with cudaDeviceSynchronize. The same
+//    tests then compare a GPU's results (QGAIT_EMU_DRIVER=cuda, tests/test_cuda_emu.py).
 //
 //   driver IN OUT     IN: requests until EOF; OUT: one answer per request.
 // Request: u32 name length, name; u32 nbuf, per buffer {u32 kind (0 null, 1 input, 2 output),
 // u32 misalign (bytes past a 16-byte boundary), u64 nbytes, bytes}; u32 nint, i64[nint];
 // u32 ndbl, f64[ndbl]. Answer: i32 cudaError_t, then every output buffer's bytes in order.
-// Each buffer is its own heap block of exactly nbytes (after the misalignment), so ASan sees
+// Each buffer is its own allocation of exactly nbytes (after the misalignment), so ASan sees
 // any access past its end; scratch / workspace the launchers need is filled with garbage.
 #include <cstdint>
 #include <cstdio>
@@ -25,8 +30,10 @@ namespace {
 struct Buf {
   uint32_t kind = 0, misalign = 0;
   uint64_t nbytes = 0;
-  void* base = nullptr;
-  unsigned char* ptr = nullptr;
+  std::vector<unsigned char> host;  // what the request sent / the answer returns
+  bool host_answer = false;         // a host-only request wrote `host` itself
+  void* base = nullptr;             // the kernels' allocation
+  unsigned char* ptr = nullptr;     // base + misalign
 };
 
 [[noreturn]] void fail(const char* what) {
@@ -45,14 +52,50 @@ T rd(FILE* f) {
   return v;
 }
 
-void* garbage(size_t n) {
+// Memory the kernels read and write: host heap blocks (emulation) or device memory.
+#ifdef QGAIT_CUDA_EMU
+void* dev_alloc(size_t n) {
   void* p = nullptr;
   if (posix_memalign(&p, 256, n ? n : 1) != 0) fail("out of memory");
-  std::memset(p, 0xFF, n);  // NaN floats, -1 ints
   return p;
 }
+void dev_free(void* p) { std::free(p); }
+void to_dev(void* d, const void* h, size_t n) { std::memcpy(d, h, n); }
+void to_host(void* h, const void* d, size_t n) { std::memcpy(h, d, n); }
+void dev_fill_ff(void* d, size_t n) { std::memset(d, 0xFF, n); }
+cudaError_t finish() { return cudaSuccess; }  // launches are synchronous
+void reset_device() { qgait_emu::reset_device(); }
+void check_device() {}
+#else
+void* dev_alloc(size_t n) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, n ? n : 1) != cudaSuccess) fail("cudaMalloc failed");
+  return p;
+}
+void dev_free(void* p) { cudaFree(p); }
+void to_dev(void* d, const void* h, size_t n) {
+  if (n) cudaMemcpy(d, h, n, cudaMemcpyHostToDevice);
+}
+void to_host(void* h, const void* d, size_t n) {
+  if (n) cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost);
+}
+void dev_fill_ff(void* d, size_t n) { cudaMemset(d, 0xFF, n); }
+cudaError_t finish() { return cudaDeviceSynchronize(); }
+void reset_device() { cudaDeviceReset(); }  // after a device-side assert: a fresh context
+void check_device() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::fprintf(stderr, "emu driver: no CUDA device\n");
+    std::exit(4);
+  }
+}
+#endif
 
-using qgait_emu::reset_device;
+void* garbage(size_t n) {
+  void* p = dev_alloc(n);
+  dev_fill_ff(p, n);  // NaN floats, -1 ints
+  return p;
+}
 
 }  // namespace
 
@@ -61,6 +104,7 @@ int main(int argc, char** argv) {
   FILE* in = std::fopen(argv[1], "rb");
   FILE* out = std::fopen(argv[2], "wb");
   if (!in || !out) fail("cannot open the request / answer file");
+  check_device();
   uint32_t nlen;
   while (std::fread(&nlen, 4, 1, in) == 1) {
     std::string name(nlen, '\0');
@@ -71,10 +115,11 @@ int main(int argc, char** argv) {
       x.misalign = rd<uint32_t>(in);
       x.nbytes = rd<uint64_t>(in);
       if (x.kind == 0) continue;
-      if (posix_memalign(&x.base, 16, x.misalign + x.nbytes ? x.misalign + x.nbytes : 1) != 0)
-        fail("out of memory");
+      x.host.resize(x.nbytes);
+      read_exact(in, x.host.data(), x.nbytes);
+      x.base = dev_alloc(x.misalign + x.nbytes);
       x.ptr = static_cast<unsigned char*>(x.base) + x.misalign;
-      read_exact(in, x.ptr, x.nbytes);
+      to_dev(x.ptr, x.host.data(), x.nbytes);
     }
     std::vector<int64_t> I(rd<uint32_t>(in));
     read_exact(in, I.data(), I.size() * 8);
@@ -103,7 +148,7 @@ int main(int argc, char** argv) {
       rc = qgait::cuda::sfq_backward_cuda(P(0), P(1), P(2), static_cast<float*>(P(3)), ws,
                                           static_cast<const float*>(P(4)), int(I[0]), I[1], I[2],
                                           I[3], c, D[5], nullptr);
-      std::free(ws);
+      dev_free(ws);
     } else if (name == "pool_fwd" || name == "pool_bwd" || name == "pool_limit") {
       // pool_fwd: x, out, targ|null, sarg|null; pool_bwd: grad, targ|null, sarg|null, dx;
       // pool_limit: reason (out, 256 bytes)
@@ -130,7 +175,9 @@ int main(int argc, char** argv) {
       } else {
         need(1, I.size(), 0);
         const char* why = qgait::cuda::pool_cuda_limit(c, I[7]);
-        std::snprintf(static_cast<char*>(P(0)), b[0].nbytes, "%s", why ? why : "");
+        std::snprintf(reinterpret_cast<char*>(b[0].host.data()), b[0].nbytes, "%s",
+                      why ? why : "");
+        b[0].host_answer = true;
       }
     } else if (name == "conv" || name == "conv_scratch") {
       // x, x_scale, w, w_scale, bias|null, bn_scale|null, bn_shift|null, out_scale|null, y
@@ -166,22 +213,30 @@ int main(int argc, char** argv) {
       const size_t nscratch = qgait::packed_conv3d_scratch_bytes(p);
       if (name == "conv_scratch") {  // only the scratch size (into y, an int64)
         const int64_t v = int64_t(nscratch);
-        std::memcpy(P(8), &v, sizeof v);
+        std::memcpy(b[8].host.data(), &v, sizeof v);
+        b[8].host_answer = true;
       } else {
         p.scratch = garbage(nscratch);
         rc = qgait::packed_conv3d_launch(p, nullptr);
-        std::free(p.scratch);
+        const cudaError_t done = finish();
+        if (rc == cudaSuccess) rc = done;
+        dev_free(p.scratch);
       }
     } else if (name == "reset") {
       reset_device();
     } else {
       fail(("unknown request " + name).c_str());
     }
+    const cudaError_t done = finish();  // asynchronous errors (a device-side assert)
+    if (rc == cudaSuccess) rc = done;
     const int32_t code = int32_t(rc);
     std::fwrite(&code, 4, 1, out);
     for (Buf& x : b) {
-      if (x.kind == 2) std::fwrite(x.ptr, 1, x.nbytes, out);
-      std::free(x.base);
+      if (x.kind == 2) {
+        if (!x.host_answer) to_host(x.host.data(), x.ptr, x.nbytes);
+        std::fwrite(x.host.data(), 1, x.nbytes, out);
+      }
+      if (x.base) dev_free(x.base);
     }
     std::fflush(out);
   }
