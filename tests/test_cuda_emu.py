@@ -208,7 +208,9 @@ def test_soft_fake_quant_production_grid(kernels_full, dtype):
     polynomial tanh."""
     b = cuda_emu.Batch()
     cases = []
-    for li, (shape, axis) in enumerate([((3, 5, 37), -1), ((2, 3, 200), 1), ((70, 3, 3), 1)]):
+    # (2, 3, 2100): 256-thread row blocks (eight warps in block_sum)
+    for li, (shape, axis) in enumerate([((3, 5, 37), -1), ((2, 3, 200), 1), ((70, 3, 3), 1),
+                                        ((2, 3, 2100), 1)]):
         for qn, qp, k, soft in SFQ_MODES[:2]:
             x, gy, scale = _sfq_inputs(shape, axis, qn, qp, dtype, seed=li)
             x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
@@ -230,6 +232,33 @@ def test_soft_fake_quant_production_grid(kernels_full, dtype):
         dx, ds = soft_fake_quant_backward_ref(gy, x, sc, axis, qn, qp, k, soft, 1.0)
         torch.testing.assert_close(bw.out["dx"].float(), dx.float(), rtol=2e-2, atol=1e-3)
         torch.testing.assert_close(bw.out["ds"], ds.reshape(-1), rtol=1e-3, atol=1e-2)
+
+
+@needs_c
+def test_soft_fake_quant_long_step_sums(kernels):
+    """Step gradients summed from more than 256 partials, so that sfq_ds_finish_kernel runs
+    256 threads (eight warps, fp64 shuffles): per tensor (rows kernel, 313 segments of 64 in the
+    small-grid build) and channels-last columns (38 chunks of 16 rows x 8 columns); and the
+    forward over enough vectors for several grid-stride rounds."""
+    b = cuda_emu.Batch()
+    cases = []
+    for shape, axis in (((20000,), -1), ((600, 2, 8), 1)):
+        x, gy, scale = _sfq_inputs(shape, axis, -8, 7, torch.float32, seed=3)
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        outer, C, inner = _layout(shape, axis)
+        P = _consts(-8, 7, 4.0, True)
+        cases.append((x, gy, scale, axis, b.sfq_bwd(gy, x, scale, outer, C, inner, P, 0.5),
+                      b.sfq_fwd(x, scale, outer, C, inner, P)))
+    b.run(kernels)
+    for x, gy, scale, axis, r, f in cases:
+        sc = scale if axis >= 0 else scale.reshape(())
+        # the forward's vector loop takes several grid-stride rounds (3 blocks in this build)
+        _bits_equal(f.out["y"], torch.ops.qgait.soft_fake_quant(x, sc, axis, -8, 7, 4.0, True,
+                                                                0.5), "y")
+        dx_cpu, ds_cpu = torch.ops.qgait.soft_fake_quant_backward(gy, x, sc, axis, -8, 7, 4.0,
+                                                                  True, 0.5, True, True)
+        _bits_equal(r.out["dx"], dx_cpu, f"dx {tuple(x.shape)}")
+        torch.testing.assert_close(r.out["ds"], ds_cpu.reshape(-1).float(), rtol=1e-5, atol=1e-4)
 
 
 def test_soft_fake_quant_bad_step_asserts_once(asan):
