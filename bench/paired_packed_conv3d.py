@@ -27,10 +27,13 @@ from _common import cpu_class  # noqa: E402
 from bench_packed_conv3d import CASES, LAYERS, _layer, _qgait, _torch_ao  # noqa: E402
 
 
+CLOCK = time.perf_counter
+
+
 def _time(fn):
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def main(argv=None):
@@ -39,10 +42,19 @@ def main(argv=None):
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--modes", nargs="+", default=["f32io", "q8io"], choices=["f32io", "q8io"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (use with --threads 1 on a loaded machine: "
+                         "time spent waiting for a core is not counted)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if "x86" not in torch.backends.quantized.supported_engines:
         sys.exit("torch has no x86 quantized engine")
     print(f"CPU class: {cpu_class()}")
+    print(f"clock {args.clock}, load average {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, {args.rounds} rounds")
     with torch.no_grad():
         for name in args.layers:

@@ -765,8 +765,10 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // rows of channels (channels-last) or rows of W (any other order with unit W stride)
   const bool clast = st[1] == 1 && g.C > 1;
   const bool wrows = !clast && st[4] == 1;
-  // uint8 / bool codes in dense channels-last rows as wide as the buffer's: one copy per row
-  const bool code_rows = clast && !flt && dt != at::kChar && st[4] == g.C && Cp == g.C;
+  // integer codes in dense channels-last rows as wide as the buffer's: one pass per row (a copy
+  // for uint8 / bool; int8 adds zp, byte by byte, vectorized by the compiler): the int8 codes a
+  // chained packed layer writes after a LeakyReLU took the per-pixel path, and the chain no gain
+  const bool code_rows = clast && !flt && st[4] == g.C && Cp == g.C;
   // padding (and the channel tail) holds the code of zero; interiors are overwritten below.
   // One thread: a memset is memory-bound (0.2 ms for layer A's warm 23 MB), and every parallel
   // region is a point where a busy machine can stall the call until all threads are scheduled
@@ -792,7 +794,12 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
       uint8_t* dst = buf.data() + (((n * Tp + t + g.pT) * Hp + h + g.pH) * Wp + g.pW) * Cp;
       const int64_t off = n * st[0] + t * st[2] + h * st[3];
       if (code_rows) {
-        std::memcpy(dst, static_cast<const uint8_t*>(xv) + off, g.W * g.C);
+        if (dt == at::kChar) {
+          const int8_t* src = static_cast<const int8_t*>(xv) + off;
+          for (int64_t i = 0; i < g.W * g.C; ++i) dst[i] = static_cast<uint8_t>(src[i] + zp);
+        } else {
+          std::memcpy(dst, static_cast<const uint8_t*>(xv) + off, g.W * g.C);
+        }
         continue;
       }
       if (clast) {

@@ -71,9 +71,9 @@ def _convert_sequential(seq: nn.Sequential, requantize: bool) -> int:
 class PackedMaxPool3d(nn.MaxPool3d):
     """``nn.MaxPool3d`` (no padding, no indices) that also pools int8 / uint8 codes.
 
-    torch's max_pool3d has no integer kernel. Codes are pooled as windows of a channels-last
-    view (``[N, T, H, W, C]`` reshaped so each window is a set of axes, then ``amax``), which
-    is exact; the output is channels_last_3d, the layout the next packed layer reads fastest.
+    torch's max_pool3d has no integer kernel. Codes are pooled on a channels-last view
+    (``[N, T, H, W, C]``) as the elementwise maximum of the window's strided slices, which is
+    exact; the output is channels_last_3d, the layout the next packed layer reads fastest.
     """
 
     @classmethod
@@ -86,15 +86,19 @@ class PackedMaxPool3d(nn.MaxPool3d):
             return super().forward(x)
         k = _triple3(self.kernel_size)
         s = _triple3(self.stride if self.stride is not None else self.kernel_size)
-        n, c = x.shape[:2]
         out = [(x.shape[2 + i] - k[i]) // s[i] + 1 for i in range(3)]
         v = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C], a view of a channels-last tensor
-        if k == s:  # non-overlapping windows: one reshape
-            v = v[:, :out[0] * k[0], :out[1] * k[1], :out[2] * k[2]]
-            v = v.reshape(n, out[0], k[0], out[1], k[1], out[2], k[2], c).amax(dim=(2, 4, 6))
-        else:
-            v = (v.unfold(1, k[0], s[0]).unfold(2, k[1], s[1]).unfold(3, k[2], s[2])
-                 .amax(dim=(-3, -2, -1)))
+        # the window's elementwise maximum over strided views: C stays the contiguous axis, so
+        # each step is one vectorized pass (an amax over reshaped window axes, a reduction
+        # across strides, took longer than the convolution work the chain saves)
+        y = None
+        for a in range(k[0]):
+            for b in range(k[1]):
+                for c in range(k[2]):
+                    sl = v[:, a:a + s[0] * (out[0] - 1) + 1:s[0], b:b + s[1] * (out[1] - 1) + 1:s[1],
+                           c:c + s[2] * (out[2] - 1) + 1:s[2]]
+                    y = sl.clone() if y is None else torch.maximum(y, sl, out=y)
+        v = y
         return v.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
 
 
