@@ -5,10 +5,11 @@
 // (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) when built with -DQGAIT_CUDA_EMU.
 //
 // Model:
-//  * a launch runs its blocks one after the other; each block runs one host thread per CUDA
-//    thread (a persistent pool, grown to the largest block seen), so `__shared__` can be plain
-//    static storage (one block lives at a time) and data races between CUDA threads are real
-//    races between host threads, which TSan reports;
+//  * a launch runs its blocks one after the other, so `__shared__` can be plain static storage
+//    (one block lives at a time); each CUDA thread of a block is a fiber on one host thread
+//    (default: fast, deterministic schedule) or a host thread from a persistent pool (TSan
+//    builds, where data races between CUDA threads are real races that TSan reports); see
+//    "Two ways to run the CUDA threads of a block" below;
 //  * `__syncthreads` is a barrier over the block's live threads (a thread that returned no
 //    longer counts, as on sm_70+); warp shuffles go through a per-warp buffer and barrier, and a
 //    full-mask shuffle in a warp that is not full (partial block, exited lane) aborts;
