@@ -184,7 +184,7 @@ def _finish(p: subprocess.Popen, obj: Path, tmp: Path) -> list[str]:
 # Requests
 # ---------------------------------------------------------------------------------------------
 _NP = {torch.float32: np.float32, torch.float16: np.uint16, torch.bfloat16: np.uint16,
-       torch.int32: np.int32, torch.int64: np.int64, torch.int8: np.int8, torch.uint8: np.uint8,
+       torch.int32: np.int32, torch.int64: np.int64, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8,
        torch.bool: np.uint8}
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -352,6 +352,16 @@ class Batch:
                 *padding, *dilation, *osz, 0, 2, 0, 0]
         return self._add("conv_scratch", [(n, None, False, 0) for n in range(8)]
                          + [("bytes", torch.zeros(1, dtype=torch.int64), True, 0)], ints, [0.0])
+
+    def cvt16(self, f: torch.Tensor, bits: torch.Tensor) -> Result:
+        """The emulation's __float2half_rn / __float2bfloat16_rn of f (fp32) and
+        __half2float / __bfloat162float of bits (int16 patterns)."""
+        n, m = f.numel(), bits.numel()
+        return self._add("cvt16", [("f", f, False, 0), ("bits", bits, False, 0),
+                                   ("half", torch.zeros(n, dtype=torch.int16), True, 0),
+                                   ("bf16", torch.zeros(n, dtype=torch.int16), True, 0),
+                                   ("from_half", torch.zeros(m), True, 0),
+                                   ("from_bf16", torch.zeros(m), True, 0)], [], [])
 
     def reset(self) -> Result:
         return self._add("reset", [], [], [])

@@ -686,6 +686,43 @@ def test_packed_conv3d_bad_scale_asserts_once(asan, bad):
 # =============================================================================================
 # The harness itself: launch limits fail as CUDA does.
 # =============================================================================================
+def test_emulated_16bit_conversions(asan):
+    """The emulation's half / bfloat16 conversions against torch's (round to nearest even):
+    every 16-bit pattern back to fp32 exactly, and fp32 values around every rounding boundary,
+    the subnormal range, overflow and the specials to 16 bits; a NaN becomes the device's
+    canonical NaN 0x7FFF (torch keeps the payload, so only NaN-ness is compared)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    g = torch.Generator().manual_seed(0)
+    mid = (torch.arange(-32768, 32768, dtype=torch.int32) << 16)  # bf16 patterns as fp32 bits
+    f = torch.cat([
+        torch.randn(20000, generator=g) * 1000,
+        torch.randn(20000, generator=g) * 1e-6,                  # half subnormals
+        torch.rand(2000, generator=g) * 7e4,                     # half overflow boundary
+        bits.view(torch.float16).float(),                        # every half value
+        (mid + 0x8000).view(torch.float32),                      # bf16 ties
+        (mid + 0x7FFF).view(torch.float32), (mid + 0x8001).view(torch.float32),
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99,
+                      65520.0, 2.0 ** -25, 2.0 ** -25 * 1.0000001, 2.0 ** -24 * 1.5, 1e-45]),
+    ])
+    half_mid = bits.view(torch.float16).float()
+    f = torch.cat([f, (half_mid[:-1] + half_mid[1:]) / 2])  # half ties (exact in fp32)
+    b = cuda_emu.Batch()
+    r = b.cvt16(f, bits)
+    b.run(asan)
+    for out, dt in ((r.out["half"], torch.float16), (r.out["bf16"], torch.bfloat16)):
+        want = f.to(dt)
+        got = out.view(dt)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert bool((out[nan] == 0x7FFF).all())
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), dt
+    for out, dt in ((r.out["from_half"], torch.float16), (r.out["from_bf16"], torch.bfloat16)):
+        want = bits.view(dt).float()
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32)), dt
+
+
 def test_launch_limits_fail_like_cuda(asan):
     """The harness refuses what CUDA refuses: a pooling map whose shared-memory needs exceed
     the device's opt-in maximum gets cudaErrorInvalidValue (1) and leaves the outputs

@@ -25,7 +25,10 @@ follows ``torch.max`` on every backend: a NaN in a window makes its max (and mea
 max term's gradient goes to the window's first NaN (in the same t, row, column order).
 
 Backends: ``reference`` (pure PyTorch, the truth), ``cpu`` (C++, AVX-512 / AVX2 / scalar),
-``cuda`` (CUDA C++), ``triton``. See :mod:`qgait._backend` for how one is chosen. The C++ and
+``cuda`` (CUDA C++), ``triton``. See :mod:`qgait._backend` for how one is chosen. The ``cuda``
+backend states the shapes its kernels cannot take (:func:`cuda_limit_reasons`: a fused map
+whose H x W does not fit one block's shared memory, more than 16 pyramid levels), and ``auto``
+then falls back to the next backend. The C++ and
 Triton ops save int32 arg-max indices only when ``x`` requires grad (the backward then reads
 ``[N', C, H, W]`` indices instead of the 5-D input).
 """

@@ -222,6 +222,22 @@ int main(int argc, char** argv) {
         if (rc == cudaSuccess) rc = done;
         dev_free(p.scratch);
       }
+#ifdef QGAIT_CUDA_EMU
+    } else if (name == "cvt16") {
+      // the emulation's own 16-bit conversions: f32 in, bits16 in | half bits, bf16 bits,
+      // half -> f32, bf16 -> f32 out
+      need(6, 0, 0);
+      const float* f = static_cast<const float*>(P(0));
+      const uint16_t* h = static_cast<const uint16_t*>(P(1));
+      for (size_t i = 0; i < b[0].nbytes / 4; ++i) {
+        static_cast<uint16_t*>(P(2))[i] = __float2half_rn(f[i]).__x;
+        static_cast<uint16_t*>(P(3))[i] = __float2bfloat16_rn(f[i]).__x;
+      }
+      for (size_t i = 0; i < b[1].nbytes / 2; ++i) {
+        static_cast<float*>(P(4))[i] = __half2float(__half{h[i]});
+        static_cast<float*>(P(5))[i] = __bfloat162float(__nv_bfloat16{h[i]});
+      }
+#endif
     } else if (name == "reset") {
       reset_device();
     } else {
