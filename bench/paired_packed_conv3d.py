@@ -42,6 +42,10 @@ def main(argv=None):
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--modes", nargs="+", default=["f32io", "q8io"], choices=["f32io", "q8io"])
+    ap.add_argument("--full-range", action="store_true",
+                    help="8-bit activations over all 256 codes (x * 2.55 at step 0.01) instead of "
+                         "0..100; q8io then also counts torch.ao's codes that differ from qgait's "
+                         "exact ones by more than 1 (vpmaddubsw saturation without VNNI)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (use with --threads 1 on a loaded machine: "
@@ -61,6 +65,8 @@ def main(argv=None):
             for case in args.cases:
                 w_bits, a_bits = CASES[case]
                 x, w_int, w_scale, bias, _ = _layer(name, w_bits)
+                if args.full_range:
+                    x = x * 2.55
                 for mode in args.modes:
                     ao, _ = _torch_ao(mode, x, w_int, w_scale, bias)
                     ours, _ = _qgait(w_bits, mode, x, w_int, w_scale, bias, a_bits)
@@ -73,12 +79,16 @@ def main(argv=None):
                             pairs.append((_time(ours), ta))
                         else:
                             pairs.append((_time(ours), _time(ao)))
+                    wrong = ""
+                    if mode == "q8io" and a_bits == 8:
+                        d = (ours().int() - ao().int_repr().int()).abs()
+                        wrong = f"; torch.ao codes off by > 1: {int((d > 1).sum())} of {d.numel()}"
                     r = sorted(q / a for q, a in pairs)
                     tq = statistics.median(p[0] for p in pairs) * 1e3
                     ta = statistics.median(p[1] for p in pairs) * 1e3
                     print(f"layer {name} {mode} {case}: qgait {tq:6.1f} ms, torch.ao int8 "
                           f"{ta:6.1f} ms, torch.ao / qgait per round: median "
-                          f"{1 / statistics.median(r):.2f}x (range {1 / r[-1]:.2f}-{1 / r[0]:.2f})",
+                          f"{1 / statistics.median(r):.2f}x (range {1 / r[-1]:.2f}-{1 / r[0]:.2f}){wrong}",
                           flush=True)
 
 
