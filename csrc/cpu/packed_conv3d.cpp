@@ -185,28 +185,36 @@ constexpr int kMA = 4;
   ADD " %%ymm12, %[" acc0 "], %[" acc0 "]\n\t"            \
   MUL " %%ymm15, %%ymm13, %%ymm13\n\t"                    \
   ADD " %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
-#define QG_STEP4(MUL, ADD, SCALE)                                                       \
-  "vmovdqu (%[wk]), %%ymm14\n\t"                                                        \
-  "vmovdqu 32(%[wk]), %%ymm15\n\t"                                                      \
-  QG_PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                              \
-  QG_PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)                              \
-  QG_PIX("(%[p2],%[o]," SCALE ")", "h20", "h21", MUL, ADD)                              \
-  QG_PIX("(%[p3],%[o]," SCALE ")", "h30", "h31", MUL, ADD)
-#define QG_OPERANDS                                                                      \
+#define QG_WLOAD "vmovdqu (%[wk]), %%ymm14\n\t" "vmovdqu 32(%[wk]), %%ymm15\n\t"
+#define QG_4PIX(PIX, MUL, ADD, SCALE)                                                    \
+  PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                                  \
+  PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)                                  \
+  PIX("(%[p2],%[o]," SCALE ")", "h20", "h21", MUL, ADD)                                  \
+  PIX("(%[p3],%[o]," SCALE ")", "h30", "h31", MUL, ADD)
+#define QG_2PIX(PIX, MUL, ADD, SCALE)                                                    \
+  PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                                  \
+  PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)
+#define QG_OUT4                                                                          \
   : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3]),             \
-    [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])              \
+    [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])
+#define QG_OUT2 : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3])
+#define QG_IN4                                                                           \
   : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),       \
-    [o] "r"(aoff[s])                                                                     \
-  : "xmm12", "xmm13", "xmm14", "xmm15"
+    [o] "r"(aoff[s])
+#define QG_IN2 : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [o] "r"(aoff[s])
+#define QG_CLOB : "xmm12", "xmm13", "xmm14", "xmm15"
 
-// p[m]: window corner of pixel m (a tile narrower than 4 repeats its last pixel; those rows of
-// out are not read). w: int8 [K][Coutp][4] (offset to this tile's 16 channels), steps of 4
-// channels; aoff[s]: byte offset of step s. out: [4][16] int32.
+// The tiles are 4 pixels wide (P = 4), or 2 for a row's last 1-2 pixels (with 44 or 22 output
+// pixels per row, 4-wide tiles alone computed 24 for 22). p[m]: window corner of pixel m (a
+// tile narrower than P repeats its last pixel; those rows of out are not read). w: int8
+// [K][16][4] (this tile's 16 channels), steps of 4 channels; aoff[s]: byte offset of step s.
+// out: [P][16] int32.
+template <int P>
 void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
                   const int8_t* w, int64_t wstride, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+  __m256i acc[2 * P];
+  for (int i = 0; i < 2 * P; ++i) acc[i] = _mm256_setzero_si256();
   for (int64_t s0 = 0; s0 < K; s0 += L) {
     const int64_t s1 = std::min(K, s0 + L);
     __m256i h[8];
@@ -214,27 +222,37 @@ void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64
     // wrapping vpaddw: the bound on L keeps every true partial sum inside int16
     for (int64_t s = s0; s < s1; ++s) {
       const int8_t* wk = w + s * wstride;
-      asm(QG_STEP4("vpmaddubsw", "vpaddw", "1") QG_OPERANDS);
+      if constexpr (P == 4)
+        asm(QG_WLOAD QG_4PIX(QG_PIX, "vpmaddubsw", "vpaddw", "1") QG_OUT4 QG_IN4 QG_CLOB);
+      else
+        asm(QG_WLOAD QG_2PIX(QG_PIX, "vpmaddubsw", "vpaddw", "1") QG_OUT2 QG_IN2 QG_CLOB);
     }
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(h[i], ones));
+    for (int i = 0; i < 2 * P; ++i)
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(h[i], ones));
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), acc[i]);
+  for (int i = 0; i < 2 * P; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), acc[i]);
 }
 
-// p[m]: 16-bit codes; w: int16 [K][Coutp][2], steps of 2 channels; aoff in 16-bit elements.
+// p[m]: 16-bit codes; w: int16 [K][16][2], steps of 2 channels; aoff in 16-bit elements.
+template <int P>
 void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const int16_t* w,
                  int64_t wstride, int32_t* out) {
   __m256i h[8];
   for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
   for (int64_t s = 0; s < K; ++s) {
     const int16_t* wk = w + s * wstride;
-    asm(QG_STEP4("vpmaddwd", "vpaddd", "2") QG_OPERANDS);
+    if constexpr (P == 4)
+      asm(QG_WLOAD QG_4PIX(QG_PIX, "vpmaddwd", "vpaddd", "2") QG_OUT4 QG_IN4 QG_CLOB);
+    else
+      asm(QG_WLOAD QG_2PIX(QG_PIX, "vpmaddwd", "vpaddd", "2") QG_OUT2 QG_IN2 QG_CLOB);
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+  for (int i = 0; i < 2 * P; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
 }
 
 // L = 1: each vpmaddubsw result widened at once (vpmaddwd by ones, ymm11) into int32.
-#define QG_PIX1(src, acc0, acc1)                          \
+#define QG_PIX1(src, acc0, acc1, MUL, ADD)                \
   "vpbroadcastd " src ", %%ymm13\n\t"                     \
   "vpmaddubsw %%ymm14, %%ymm13, %%ymm12\n\t"              \
   "vpmaddwd %%ymm11, %%ymm12, %%ymm12\n\t"                \
@@ -242,6 +260,7 @@ void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const
   "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t"              \
   "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"                \
   "vpaddd %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
+template <int P>
 void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
                    const int8_t* w, int64_t wstride, int32_t* out) {
   __m256i h[8];
@@ -249,18 +268,15 @@ void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int6
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t s = 0; s < K; ++s) {
     const int8_t* wk = w + s * wstride;
-    asm("vmovdqa %[ones], %%ymm11\n\t"
-        "vmovdqu (%[wk]), %%ymm14\n\t"
-        "vmovdqu 32(%[wk]), %%ymm15\n\t"
-        QG_PIX1("(%[p0],%[o],1)", "h00", "h01") QG_PIX1("(%[p1],%[o],1)", "h10", "h11")
-        QG_PIX1("(%[p2],%[o],1)", "h20", "h21") QG_PIX1("(%[p3],%[o],1)", "h30", "h31")
-        : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3]),
-          [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])
-        : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),
-          [o] "r"(aoff[s]), [ones] "m"(ones)
-        : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+    if constexpr (P == 4)
+      asm("vmovdqa %[ones], %%ymm11\n\t" QG_WLOAD QG_4PIX(QG_PIX1, "", "", "1") QG_OUT4 QG_IN4,
+          [ones] "m"(ones) : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+    else
+      asm("vmovdqa %[ones], %%ymm11\n\t" QG_WLOAD QG_2PIX(QG_PIX1, "", "", "1") QG_OUT2 QG_IN2,
+          [ones] "m"(ones) : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+  for (int i = 0; i < 2 * P; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
 }
 
 // Epilogue of M pixels x nco channels from acc rows of ld (16): epi_one's fp32 operations, 8
@@ -689,19 +705,23 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
           p16[m] = s16.data() + off;
         }
         const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4;
+        const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
         switch (p.kind) {
           case Avx2Kind::Maddubs:
-            tile_maddubs(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            (wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
+                                                       p.wstride, out);
             break;
           case Avx2Kind::Maddubs1:
-            tile_maddubs1(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            (wide ? tile_maddubs1<4> : tile_maddubs1<2>)(p8, p.aoff.data(), p.K, p.L, w8,
+                                                         p.wstride, out);
             break;
           case Avx2Kind::AvxVnni:
             tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
             break;
           case Avx2Kind::Madd16:
-            tile_madd16(p16, p.aoff.data(), p.K, static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
-                        p.wstride, out);
+            (wide ? tile_madd16<4> : tile_madd16<2>)(
+                p16, p.aoff.data(), p.K, static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
+                p.wstride, out);
             break;
         }
         epi_avx2(c.E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
