@@ -13,6 +13,18 @@ from qgait.pipeline.stages import k_at, quantize_model
 from qgait.train.config import DEFAULTS
 
 
+# The demo's fast settings with a test set and a budget that learn. At demo_fast.yaml as
+# shipped (3 test subjects, views 000 / 090, 8 + 3 + 3 steps) every accuracy is chance: over
+# seeds 0-4 the cross-view rank-1 of fp / W8A8 / W4A4 ranged 16.7-58.3 (chance 33.3, mean ~35),
+# so no assertion on it could fail for a broken model without failing for a good one. Here: 6
+# test subjects (chance 16.7), two neighbouring views, 60 fp steps and 10 + 10 quantized steps.
+DEMO_OVERRIDES = {
+    "data": {"synthetic": {"n_subjects": 12, "views": ["072", "090"]},
+             "train_ids": ["001", "006"], "test_ids": ["007", "012"]},
+    "pipeline": {"fp": {"train": {"iterations": 60}}, "qat": {"train": {"iterations": 10}},
+                 "soft": {"train": {"iterations": 10}}},
+}
+
 # (stage, out_dir) -> the model's state when that stage's first training step began, as the
 # demo below really ran it (observed, not rebuilt from the checkpoints afterwards).
 STAGE_STARTS: dict = {}
@@ -31,7 +43,7 @@ def demo(tmp_path_factory):
         return train_step(self, x, labels)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "train_step", observed)
-        res = run_demo(out, fast=True, progress=False)
+        res = run_demo(out, fast=True, progress=False, overrides=DEMO_OVERRIDES)
     return out, res
 
 
@@ -50,11 +62,28 @@ def test_demo_fast_writes_table_json_and_plot(demo):
             assert 0.0 <= r[c] <= 100.0
         assert r["latency_ms"] > 0
     fp, w8, w4 = saved["rows"]
+    # Accuracy (cross-view rank-1, %). Measured with these settings over seeds 0-2 (data and
+    # training seed together), rows fp / W8A8 / W4A4, mean of NM, BG, CL:
+    #   seed 0: 62.5 / 58.3 / 68.1   seed 1: 48.6 / 69.4 / 73.6   seed 2: 44.4 / 47.2 / 61.1
+    # (cells 33.3-87.5; one probe is 1/24 = 4.2 points of a condition). Chance is 100 / 6 =
+    # 16.7: every row must reach twice chance (lowest seen 44.4, 11 points of margin). W4A4
+    # continues from fp for 20 more steps and was 5.6-25 points *above* fp; it must not fall
+    # more than 15 points below it (a broken quantizer, convert or packed kernel lands at chance).
+    chance = 100 / 6
+    mean = {r["variant"]: sum(r[c] for c in ("NM", "BG", "CL")) / 3 for r in saved["rows"]}
+    assert all(m >= 2 * chance for m in mean.values()), mean
+    assert mean["w4a4"] >= mean["fp"] - 15, mean
     # packed int8 / int4 models are smaller than the fp32 one, int4 smallest
     assert w4["bytes"] < w8["bytes"] < fp["bytes"]
-    # the packed models reproduce the fake-quant models' embeddings
-    assert w8["fakequant_vs_packed_rel_diff"] < 1e-4
-    assert w4["fakequant_vs_packed_rel_diff"] < 1e-4
+    # the packed models reproduce the fake-quant models' embeddings over the whole test set.
+    # Not bit for bit: fake-quant convolves fp32 products (rounded), packed sums exact integers,
+    # so a next layer's activation code can round the other way at a .5 tie; with these
+    # settings W8A8 (the finer grid) measured max 5.4e-3, mean 3.4e-4, W4A4 0, and no probe's
+    # outcome changed (another CPU's fp32 sums may flip other ties: one outcome is allowed).
+    for r in (w8, w4):
+        cmp = r["fakequant_vs_packed"]
+        assert cmp["max_rel_diff"] < 2e-2 and cmp["mean_rel_diff"] < 2e-3, cmp
+        assert cmp["probe_outcomes_changed"] <= 1, cmp
 
 
 def test_stage_transitions_carry_steps_and_apply_k_schedule(demo):
@@ -109,7 +138,7 @@ def test_teacher_frozen_and_in_eval_mode(demo):
     out, _ = demo
     from qgait.train import build_trainer, load_config
     cfg = load_config("demo_fast", {
-        "stage": "soft", "data": {"root": str(out / "data")},
+        "stage": "soft", "data": {**DEMO_OVERRIDES["data"], "root": str(out / "data")},
         "train": {"out_dir": str(out / "probe_soft"), "iterations": 2, "progress": False},
         "quant": {"w_bits": 4, "a_bits": 4, "init_from": str(out / "w4a4" / "qat" / "final.pt"),
                   "teacher": str(out / "fp" / "final.pt")}})
@@ -132,7 +161,7 @@ def test_pipeline_resumes_and_skips_finished_stages(demo, capsys):
     out, _ = demo
     from qgait.pipeline.run import run_pipeline
     from qgait.pipeline.demo import demo_config
-    cfg = demo_config(out, None, True)
+    cfg = demo_config(out, None, True, DEMO_OVERRIDES)
     before = (out / "w8a8" / "soft" / "final.pt").stat().st_mtime_ns
     run_pipeline(cfg, out, ["w8a8"], progress=False)
     assert "skipped" in capsys.readouterr().out
@@ -181,7 +210,7 @@ def test_report_cache_is_keyed_by_content_data_and_settings(demo, tmp_path):
     from qgait.model_io import load_checkpoint, save_checkpoint
     from qgait.pipeline.demo import demo_config, report
     out, res = demo
-    cfg = demo_config(out, None, True)
+    cfg = demo_config(out, None, True, DEMO_OVERRIDES)
     fp = tmp_path / "fp.pt"
     shutil.copyfile(out / "fp" / "final.pt", fp)
     stale = {"casia_b": {"cross_view": {c: {"mean": 123.0} for c in ("NM", "BG", "CL")}}}
@@ -194,7 +223,7 @@ def test_report_cache_is_keyed_by_content_data_and_settings(demo, tmp_path):
                                                        for c in ("NM", "BG", "CL")}
         assert r["precision"] == "fp32" if r["variant"] == "fp" else "packed" in r["precision"]
     w4 = r1["rows"][1]["fakequant_vs_packed"]
-    assert w4["sequences"] == r1["test_sequences"] == 60
+    assert w4["sequences"] == r1["test_sequences"] == 120
     assert w4["max_rel_diff"] < 1e-4 and w4["mean_rel_diff"] <= w4["max_rel_diff"]
     assert w4["rank1_changed"] is False and w4["probe_outcomes_changed"] == 0
     assert len(json.loads(cache.cache_path(fp).read_text())["entries"]) == 1
