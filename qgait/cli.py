@@ -240,11 +240,7 @@ def _pipeline(p: argparse.ArgumentParser):
 
     def run(args, rest):
         from qgait.pipeline.run import run_pipeline
-        from qgait.train import load_config
-        over = parse_rest(rest) or {}
-        if args.data:
-            over.setdefault("data", {})["root"] = args.data
-        cfg = load_config(args.config, over)
+        cfg = _config_with_data(args, rest)
         done = run_pipeline(cfg, args.out, args.variants, fp_checkpoint=args.fp_checkpoint)
         for k, v in done.items():
             print(f"{k:<12s} {v}")
@@ -272,11 +268,7 @@ def _study(p: argparse.ArgumentParser):
 
     def run(args, rest):
         from qgait.pipeline.study import run_study
-        from qgait.train import load_config
-        over = parse_rest(rest) or {}
-        if args.data:
-            over.setdefault("data", {})["root"] = args.data
-        cfg = load_config(args.config, over)
+        cfg = _config_with_data(args, rest)
         run_study(cfg, args.out, args.fp_checkpoint, bits=args.bits, methods=args.methods,
                   seeds=args.seeds, n_boot=args.n_boot, progress=not args.no_progress)
         return 0
@@ -370,6 +362,15 @@ def _embed(p: argparse.ArgumentParser):
 def parse_rest(rest):
     from qgait.train.config import parse_overrides
     return parse_overrides(rest) if rest else None
+
+
+def _config_with_data(args, rest) -> dict:
+    """``--config`` loaded with ``--data`` (data.root) and the ``--dotted.key`` overrides."""
+    from qgait.train import load_config
+    over = parse_rest(rest) or {}
+    if args.data:
+        over.setdefault("data", {})["root"] = args.data
+    return load_config(args.config, over)
 
 
 class _Parser(argparse.ArgumentParser):
