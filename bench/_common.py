@@ -51,3 +51,25 @@ def machine_info() -> dict:
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "cpu_class": cpu_class(),
     }
+
+
+def add_timing_args(ap) -> None:
+    """``--threads`` and ``--clock`` of the paired timing scripts."""
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (use with --threads 1 on a loaded machine: "
+                         "time spent waiting for a core is not counted)")
+
+
+def timer(args):
+    """Applies ``--threads`` and returns ``timed(fn) -> seconds`` on the ``--clock`` chosen."""
+    import time
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def timed(fn) -> float:
+        t = clock()
+        fn()
+        return clock() - t
+    return timed

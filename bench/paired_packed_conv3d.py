@@ -16,24 +16,14 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_class  # noqa: E402
+from _common import add_timing_args, cpu_class, timer  # noqa: E402
 from bench_packed_conv3d import CASES, LAYERS, _layer, _qgait, _torch_ao  # noqa: E402
-
-
-CLOCK = time.perf_counter
-
-
-def _time(fn):
-    t = CLOCK()
-    fn()
-    return CLOCK() - t
 
 
 def main(argv=None):
@@ -46,15 +36,9 @@ def main(argv=None):
                     help="8-bit activations over all 256 codes (x * 2.55 at step 0.01) instead of "
                          "0..100; q8io then also counts torch.ao's codes that differ from qgait's "
                          "exact ones by more than 1 (vpmaddubsw saturation without VNNI)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: this process's CPU time (use with --threads 1 on a loaded machine: "
-                         "time spent waiting for a core is not counted)")
+    add_timing_args(ap)
     args = ap.parse_args(argv)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _time = timer(args)
     if "x86" not in torch.backends.quantized.supported_engines:
         sys.exit("torch has no x86 quantized engine")
     print(f"CPU class: {cpu_class()}")

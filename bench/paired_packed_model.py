@@ -17,14 +17,13 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_class  # noqa: E402
+from _common import add_timing_args, cpu_class, timer  # noqa: E402
 
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
@@ -47,30 +46,15 @@ def _models(width, w_bits, a_bits, frames):
     return convert(copy.deepcopy(m), requantize=False), convert(copy.deepcopy(m)), x
 
 
-CLOCK = time.perf_counter
-
-
-def _time(fn):
-    t = CLOCK()
-    fn()
-    return CLOCK() - t
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", nargs="+", type=float, default=[0.5, 1.0])
     ap.add_argument("--bits", nargs="+", default=["W8A8", "W4A4"], choices=list(BITS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--frames", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: this process's CPU time (use with --threads 1 on a loaded machine: "
-                         "time spent waiting for a core is not counted)")
+    add_timing_args(ap)
     args = ap.parse_args(argv)
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _time = timer(args)
     print(f"CPU class: {cpu_class()}")
     print(f"clock {args.clock}, load average {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, {args.rounds} rounds, one {args.frames}-frame sequence")
