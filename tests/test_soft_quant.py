@@ -391,16 +391,7 @@ def test_triton_layouts_match_reference(triton_device, axis, shape):
 def test_triton_launchers_do_not_divide_in_torch(triton_device):
     """1 / s is computed in the kernels (tl.div_rn): a torch division in the launcher is what
     Inductor would compile with an approximate division on a GPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from triton_probes import DispatchRecord as Record
 
     x = torch.randn(4, 6, device=triton_device)
     s = torch.rand(6, device=triton_device) + 0.1

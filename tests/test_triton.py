@@ -164,16 +164,7 @@ def test_packed_conv3d_triton_torch_compile_and_export(conv_triton, triton_devic
 def test_packed_conv3d_triton_launcher_does_not_divide_in_torch(conv_triton, triton_device):
     """1 / x_scale and 1 / out_scale are IEEE divisions in the kernel (a torch division in the
     launcher is what Inductor compiles to an approximate division on a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from triton_probes import DispatchRecord as Record
 
     args = _conv_args(triton_device)
     with Record() as rec:

@@ -3,6 +3,7 @@ can reach what a whole launch cannot (exact bit patterns, program ids near 2^31)
 by tests that have Triton."""
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qgait.kernels import soft_quant as _sq
 
@@ -22,3 +23,16 @@ def tile_offsets(out_ptr, pid, nb, rows, inner, BR: tl.constexpr, BI: tl.constex
     row, col, offs, mask = _sq._tile(pid, nb, rows, inner, BR, BI)
     o = tl.arange(0, BR)[:, None] * BI + tl.arange(0, BI)[None, :]
     tl.store(out_ptr + o, tl.where(mask, offs, -1))
+
+
+class DispatchRecord(TorchDispatchMode):
+    """Records the names of the torch ops run inside it (``.ops``): what a launcher computes in
+    torch rather than in its kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
