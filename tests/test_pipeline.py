@@ -184,6 +184,18 @@ def test_quantize_model_keeps_first_and_last_at_8_bits():
     assert m.fc.w_bits == 8 and m.fc.a_bits == 8
 
 
+def test_teacher_trained_on_other_subjects_is_one_clear_error(demo, tmp_path):
+    # the fp teacher has 6 identities (001-006); a stage on 001-008 has 8: one line naming both
+    from qgait.model_io import ModelFileError
+    from qgait.models import GaitLite3D
+    from qgait.pipeline.stages import prepare_quantized
+    out, _ = demo
+    cfg = {"stage": "qat", "data": {"train_ids": ["001", "008"]},
+           "quant": dict(DEFAULTS["quant"], init_from=str(out / "fp" / "final.pt"))}
+    with pytest.raises(ModelFileError, match=r"final.pt: trained on 6 identities.*001.*008.* 8"):
+        prepare_quantized(GaitLite3D(8, width=0.25), cfg)
+
+
 def test_part_linear_convert_is_exact():
     from qgait.models import GaitLite3D
     torch.manual_seed(0)

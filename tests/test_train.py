@@ -97,6 +97,22 @@ def test_config_overrides_and_validation(tmp_path):
     assert load_config("synthetic_fp")["stage"] == "fp"
 
 
+def test_zero_padded_subject_ids_stay_decimal(tmp_path):
+    # YAML 1.1 reads 074 as octal 60 and 050 as 40: "[001,074]" silently meant 001-060
+    over = parse_overrides(["--data.train_ids", "[001,074]", "--data.test_ids=[051, 074]"])
+    cfg = load_config("casia_b_fp", over)
+    assert cfg["data"]["train_ids"] == ["001", "074"]
+    assert cfg["data"]["test_ids"] == ["051", "074"]
+    f = tmp_path / "c.yaml"
+    f.write_text("base: casia_b_fp\ndata:\n  train_ids: [001, 050]\n  test_ids: [051, 074]\n")
+    cfg = load_config(str(f))
+    assert cfg["data"]["train_ids"] == ["001", "050"] and cfg["data"]["test_ids"] == ["051", "074"]
+    # other numbers keep their YAML meaning
+    over = parse_overrides(["--optim.lr", "0.05", "--train.iterations", "0x10",
+                            "--train.log_every", "0"])
+    assert over == {"optim": {"lr": 0.05}, "train": {"iterations": 16, "log_every": 0}}
+
+
 def test_config_base_chain(tmp_path):
     """``base:`` loads the named config first; the file holds only what differs."""
     (tmp_path / "a.yaml").write_text("base: casia_b_fp_w1\nname: a\noptim: {lr: 0.02}\n")

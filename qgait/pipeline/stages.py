@@ -45,6 +45,8 @@ def prepare_quantized(model: nn.Module, cfg: dict) -> nn.Module:
     from qgait.model_io import load_weights
     q = cfg["quant"]
     sd, kind = load_weights(q["init_from"]) if q.get("init_from") else (None, None)
+    if sd is not None:
+        _check_classifier(model, sd, q["init_from"], cfg)
     if kind == "fp":
         model.load_state_dict(sd)
         sd = None
@@ -56,6 +58,19 @@ def prepare_quantized(model: nn.Module, cfg: dict) -> nn.Module:
     else:
         set_quant_mode(model, k=0.0, mode="hard")
     return model
+
+
+def _check_classifier(model: nn.Module, sd: dict, src, cfg: dict) -> None:
+    """One line, before any weight is copied, when the starting checkpoint was trained on a
+    different number of identities than this stage's training split."""
+    from qgait.model_io import ModelFileError
+    w, mine = sd.get("head.weight"), getattr(getattr(model, "head", None), "weight", None)
+    if w is None or mine is None or w.shape[-1] == mine.shape[-1]:
+        return
+    ids = cfg["data"].get("train_ids")
+    raise ModelFileError(f"{src}: trained on {w.shape[-1]} identities, but this stage's training "
+                         f"split (data.train_ids {ids}) has {mine.shape[-1]}; train both "
+                         "stages on the same subjects (the same --data.train_ids)")
 
 
 def k_at(step: int, iterations: int, k0: float, k1: float) -> float:

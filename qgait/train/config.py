@@ -17,6 +17,27 @@ import yaml
 
 from qgait.errors import ConfigError, ConfigNotFoundError
 
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that a zero-padded number stays a string: subject ids
+    such as ``074`` would otherwise be octal (074 -> 60, 050 -> 40) and silently pick other
+    subjects."""
+
+
+def _int_or_padded(loader, node):
+    text = loader.construct_scalar(node)
+    digits = text.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits[1] in "0123456789_":
+        return text
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_or_padded)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -146,7 +167,7 @@ def parse_overrides(args: Sequence[str]) -> dict:
         for p in parts[:-1]:
             d = d.setdefault(p, {})
         try:
-            d[parts[-1]] = yaml.safe_load(val) if val != "" else ""
+            d[parts[-1]] = _yaml(val) if val != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override --{key}: cannot parse {val!r} "
                               f"({' '.join(str(e).split())})") from None
@@ -260,7 +281,7 @@ def _load_yaml(name_or_path: str, chain: tuple[str, ...] = ()) -> list[dict]:
         raise ConfigError(f"config: 'base' cycle: {' -> '.join(chain + (str(path),))}")
     try:
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            d = _yaml(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(d, dict):
