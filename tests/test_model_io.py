@@ -72,6 +72,24 @@ def test_round_trip_path_bytes_and_stream(models, kind, tmp_path):
     assert torch.equal(_embed(loaded, x), ref)
 
 
+@pytest.mark.parametrize("kind", ["fp", "fakequant", "packed"])
+def test_model_without_classifier_round_trips_with_the_same_embeddings(models, kind):
+    # what the zoo ships: the training-only classifier dropped, embeddings bit-identical
+    model = copy.deepcopy(models[kind])
+    x = _x(3)
+    ref = _embed(model, x)
+    full = len(model_io.model_to_bytes(model))
+    model.drop_classifier()
+    assert model.head is None and model.arch["num_classes"] == 0
+    data = model_io.model_to_bytes(model)
+    assert len(data) < full
+    loaded, info = load_model(data)
+    assert info["kind"] == kind and loaded.arch["num_classes"] == 0
+    assert not any(k.startswith("head.") for k in loaded.state_dict())
+    assert torch.equal(_embed(loaded, x), ref)
+    assert loaded(x)["logits"] is None
+
+
 def test_packed_rebuild_keeps_layer_structure(models):
     packed = models["packed"]
     loaded, _ = load_model(model_io.model_to_bytes(packed))

@@ -129,6 +129,13 @@ class GaitLite3D(nn.Module):
         self.head = (BNNeckHead(self.parts, self.embed_dim, num_classes, scale)
                      if num_classes else None)
 
+    def drop_classifier(self) -> "GaitLite3D":
+        """Removes the training-only classifier (as ``num_classes=0``): what an embedding needs
+        and what a shipped model file holds. Embeddings are unchanged; returns ``self``."""
+        self.head, self.num_classes = None, 0
+        self.arch["num_classes"] = 0
+        return self
+
     # The children trunk() runs one after another, each output feeding the next: convert() reads
     # it to keep the packed convolutions integer from the stem to stage3 (pool1 included).
     sequential_children = ("stem", "stage1", "pool1", "stage2", "stage3")
