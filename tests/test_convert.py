@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from qgait.nn import SoftQuantConv3d
-from qgait.ops import PackedConv3d
+from qgait.ops import PackedConv3d, soft_fake_quant
 from qgait.quant import convert, model_nbytes
 
 
@@ -118,6 +118,39 @@ def test_convert_part_linear_inside_sequential():
     convert(head)
     assert isinstance(head[1], PackedPartLinear)
     torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_part_linear_dequantized_weight_is_kept_and_follows_its_buffers():
+    from qgait.nn import SoftQuantPartLinear
+    from qgait.quant.convert import PackedPartLinear
+
+    torch.manual_seed(0)
+    layers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        soft = SoftQuantPartLinear(3, 6, 5, w_bits=4, a_bits=8)
+        soft(torch.randn(2, 6, 3))
+        layers.append(PackedPartLinear(soft))
+    a, b = layers
+    x = torch.randn(2, 6, 3)
+
+    def direct(m):  # the product without the kept weight
+        q = soft_fake_quant(x, m.a_scale, bits=m.a_bits, signed=m.a_signed)
+        return torch.bmm(q.permute(2, 0, 1), m.weight()).permute(1, 2, 0)
+
+    with torch.inference_mode():
+        first = a(x)
+        assert torch.equal(first, direct(a)) and torch.equal(a(x), first)
+    with torch.no_grad():
+        assert torch.equal(a(x), first)
+        a.load_state_dict(b.state_dict())      # new weights, written in place: rebuilt
+        assert torch.equal(a(x), direct(b)) and not torch.equal(a(x), first)
+        a.w_scale.mul_(2)                      # an in-place change of a step: rebuilt
+        assert torch.allclose(a(x), 2 * direct(b))
+    y = a(x.requires_grad_())                  # with autograd: a fresh weight, gradients flow
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert "_w_cache" not in a.state_dict()
 
 
 # ---- integer between layers in a nested model (GaitLite3D) -------------------------------------

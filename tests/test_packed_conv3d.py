@@ -391,3 +391,26 @@ def test_gpu_backends_epilogue_exact(backend, out):
     on = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     got = packed_conv3d(x.to(dev), wp.to(dev), ws.to(dev), backend=backend, **on)
     assert got.dtype == ref.dtype and torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_scale_checked_once_per_version_and_again_after_a_write(backend, monkeypatch):
+    # the value check is skipped for a scale tensor already found valid, unless it was written
+    monkeypatch.setenv("QGAIT_BACKEND", backend)
+    x, wp, ws, kw = make_case(CASES[0], 8, "float_signed")
+    ws = ws.clone()
+    ref = packed_conv3d(x, wp, ws, **kw)
+    assert torch.equal(packed_conv3d(x, wp, ws, **kw), ref)
+    ws[0] = float("nan")                 # in place: a new version, checked again
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        packed_conv3d(x, wp, ws, **kw)
+    ws[0] = 1.0
+    packed_conv3d(x, wp, ws, **kw)
+    with torch.no_grad():
+        ws.copy_(-ws)
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        packed_conv3d(x, wp, ws, **kw)
+    with torch.inference_mode():         # inference tensors have no version: always checked
+        bad = -ws.abs()
+        with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+            packed_conv3d(x, wp, bad, **kw)

@@ -192,10 +192,24 @@ class PackedPartLinear(nn.Module):
         w = w.reshape(-1, self.in_channels).float() * self.w_scale[:, None]
         return w.reshape(self.parts, self.out_channels, self.in_channels).permute(0, 2, 1)
 
+    def _dequantized(self, dtype) -> torch.Tensor:
+        # Unpacking and scaling every call cost more than the matrix product itself (1.3 of
+        # 1.65 ms per sequence at width 1.0): the dequantized weight is kept, not saved, and
+        # rebuilt when a buffer is replaced or written in place (load_state_dict, .to()).
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype)
+                    for t in (self.w_packed, self.w_scale)) + (dtype,)
+        cached = self.__dict__.get("_w_cache")
+        if cached is None or cached[0] != key or torch.is_grad_enabled():
+            w = self.weight().to(dtype).contiguous()
+            if torch.is_grad_enabled():
+                return w
+            self.__dict__["_w_cache"] = cached = (key, w)
+        return cached[1]
+
     def forward(self, x):
         if self.a_bits is not None:
             x = soft_fake_quant(x, self.a_scale, bits=self.a_bits, signed=self.a_signed)
-        return torch.bmm(x.permute(2, 0, 1), self.weight().to(x.dtype)).permute(1, 2, 0)
+        return torch.bmm(x.permute(2, 0, 1), self._dequantized(x.dtype)).permute(1, 2, 0)
 
     def extra_repr(self):
         return (f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}, "
