@@ -120,3 +120,33 @@ def test_evaluate_with_an_oracle_embed_fn(test_set):
     order.extend(subj[q.path] for q in test_set.seqs)
     g = evaluate(fn, test_set, "generic", progress=False)["generic"]
     assert g["rank-1"] == 100.0 and g["n_no_match"] == 0
+
+
+def test_dataset_fingerprint_follows_contents_not_paths_or_times(tmp_path):
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    from qgait.evaluation.cache import dataset_fingerprint
+
+    def tree(root):
+        seqs = []
+        for i, (s, c, v) in enumerate([("001", "nm-01", "000"), ("001", "bg-01", "090"),
+                                       ("002", "cl-01", "180")]):
+            p = root / s / c / v / f"{v}.pkl"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists():
+                p.write_bytes(bytes([i]) * (100 + i))
+            seqs.append(SimpleNamespace(subject=s, condition=c, view=v, path=str(p)))
+        return SimpleNamespace(seqs=seqs)
+
+    a = tree(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = tree(tmp_path / "b")
+    os.utime(b.seqs[0].path, (1, 1))            # another place, other times: same data
+    assert dataset_fingerprint(a) == dataset_fingerprint(b)
+    with open(b.seqs[2].path, "r+b") as f:      # one byte of one file: another data set
+        f.write(b"\xff")
+    assert dataset_fingerprint(a) != dataset_fingerprint(b)
+    b.seqs[0].view = "018"                       # the same files under other labels
+    assert dataset_fingerprint(tree(tmp_path / "a")) != dataset_fingerprint(b)

@@ -21,16 +21,17 @@ def cache_path(model_path: str | os.PathLike) -> Path:
 
 
 def dataset_fingerprint(dataset) -> dict:
-    """``{"n_sequences", "sha256"}`` of a dataset's files (path, size, mtime) and labels."""
+    """``{"n_sequences", "sha256"}`` of a dataset's labels and file contents. Contents, not
+    paths or times: a tree copied, moved or provisioned again keeps its cached evaluations,
+    a changed file does not (hashing CASIA-B's 2,629 dev test files, 80 MB, takes ~0.2 s)."""
     h = hashlib.sha256()
     for q in dataset.seqs:
         try:
-            st = os.stat(q.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            with open(q.path, "rb") as f:
+                stamp = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError:
             stamp = "?"
-        h.update(f"{q.subject}|{q.condition}|{q.view}|{os.path.abspath(q.path)}|{stamp}\n"
-                 .encode())
+        h.update(f"{q.subject}|{q.condition}|{q.view}|{stamp}\n".encode())
     return {"n_sequences": len(dataset.seqs), "sha256": h.hexdigest()}
 
 
