@@ -119,3 +119,38 @@ def test_shipped_model_checksum_safe_load_and_reference_embedding(name):
     card = zoo.card(name, zoo_dir=zoo.ZOO_DIR)
     for must in ("CASIA-B", "qgait", "command"):
         assert must in card
+
+
+@pytest.fixture(scope="module")
+def synthetic_tree(tmp_path_factory):
+    from qgait.data.synthetic import generate
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, n_subjects=3, views=["000", "090"], frames=(20, 24), workers=0,
+             progress=False)
+    return root
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no release models are shipped in this version yet")
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-packed")] or ["-"])
+def test_shipped_model_embeds_and_evaluates_from_the_cli(name, synthetic_tree, tmp_path):
+    # what a fresh install can do with no data: the model's card promises these two commands
+    import pickle
+
+    import numpy as np
+    seq = tmp_path / "seq.pkl"
+    x = np.zeros((40, 64, 64), np.uint8)
+    x[:, :, 10:54] = zoo.reference_sequence()[0, 0].numpy() * 255
+    seq.write_bytes(pickle.dumps(x))
+    out = tmp_path / "e.npy"
+    r = subprocess.run([sys.executable, "-m", "qgait.cli", "embed", f"zoo:{name}", str(seq),
+                        "--save", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    ref = torch.load(zoo.ZOO_DIR / f"{name}.ref.pt", weights_only=True)
+    assert np.allclose(np.load(out), ref.numpy(), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    r = subprocess.run([sys.executable, "-m", "qgait.cli", "eval", "--checkpoint", f"zoo:{name}",
+                        "--data", str(synthetic_tree), "--ids", "001", "003",
+                        "--json", str(tmp_path / "eval.json")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NM" in r.stdout and "rank-1" in r.stdout.lower(), r.stdout[-2000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["model_kind"] == "packed"
