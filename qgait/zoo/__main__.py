@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                 print(f"no models shipped in {zoo._dir(args.dir)}")
             for n in names:
                 e = zoo._entry(n, args.dir)
-                print(f"zoo:{n:<24s} {e['kind']:<10s} {e['bytes']:>10,d} bytes")
+                print(f"zoo:{n:<30s} {e['kind']:<10s} {e['bytes']:>10,d} bytes")
         elif args.cmd == "show":
             print(zoo.card(args.name, args.dir))
         elif args.cmd == "verify":
