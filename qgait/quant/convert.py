@@ -200,7 +200,7 @@ class PackedPartLinear(nn.Module):
                     for t in (self.w_packed, self.w_scale)) + (dtype,)
         cached = self.__dict__.get("_w_cache")
         if cached is None or cached[0] != key or torch.is_grad_enabled():
-            w = self.weight().to(dtype).contiguous()
+            w = self.weight().to(dtype)   # its layout too: the fake-quant product, bit for bit
             if torch.is_grad_enabled():
                 return w
             self.__dict__["_w_cache"] = cached = (key, w)
