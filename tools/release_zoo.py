@@ -162,7 +162,7 @@ def _params(model) -> int:
 
 def build(args) -> None:
     from qgait import zoo
-    from qgait.model_io import file_sha256, load_checkpoint_model, save_model
+    from qgait.model_io import file_sha256, load_checkpoint_model, read_header, save_model
     from qgait.quant import convert
 
     dev = _dev_rows(Path(args.dev_report))
@@ -182,15 +182,16 @@ def build(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="qgait-release-"))
     for variant, ck in sources.items():
         model, cfg = load_checkpoint_model(ck)
-        if variant != "fp":
-            steps = (f"the teacher's {teacher_iters(args.fp)} iterations, then "
-                     f"{iters(cfg, 'qat', ck)} straight-through + {cfg['train']['iterations']} "
-                     "soft-quantizer iterations with IDC")
-        else:
-            steps = f"{cfg['train']['iterations']:,d} iterations"
         model = copy.deepcopy(model).eval().drop_classifier()
-        if variant == "fp":
+        if variant == "fp":   # first: the variants' cards quote the teacher
+            teacher_steps = f"{cfg['train']['iterations']:,d}"
             fp_params = _params(model)
+            steps = f"{teacher_steps} iterations"
+        else:
+            qat = read_header(ck.parent.parent / "qat" / "final.pt")["config"]
+            steps = (f"the teacher's {teacher_steps} iterations, then "
+                     f"{qat['train']['iterations']} straight-through + "
+                     f"{cfg['train']['iterations']} soft-quantizer iterations with IDC")
         kinds = [("fp", model)] if variant == "fp" else [
             ("fakequant", model), ("packed", convert(copy.deepcopy(model)))]
         for kind, m in kinds:
@@ -208,17 +209,6 @@ def build(args) -> None:
             print(f"added zoo:{name}: {e['kind']}, {e['bytes']:,d} bytes, "
                   f"{lat.get('ms_1_threads')} ms (1 thread), capped AVX2 "
                   f"{capped.get('ms_1_threads')} ms", flush=True)
-
-
-def iters(cfg, stage, soft_ck: Path) -> int:
-    from qgait.model_io import load_checkpoint_model
-    qat = soft_ck.parent.parent / stage / "final.pt"
-    return load_checkpoint_model(qat)[1]["train"]["iterations"]
-
-
-def teacher_iters(fp_ck) -> str:
-    from qgait.model_io import load_checkpoint_model
-    return f"{load_checkpoint_model(fp_ck)[1]['train']['iterations']:,d}"
 
 
 def main(argv=None) -> int:
