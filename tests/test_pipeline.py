@@ -257,3 +257,21 @@ def test_report_cache_is_keyed_by_content_data_and_settings(demo, tmp_path):
     entries = json.loads(cache.cache_path(fp).read_text())["entries"]
     assert len(entries) == 3
     assert len({e["key"]["model_sha256"] for e in entries.values()}) == 2
+
+
+def test_noidc_shares_the_straight_through_stage_of_its_twin(demo, capsys):
+    # IDC acts only in the soft stage: w8a8-noidc starts its soft stage from w8a8/qat (the same
+    # run) instead of training that stage again, and trains its own soft stage without IDC
+    out, _ = demo
+    from qgait.pipeline.demo import demo_config
+    from qgait.pipeline.run import run_pipeline
+    cfg = demo_config(out, None, True, DEMO_OVERRIDES)
+    qat = out / "w8a8" / "qat" / "final.pt"
+    before = qat.stat().st_mtime_ns
+    done = run_pipeline(cfg, out, ["w8a8-noidc"], progress=False)
+    assert "w8a8/qat is done (final.pt), skipped" in capsys.readouterr().out
+    assert qat.stat().st_mtime_ns == before
+    assert not (out / "w8a8-noidc" / "qat").exists()
+    soft = json.loads((out / "w8a8-noidc" / "soft" / "config.json").read_text())
+    assert soft["quant"]["init_from"] == str(qat) and soft["quant"]["idc_weight"] == 0.0
+    assert done["w8a8-noidc"] == out / "w8a8-noidc" / "soft" / "final.pt"

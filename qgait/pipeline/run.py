@@ -12,6 +12,8 @@ variants to produce and how long each stage trains::
 Every stage writes ``<out>/<variant>/<stage>/`` (fp: ``<out>/fp``); a finished stage leaves
 ``final.pt`` there and is skipped when the pipeline runs again; an unfinished one resumes from
 its ``last.pt``. ``quant.init_from`` and ``quant.teacher`` are filled in from the stages before.
+A two-stage ablation without IDC (``w4a4-noidc``) reads the straight-through stage of its
+two-stage + IDC twin (``<out>/w4a4/qat``): IDC acts only in the soft stage.
 """
 from __future__ import annotations
 
@@ -61,6 +63,11 @@ def variant(name: str) -> Variant:
     return Variant(w, a, stages, idc, label=f"W{w}A{a} {what}")
 
 
+def shared_name(v: Variant) -> str:
+    """The folder whose straight-through stage every two-stage ``v`` of these bits uses."""
+    return f"w{v.w_bits}a{v.a_bits}"
+
+
 # The README's results table: QGait at W8A8 and W4A4, and the W4A4 ablations.
 VARIANTS = {n: variant(n) for n in ("w8a8", "w4a4", "w4a4-ste", "w4a4-soft1", "w4a4-noidc")}
 
@@ -103,7 +110,11 @@ def run_variant(cfg: dict, name: str, out: Path, fp_ckpt: Path, progress: bool =
     pipe = cfg.get("pipeline") or {}
     prev = fp_ckpt
     for stage in v.stages:
-        sc = stage_config(cfg, stage, out / name / stage, w_bits=v.w_bits, a_bits=v.a_bits,
+        # IDC acts in the soft stage only: the straight-through stage of a two-stage variant is
+        # the same run with or without it (same config, seed and start), so ``-noidc`` shares
+        # it with the QGait variant instead of training it twice.
+        folder = (shared_name(v) if stage == "qat" and len(v.stages) == 2 else name)
+        sc = stage_config(cfg, stage, out / folder / stage, w_bits=v.w_bits, a_bits=v.a_bits,
                           init_from=str(prev), teacher=str(fp_ckpt))
         if len(v.stages) == 1 and stage != "fp":
             # one-stage ablations get the two stages' budget
