@@ -43,3 +43,26 @@ def test_keep_freed_memory_stops_refaulting():
 def test_env_turns_it_off():
     applied, _ = run("keep", QGAIT_MALLOC="default")
     assert not applied
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning: Linux only")
+def test_paired_malloc_bench_runs_and_counts_faults(tmp_path):
+    # bench/paired_malloc.py at a small setting: one row per allocator; a 48 MiB x is above any
+    # mmap threshold, so under glibc's default each call faults its fresh output and gradient
+    # in (thousands of pages), and after keep_freed_memory() none. Times are never checked.
+    import json
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "bench" / "paired_malloc.py"
+    out = tmp_path / "malloc.json"
+    p = subprocess.run([sys.executable, str(script), "--numel", str(12 << 20), "--rounds", "2",
+                        "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.startswith("CPU class: ")
+    for row in ("glibc default", "keep_freed_memory()", "THP_MEM_ALLOC_ENABLE=1"):
+        assert f"| {row}" in p.stdout, p.stdout
+    res = json.loads(out.read_text())["results"]
+    if not res["keep_freed_memory()"]["applied"]:
+        pytest.skip("not glibc (mallopt unavailable)")
+    assert res["glibc default"]["faults"] > 1000
+    assert res["keep_freed_memory()"]["faults"] < res["glibc default"]["faults"] / 20

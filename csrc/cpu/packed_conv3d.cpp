@@ -37,6 +37,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "packed_conv3d.h"
 
@@ -907,6 +908,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   check_positive(w_scale, "w_scale");
   if (out_mode == kOutRequant) check_positive(*out_scale, "out_scale");
   at::Tensor y = packed_conv3d_output(x, g, out_mode, out_qn);
+  cpu::advise_huge(y);  // cpu/alloc.h: no 4 KiB faults per call on a fresh output
   if (x.numel() == 0 || y.numel() == 0) return y;
 
   const Path path = choose_path();

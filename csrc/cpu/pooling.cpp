@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "pooling.h"
 
@@ -204,21 +205,9 @@ void backward_rows(const Fns& f, T* dx, const PoolBackward& a, int64_t N, bool s
   });
 }
 
-// dx is as large as x and written once; on a fresh allocation most of its cost is the kernel's
-// 4 KiB page faults (5x the write itself on this VM). Asking for transparent huge pages on the
-// 2 MiB-aligned interior before the first touch makes that 512x fewer faults. Harmless when the
-// memory is already mapped, and a no-op where THP is off (torch does the same for every
-// allocation when THP_MEM_ALLOC_ENABLE=1).
-at::Tensor empty_huge(at::IntArrayRef shape, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(shape, opt);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t a = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
-  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#endif
-  return t;
-}
+// dx is as large as x and written once; on a fresh allocation most of its cost was the kernel's
+// 4 KiB page faults (5x the write itself on this VM): cpu/alloc.h's empty_huge.
+using cpu::empty_huge;
 
 at::Tensor empty_i32(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kInt)); }
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "soft_fake_quant.h"
 
@@ -139,7 +140,7 @@ at::Tensor soft_fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale, int
   std::vector<float> s, r;
   load_steps(kFwd, scale, s, r);
   const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc);
+  at::Tensor y = cpu::empty_like_huge(xc);  // cpu/alloc.h: no 4 KiB faults per call
   const int64_t N = xc.numel();
   if (N == 0) return y;
   const SfqParams P = make_sfq_params(qn, qp, k, soft);
@@ -178,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> soft_fake_quant_backward_cpu(
   std::vector<float> s, r;
   load_steps(kBwd, scale, s, r);
   const at::Tensor xc = x.contiguous(), gc = grad_y.contiguous();
-  at::Tensor dx = need_dx ? at::empty_like(xc) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? cpu::empty_like_huge(xc) : at::empty({0}, x.options());
   at::Tensor ds = need_ds ? at::zeros(scale.sizes(), scale.options()) : at::empty({0}, scale.options());
   const int64_t N = xc.numel();
   if (N == 0 || (!need_dx && !need_ds)) return {dx, ds};
