@@ -275,3 +275,49 @@ def test_noidc_shares_the_straight_through_stage_of_its_twin(demo, capsys):
     soft = json.loads((out / "w8a8-noidc" / "soft" / "config.json").read_text())
     assert soft["quant"]["init_from"] == str(qat) and soft["quant"]["idc_weight"] == 0.0
     assert done["w8a8-noidc"] == out / "w8a8-noidc" / "soft" / "final.pt"
+
+
+def test_demo_shortens_every_stage_by_what_the_fp_budget_fitted(demo, monkeypatch):
+    # the demo's fp stage stops at its wall-time budget on a slow CPU; the quantized stages are
+    # then cut by the same fraction (rounded, at least 1), and not at all when the budget fitted
+    out, _ = demo
+    from qgait.pipeline import demo as demo_mod
+    from qgait.train.config import load_config
+    cfg = load_config("demo", {"train": {"out_dir": str(out)}})
+    assert cfg["pipeline"]["fp"]["train"]["budget_minutes"] > 0
+    assert (cfg["pipeline"]["fp"]["train"]["budget_calibration"]
+            < cfg["sched"]["warmup"])        # the length is set inside the warmup
+    steps = {"step": 600}
+    monkeypatch.setattr("qgait.model_io.read_header", lambda p: dict(steps))
+    assert demo_mod.scale_quant_stages(cfg, "fp.pt") is cfg
+    steps["step"] = 240                                   # 40% of 600 fitted
+    short = demo_mod.scale_quant_stages(cfg, "fp.pt")
+    assert short["pipeline"]["qat"]["train"]["iterations"] == 60      # 40% of 150
+    assert short["pipeline"]["soft"]["train"]["iterations"] == 60
+    assert short["pipeline"]["qat"]["optim"] == cfg["pipeline"]["qat"]["optim"]
+    assert cfg["pipeline"]["qat"]["train"]["iterations"] == 150      # the input is not changed
+    steps["step"] = 1
+    tiny = demo_mod.scale_quant_stages(cfg, "fp.pt")
+    assert tiny["pipeline"]["soft"]["train"]["iterations"] == 1
+
+
+def test_demo_fp_budget_cuts_the_fp_stage_on_a_slow_clock(tmp_path, monkeypatch):
+    # the mechanism the demo relies on, with a clock on which every step takes 5 s: a 1.5 min
+    # budget calibrated after 15 steps (75 s) leaves 15 s, i.e. 3 more steps, of the 40
+    from qgait.train import trainer as tr_mod
+    from qgait.train.build import run_training
+    from qgait.train.config import load_config
+    t = [0.0]
+
+    def clock():
+        t[0] += 5.0
+        return t[0]
+    monkeypatch.setattr(tr_mod, "_clock", clock)
+    data = tmp_path / "data"
+    cfg = load_config("demo_fast", {
+        "data": {"root": str(data)}, "sched": {"warmup": 20},
+        "train": {"out_dir": str(tmp_path / "fp"), "iterations": 40, "budget_minutes": 1.5,
+                  "budget_calibration": 15, "progress": False}})
+    cfg["stage"] = "fp"
+    trainer = run_training(cfg, resume="auto")
+    assert trainer.step == 18

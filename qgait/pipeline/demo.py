@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qgait.pipeline.run import run_pipeline, variant
+from qgait.pipeline.run import run_pipeline, run_stage, stage_config, variant
 
 
 def inference_nbytes(model: torch.nn.Module) -> int:
@@ -100,6 +100,32 @@ def compare_embeddings(fq: torch.Tensor, packed: torch.Tensor, ds) -> dict:
             "rank1_changed": r_fq != r_pk, "probe_outcomes_changed": flips}
 
 
+def scale_quant_stages(cfg: dict, fp_checkpoint) -> dict:
+    """The demo sizes itself by the CPU it finds: its fp stage has a wall-time budget
+    (``pipeline.fp.train.budget_minutes``) that a slow CPU cuts short, and the quantized stages
+    are then shortened by the same fraction, so that the table compares the same recipe at a
+    smaller scale. On a CPU where the budget is not binding nothing changes. The fraction comes
+    from the fp checkpoint's length, so a resumed run picks the same lengths."""
+    from qgait.model_io import read_header
+    from qgait.train.config import _merge
+
+    full = int(_merge(cfg, (cfg.get("pipeline") or {}).get("fp") or {})["train"]["iterations"])
+    done = int(read_header(fp_checkpoint)["step"])
+    if done >= full:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    frac = done / full
+    for st in ("qat", "soft"):
+        sec = cfg["pipeline"].setdefault(st, {}).setdefault("train", {})
+        n = int(_merge(cfg, cfg["pipeline"][st])["train"]["iterations"])
+        sec["iterations"] = max(1, round(n * frac))
+    print(f"qgait demo: the fp stage's time budget fitted {done} of {full} iterations on this "
+          f"CPU; the quantized stages train {frac:.0%} of their length too "
+          f"({cfg['pipeline']['qat']['train']['iterations']} + "
+          f"{cfg['pipeline']['soft']['train']['iterations']})", flush=True)
+    return cfg
+
+
 def demo_config(out: Path, data: str | None, fast: bool, overrides=None) -> dict:
     from qgait.train.config import load_config
 
@@ -125,7 +151,9 @@ def run_demo(out="runs/demo", data=None, fast=False, variants=("w8a8", "w4a4"),
     cfg = demo_config(out, data, fast, overrides)
     print(f"qgait demo: data {cfg['data']['root']}, output {out}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    ckpts = run_pipeline(cfg, out, variants, progress=progress)
+    fp = run_stage(stage_config(cfg, "fp", out / "fp"), progress)
+    cfg = scale_quant_stages(cfg, fp)
+    ckpts = run_pipeline(cfg, out, variants, progress=progress, fp_checkpoint=str(fp))
     t_train = time.perf_counter() - t_start
     res = report(ckpts, cfg, out, progress, name="results",
                  extra={"train_seconds": t_train, "data": cfg["data"]["root"]})
