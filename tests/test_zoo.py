@@ -154,3 +154,17 @@ def test_shipped_model_embeds_and_evaluates_from_the_cli(name, synthetic_tree, t
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NM" in r.stdout and "rank-1" in r.stdout.lower(), r.stdout[-2000:]
     assert json.loads((tmp_path / "eval.json").read_text())["model_kind"] == "packed"
+
+
+def test_stem_share_bench_runs():
+    # bench/stem_share.py (issue 14, item 2) at its smallest: a share line per shipped packed
+    # model, the stem being the binary-input packed layer. Times are never checked.
+    import re
+    script = Path(__file__).resolve().parent.parent / "bench" / "stem_share.py"
+    p = subprocess.run([sys.executable, str(script), "--reps", "1"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    shares = re.findall(r"^casiab-lite3d-(w8a8|w4a4)-packed: stem PackedConv3d\(1 -> \d+, .*"
+                        r"a_bits=None\): .* = (\d+\.\d)%$", p.stdout, re.M)
+    assert [s[0] for s in shares] == ["w8a8", "w4a4"], p.stdout
+    assert all(0.0 < float(s[1]) < 100.0 for s in shares)
