@@ -233,7 +233,9 @@ def plot_report(rep: dict, path: Path) -> None:
         ax.set_xticks(range(len(bits)), [f"W{b}A{b}" for b in bits])
         ax.set_title(c if c != "mean" else "mean of NM / BG / CL")
         ax.set_ylabel("cross-view rank-1 (%)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    # one legend below the panels: inside a panel it can hide a point
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
