@@ -107,18 +107,19 @@ def scale_quant_stages(cfg: dict, fp_checkpoint) -> dict:
     smaller scale. On a CPU where the budget is not binding nothing changes. The fraction comes
     from the fp checkpoint's length, so a resumed run picks the same lengths."""
     from qgait.model_io import read_header
-    from qgait.train.config import _merge
 
-    full = int(_merge(cfg, (cfg.get("pipeline") or {}).get("fp") or {})["train"]["iterations"])
+    def length(st):   # the stage's iterations, as the pipeline will run it
+        return int(stage_config(cfg, st, Path())["train"]["iterations"])
+
+    full = length("fp")
     done = int(read_header(fp_checkpoint)["step"])
     if done >= full:
         return cfg
-    cfg = copy.deepcopy(cfg)
     frac = done / full
+    n = {st: max(1, round(length(st) * frac)) for st in ("qat", "soft")}
+    cfg = copy.deepcopy(cfg)
     for st in ("qat", "soft"):
-        sec = cfg["pipeline"].setdefault(st, {}).setdefault("train", {})
-        n = int(_merge(cfg, cfg["pipeline"][st])["train"]["iterations"])
-        sec["iterations"] = max(1, round(n * frac))
+        cfg["pipeline"].setdefault(st, {}).setdefault("train", {})["iterations"] = n[st]
     print(f"qgait demo: the fp stage's time budget fitted {done} of {full} iterations on this "
           f"CPU; the quantized stages train {frac:.0%} of their length too "
           f"({cfg['pipeline']['qat']['train']['iterations']} + "
