@@ -76,9 +76,13 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                "-gencode=arch=compute_90,code=compute_90"]
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # sm_80 and sm_90 machine code plus compute_90 PTX for later GPUs, unless the user names
+        # the targets the usual torch way (TORCH_CUDA_ARCH_LIST="9.0": one target, a third of
+        # the nvcc time); torch then adds the flags itself
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
         ext = CUDAExtension(
             "qgait._C", sources, include_dirs=include_dirs,
             define_macros=[("QGAIT_WITH_CUDA", "1")],

@@ -92,13 +92,16 @@ def plan(out: Path, root: Path, need_build: bool, skip=()) -> list[Phase]:
     env = {"TRITON_INTERPRET": "0"}
     phases = []
     if "build" not in skip and need_build:
+        # --no-deps: build against the torch already there (a GPU image's torch need not be the
+        # pinned one) and never reach for an index
         phases.append(Phase("build", [py, "-m", "pip", "install", "-e", str(root),
-                                      "--no-build-isolation"],
+                                      "--no-build-isolation", "--no-deps"],
                             {**env, "MAX_JOBS": str(os.cpu_count() or 4)}))
     if "tests" not in skip:
         junit = str(out / "tests.xml")
         files = [str(root / f) for f in OP_TESTS]
         phases.append(Phase("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                      "--tb=short", "-rfE", *xdist_args(),
                                       f"--junitxml={junit}", *files, "-k", "cuda or triton",
                                       *[str(root / f) for f in TRITON_TESTS]], env, junit))
     if "bench" not in skip:
@@ -110,6 +113,16 @@ def plan(out: Path, root: Path, need_build: bool, skip=()) -> list[Phase]:
                 cmd += ["-k", k]
             phases.append(Phase(f"bench:{name}", cmd, {**env, "QGAIT_BENCH_REPORT": rep}, rep))
     return phases
+
+
+def xdist_args() -> list[str]:
+    """Spread the tests over the CPUs when pytest-xdist is there: most of a GPU test run is
+    Triton compiling kernels, one CPU at a time per process."""
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(min(8, max(1, (os.cpu_count() or 1) // 2)))]
 
 
 def parse_junit(path) -> dict:

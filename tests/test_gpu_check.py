@@ -31,7 +31,7 @@ def test_plan(tmp_path):
     names = [p.name for p in phases]
     assert names == ["build", "tests", "bench:soft_quant", "bench:pooling", "bench:packed_conv3d"]
     build, tests = phases[0], phases[1]
-    assert build.cmd[-4:] == ["install", "-e", str(ROOT), "--no-build-isolation"]
+    assert build.cmd[-5:] == ["install", "-e", str(ROOT), "--no-build-isolation", "--no-deps"]
     assert "cuda or triton" in tests.cmd and str(ROOT / "tests/test_triton.py") in tests.cmd
     assert tests.report == str(tmp_path / "tests.xml")
     for p in phases[2:]:
@@ -39,6 +39,23 @@ def test_plan(tmp_path):
         assert Path(p.cmd[p.cmd.index("--benchmark-only") - 1]).is_file()  # the bench file
     assert all(p.env.get("TRITON_INTERPRET") == "0" for p in phases)
     assert [p.name for p in G.plan(tmp_path, ROOT, need_build=False, skip={"bench"})] == ["tests"]
+
+
+def test_tests_spread_over_cpus_only_with_xdist(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def xdist(spec):
+        return lambda name, *a: spec if name == "xdist" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", xdist(None))
+    assert G.xdist_args() == []
+    monkeypatch.setattr(importlib.util, "find_spec", xdist(object()))
+    monkeypatch.setattr(G.os, "cpu_count", lambda: 16)
+    assert G.xdist_args() == ["-n", "8"]
+    monkeypatch.setattr(G.os, "cpu_count", lambda: 2)
+    assert G.xdist_args() == ["-n", "1"]
 
 
 def test_plan_flag_prints_commands_without_a_gpu(tmp_path):
