@@ -51,7 +51,9 @@ def _tanh(z):
     p = p * s + 1.33314422036e-1
     p = p * s - 3.33332819422e-1
     small = z + z * s * p
-    e = tl.exp(tl.minimum(a + a, 88.0))
+    # clamp that keeps NaN: a GPU's tl.minimum is fminf, which would return 88 for a NaN and
+    # turn tanh(NaN) into 1 (and the surrogate gradient into 0)
+    e = tl.exp(tl.where(a + a > 88.0, 88.0, a + a))
     big = 1.0 - tl.div_rn(2.0, e + 1.0)  # no approximate division (``/`` on a GPU)
     big = tl.where(z < 0, -big, big)
     return tl.where(a < 0.625, small, big)
@@ -211,6 +213,16 @@ def forward(x, scale, axis, qn, qp, k, soft):
     return y
 
 
+def partials_buffer(x, outer, C, nb, need_ds):
+    """The backward kernel's per-(row, column block) partial sums of ds: [outer, C, nb] (row
+    = o * C + c), allocated in that shape. A flat [rows * nb] buffer viewed as [outer, C, nb]
+    made torch.compile / AOT tracing with symbolic shapes prove rows * nb == outer * C * nb
+    through next_power_of_2's bit tricks, which sent sympy into minutes of simplification
+    (seen as a 120 s timeout of opcheck on an H200)."""
+    shape = (outer, C, nb) if need_ds else (1,)
+    return torch.empty(shape, device=x.device, dtype=torch.float32)
+
+
 def backward(grad_y, x, scale, axis, qn, qp, k, soft, gamma, need_dx, need_ds):
     from torch.library import wrap_triton
 
@@ -225,14 +237,14 @@ def backward(grad_y, x, scale, axis, qn, qp, k, soft, gamma, need_dx, need_ds):
         return dx, ds
     rows = outer * C
     br, bi, nb, n_prog = _grid(rows, inner)
-    part = torch.empty(rows * nb if need_ds else 1, device=x.device, dtype=torch.float32)
+    part = partials_buffer(x, outer, C, nb, need_ds)
     tanh_scale, g_scale = _consts(k)
     wrap_triton(_sfq_bwd_kernel)[(n_prog,)](
         grad_y, x, dx if need_dx else x, part, s, rows, inner, C, nb, float(qn), float(qp),
         float(k), tanh_scale, g_scale, SOFT=bool(soft), K0=(k == 0.0), NEED_DX=bool(need_dx),
         NEED_DS=bool(need_ds), BR=br, BI=bi, **launch_opts())
     if need_ds:
-        ds = (part.view(outer, C, nb).sum(dim=(0, 2)) * gamma).reshape(scale.shape)
+        ds = (part.sum(dim=(0, 2)) * gamma).reshape(scale.shape)
     else:
         ds = scale.new_empty(0)
     return dx, ds

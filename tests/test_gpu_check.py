@@ -173,3 +173,26 @@ def test_machine_info_without_gpu():
     m = G.machine()
     assert m["torch"] == torch.__version__
     assert ("gpu" in m) == torch.cuda.is_available()
+
+
+def test_budget_shares(tmp_path, monkeypatch):
+    """The tests take half of what the build left, the benchmarks split the rest; whatever
+    phase runs last takes all that is left (--skip bench: the tests get the whole budget)."""
+    import torch
+
+    calls = []
+
+    def fake_run(ph, out, timeout):
+        calls.append((ph.name, round(timeout)))
+        return {"status": "ok", "seconds": 0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(G, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(G, "machine", lambda: {})
+    monkeypatch.setattr(G, "run_phase", fake_run)
+    assert G.main(["--out", str(tmp_path / "a"), "--budget", "120"]) == 0
+    assert calls == [("tests", 60), ("bench:soft_quant", 40), ("bench:pooling", 60),
+                     ("bench:packed_conv3d", 120)]
+    calls.clear()
+    assert G.main(["--out", str(tmp_path / "b"), "--budget", "120", "--skip", "bench"]) == 0
+    assert calls == [("tests", 120)]

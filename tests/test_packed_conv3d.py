@@ -53,6 +53,7 @@ def make_case(case, w_bits, kind, seed=0, device="cpu"):
     else:
         x = torch.rand(n, ci, t, h, w, generator=g) < 0.5
     w_scale = torch.rand(co, generator=g) * 0.02 + 1e-3
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     return x.to(device), pack_weight(w_int, w_bits).to(device), w_scale.to(device), kw
 
 
@@ -85,6 +86,22 @@ def test_int8_pack_layout():
 def test_pack_rejects_out_of_range():
     with pytest.raises(ValueError, match="qgait::pack_weight"):
         pack_weight(torch.full((1, 1, 1, 1, 1), 8), 4)
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] != "cpu"])
+def test_gpu_backends_take_cpu_scalar_steps(backend):
+    """x_scale / out_scale as 0-dim CPU tensors beside CUDA x (torch's scalar-tensor rule, and
+    the docstring's example); the per-channel w_scale must be on x's device."""
+    dev = device_of(backend)
+    if dev != "cuda":
+        pytest.skip("needs a CUDA device (on the CPU every tensor is already on x's device)")
+    x, wp, ws, kw = make_case(TINY[0], 8, "float_unsigned", device=dev)
+    kw["x_scale"] = kw["x_scale"].cpu()
+    got = packed_conv3d(x, wp, ws, out="quant", out_scale=torch.tensor(0.07), backend=backend,
+                        **kw)
+    want = packed_conv3d(x.cpu(), wp.cpu(), ws.cpu(), out="quant", out_scale=torch.tensor(0.07),
+                         backend="reference", **kw)
+    assert got.device == x.device and torch.equal(got.cpu(), want)
 
 
 # ---- exact integer accumulators -------------------------------------------------------------

@@ -139,6 +139,29 @@ def test_temporal_pool_matches_reference(backend, kind, seqL):
     torch.testing.assert_close(y, opengait_set_pool(x, seqL), rtol=0, atol=0)
 
 
+def test_hpp_asks_the_backends_about_one_frame(monkeypatch):
+    """horizontal_pyramid_pool selects its backend with x as [N, C, 1, H, W], the shape the
+    backends state their limits for: with the 4-D x the CUDA backend's limit check raised
+    (not enough values to unpack) on every call on a GPU (seen on an H200)."""
+    from qgait import _backend
+    from qgait.ops import pooling as P
+
+    seen = []
+    real = _backend.select
+
+    def spy(op, backends, backend, on_cpu, x, *a):
+        seen.append(tuple(x.shape))
+        return real(op, backends, backend, on_cpu, x, *a)
+
+    monkeypatch.setattr(_backend, "select", spy)
+    P.horizontal_pyramid_pool(torch.randn(2, 3, 16, 11), bins=(16,))
+    assert seen == [(2, 3, 1, 16, 11)]
+    smem = 48 * 1024
+    assert P.cuda_limit_reasons((2, 3, 16, 11), 0, True, 1, smem) == []  # 4-D: one frame
+    assert P.cuda_limit_reasons((1, 1, 4096, 16), 0, True, 1, smem) == \
+        P.cuda_limit_reasons((1, 1, 1, 4096, 16), 0, True, 1, smem) != []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bins", [(16, 8, 4, 2, 1), (3,), (1, 2, 4, 8, 16)])
 def test_hpp_matches_reference(backend, bins):

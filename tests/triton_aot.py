@@ -221,8 +221,8 @@ def inductor_writes(kernel, args, kwargs, arch) -> list[str]:
     """The pointer arguments torch.compile's analysis of the kernel (its TTIR, as Inductor and
     functionalization compute it for a wrap_triton launch) finds written, with a stand-in driver
     for sm_<arch>: shows that tracing the launch works (tuple arguments included)."""
+    import torch._higher_order_ops.triton_kernel_wrap as tkw
     import triton
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
     from triton.backends.compiler import GPUTarget
 
     class _Driver:  # what generate_ttir asks of the active driver
@@ -240,10 +240,15 @@ def inductor_writes(kernel, args, kwargs, arch) -> list[str]:
     old = drivers._active  # None here: no GPU driver is active (reset_active would look for one)
     drivers.set_active(_Driver())
     try:
-        acc = identify_accessed_tensors(kernel, kw, {})
+        if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
+            acc = tkw.identify_accessed_tensors(kernel, kw, {})
+            names = [d.name for d in acc.read_writes.writes]
+        else:  # torch 2.11 and older (a GPU image's torch): the mutation analysis alone
+            n_params = len(inspect.signature(tkw.identify_mutated_tensors).parameters)
+            names = tkw.identify_mutated_tensors(kernel, kw, *([{}] if n_params == 3 else []))
     finally:
         drivers._active = old
-    return sorted(d.name for d in acc.read_writes.writes)
+    return sorted(names)
 
 
 _CACHE: dict = {}

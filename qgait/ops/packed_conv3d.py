@@ -282,7 +282,8 @@ def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
             raise TypeError(f"qgait::{OP}: x dtype {x.dtype} does not match in_signed="
                             f"{in_signed}")
         _check_scale("x_scale", x_scale)
-        x_scale = x_scale.reshape(())
+        # a 0-dim step may live on the CPU, as torch's scalar tensors may beside CUDA ones
+        x_scale = x_scale.reshape(()).to(x.device)
     _check_scale("w_scale", w_scale, co)
     for name, v in (("bias", bias), ("bn_scale", bn_scale), ("bn_shift", bn_shift)):
         if v is not None and (v.dtype != torch.float32 or v.shape != (co,)):
@@ -299,7 +300,7 @@ def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         if out_scale is None:
             raise ValueError(f"qgait::{OP}: out='quant' needs out_scale (the next layer's step)")
         _check_scale("out_scale", out_scale)
-        out_scale = out_scale.reshape(())
+        out_scale = out_scale.reshape(()).to(x.device)
         out_qn, out_qp = _grid(out_bits, out_signed, "output")
     st, pd, dl = (_triple("stride", stride, 1), _triple("padding", padding, 0),
                   _triple("dilation", dilation, 1))

@@ -260,8 +260,8 @@ def cuda_limit_reasons(shape, n_seq: int, hpp: bool, n_levels: int, smem_optin: 
     """Why the CUDA pooling kernels cannot take x of ``shape`` [N, C, T, H, W] (``n_seq``
     packed sequences, 0 without seqL) on a GPU with ``smem_optin`` bytes of shared memory per
     block. Only the fused pyramid keeps the H x W map in shared memory; temporal pooling has no
-    limit but the grid's."""
-    N, C, T, H, W = shape
+    limit but the grid's. A 4-D ``[N, C, H, W]`` shape is one frame."""
+    N, C, T, H, W = shape if len(shape) == 5 else (*shape[:2], 1, *shape[2:])
     why = []
     if hpp and n_levels > CUDA_MAX_LEVELS:
         why.append(f"more than {CUDA_MAX_LEVELS} pyramid levels (bins entries) in one call")
@@ -453,7 +453,8 @@ def horizontal_pyramid_pool(x: torch.Tensor, bins: Sequence[int] = DEFAULT_BINS,
     _check_x(OP_HPP, x, 4)
     b = _check_bins(OP_HPP, bins, x.shape[2])
     m = _check_mode(OP_HPP, mode)
-    return _select(OP_HPP, x, backend, True, b).sph(x.unsqueeze(2), [], b, m)
+    x5 = x.unsqueeze(2)  # one frame: the backends' limits are stated for [N, C, T, H, W]
+    return _select(OP_HPP, x5, backend, True, b).sph(x5, [], b, m)
 
 
 def set_pool_hpp(x: torch.Tensor, seqL=None, bins: Sequence[int] = DEFAULT_BINS,
