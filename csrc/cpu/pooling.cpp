@@ -16,10 +16,6 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "cpu/alloc.h"
 #include "cpu/isa.h"
 #include "pooling.h"
