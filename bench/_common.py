@@ -53,6 +53,28 @@ def machine_info() -> dict:
     }
 
 
+# On a GPU a benchmark round is this many back-to-back calls and one synchronisation: a round
+# of one call times the host's launch and the sync too, which at 0.04-0.4 ms per call was a
+# large share of the first GPU run's numbers (docs/benchmarks.md).
+GPU_CALLS = int(os.environ.get("QGAIT_BENCH_GPU_CALLS", "20"))
+
+
+def timed_round(body, sync, on_gpu: bool):
+    """``(run, calls)``: ``run`` does ``calls`` calls of ``body`` and then ``sync()``, one call on
+    the CPU, GPU_CALLS on a GPU. Put ``calls`` in the benchmark's extra_info: bench/conftest.py
+    divides the round's median by it, so times, GB/s and ratios stay per call."""
+    calls = max(1, GPU_CALLS) if on_gpu else 1
+
+    def run():
+        for _ in range(calls - 1):
+            body()
+        r = body()
+        sync()
+        return r
+
+    return run, calls
+
+
 def add_timing_args(ap) -> None:
     """``--threads`` and ``--clock`` of the paired timing scripts."""
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

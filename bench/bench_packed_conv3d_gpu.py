@@ -22,7 +22,7 @@ import qgait
 from qgait.ops import packed_conv3d
 from qgait.quant import pack_weight
 
-from _common import machine_info
+from _common import machine_info, timed_round
 from bench_packed_conv3d import LAYERS, X_SCALE, _layer
 
 # (weight bits, activation bits); 4-bit activations take the step 1/15 (codes of x in [0, 1))
@@ -65,13 +65,9 @@ def _run_fn(provider, layer):
 @pytest.mark.parametrize("provider,role", PROVIDERS, ids=[p for p, _ in PROVIDERS])
 def test_packed_conv3d_gpu(benchmark, provider, role, layer):
     fn, macs = _run_fn(provider, layer)
-
-    def run():
-        y = fn()
-        torch.cuda.synchronize()
-        return y
-
+    run, calls = timed_round(fn, torch.cuda.synchronize, True)
     run()  # warm-up: Triton compiles, cuDNN picks its algorithm
     benchmark.group = f"packed_conv3d gpu layer {layer}"
-    benchmark.extra_info.update(provider=provider, role=role, ops=2 * macs, **machine_info())
+    benchmark.extra_info.update(provider=provider, role=role, ops=2 * macs, calls=calls,
+                                **machine_info())
     benchmark.pedantic(run, rounds=10, warmup_rounds=2)

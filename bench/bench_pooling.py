@@ -17,7 +17,7 @@ import torch
 import qgait
 from qgait.ops import set_pool_hpp
 
-from _common import machine_info
+from _common import machine_info, timed_round
 
 SHAPES = {"N32-C128-T30-H16-W11": (32, 128, 30, 16, 11),
           "N8-C256-T30-H32-W22": (8, 256, 30, 32, 22)}
@@ -76,28 +76,23 @@ def test_set_pool_hpp(benchmark, provider, mode, bins, shape):
     fn = _fn(provider, b)
     nbytes = x.numel() * x.element_size()
     if mode == "forward":
-        def run():
-            r = fn(x)
-            _sync()
-            return r
+        def body():
+            return fn(x)
     elif provider == "floor":
-        def run():  # one read, one fresh write
-            r = (x.sum(), torch.zeros_like(x))
-            _sync()
-            return r
+        def body():  # one read, one fresh write
+            return x.sum(), torch.zeros_like(x)
         nbytes *= 2
     else:
         x.requires_grad_()
         g = torch.randn(dims[0], dims[1], sum(b), device=DEVICE)
 
-        def run():
-            r = torch.autograd.grad(fn(x), x, g)[0]
-            _sync()
-            return r
+        def body():
+            return torch.autograd.grad(fn(x), x, g)[0]
 
         nbytes *= 2  # read x, write dx
+    run, calls = timed_round(body, _sync, ON_GPU)
     run()  # warm-up (compilation for the compiled chain)
     benchmark.group = f"set_pool_hpp {shape} {bins} {mode}"
     benchmark.extra_info.update(provider=provider, role=PROVIDERS[provider], bytes=nbytes,
-                                **machine_info())
+                                calls=calls, **machine_info())
     benchmark(run)

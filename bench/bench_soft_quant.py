@@ -17,7 +17,7 @@ import qgait
 from qgait.ops import soft_fake_quant
 from qgait.ops.soft_quant import _SoftFakeQuantRef, default_gamma
 
-from _common import machine_info
+from _common import machine_info, timed_round
 
 # The backward-only mode calls backward on one graph repeatedly (retain_graph=True), which
 # torch.compile's donated buffers forbid; keep them off for the compiled baseline.
@@ -97,10 +97,8 @@ def test_soft_fake_quant(benchmark, provider, mode, gran, shape_name):
     if provider == "copy":
         dst = torch.empty_like(x)
         benchmark.extra_info["bytes"] = 2 * n * 4
-
-        def run():
-            dst.copy_(x)
-            _sync()
+        run, calls = timed_round(lambda: dst.copy_(x), _sync, ON_GPU)
+        benchmark.extra_info["calls"] = calls
         benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
         return
 
@@ -109,20 +107,18 @@ def test_soft_fake_quant(benchmark, provider, mode, gran, shape_name):
     sg = s.clone().requires_grad_()
     gy = torch.ones_like(x)
     if mode == "forward":
-        def run():
+        def body():
             with torch.no_grad():
                 fn(xg, sg)
-            _sync()
     elif mode == "backward":
         y = fn(xg, sg)
 
-        def run():
+        def body():
             torch.autograd.grad(y, (xg, sg), gy, retain_graph=True)
-            _sync()
     else:
-        def run():
-            y = fn(xg, sg)
-            torch.autograd.grad(y, (xg, sg), gy)
-            _sync()
+        def body():
+            torch.autograd.grad(fn(xg, sg), (xg, sg), gy)
+    run, calls = timed_round(body, _sync, ON_GPU)
+    benchmark.extra_info["calls"] = calls
     run()  # warm-up (compiles the torch.compile provider)
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)

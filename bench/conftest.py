@@ -30,7 +30,9 @@ def _rows(config):
         if b.stats is None or not b.stats.rounds:
             continue
         info = dict(b.extra_info)
-        groups[b.group or b.name].append((info.get("provider", b.name), info, b.stats.median))
+        # a round of several calls (bench/_common.py timed_round, on a GPU): time per call
+        per_call = b.stats.median / max(1, int(info.get("calls", 1)))
+        groups[b.group or b.name].append((info.get("provider", b.name), info, per_call))
     return groups
 
 

@@ -196,3 +196,39 @@ def test_budget_shares(tmp_path, monkeypatch):
     calls.clear()
     assert G.main(["--out", str(tmp_path / "b"), "--budget", "120", "--skip", "bench"]) == 0
     assert calls == [("tests", 120)]
+
+
+def test_gpu_rounds_are_back_to_back_calls_and_one_sync(monkeypatch):
+    """bench/_common.py timed_round: on a GPU a round is GPU_CALLS calls and one sync, and
+    bench/conftest.py reports the round's median per call (on the CPU: one call per round)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from _common import GPU_CALLS, timed_round
+
+    counts = {"calls": 0, "syncs": 0}
+
+    def body():
+        counts["calls"] += 1
+
+    def sync():
+        counts["syncs"] += 1
+
+    run, calls = timed_round(body, sync, on_gpu=True)
+    run()
+    assert calls == GPU_CALLS > 1 and counts == {"calls": GPU_CALLS, "syncs": 1}
+    run, calls = timed_round(body, sync, on_gpu=False)
+    run()
+    assert calls == 1 and counts == {"calls": GPU_CALLS + 1, "syncs": 2}
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench/conftest.py")
+    bench_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_conftest)
+    stats = SimpleNamespace(median=0.008, rounds=3)
+    config = SimpleNamespace(_benchmarksession=SimpleNamespace(benchmarks=[
+        SimpleNamespace(extra_info={"provider": "gpu", "calls": 4}, stats=stats, group="g",
+                        name="a"),
+        SimpleNamespace(extra_info={"provider": "cpu"}, stats=stats, group="g", name="b")]))
+    rows = bench_conftest._rows(config)["g"]
+    assert [(p, m) for p, _, m in rows] == [("gpu", 0.002), ("cpu", 0.008)]
