@@ -38,7 +38,8 @@ TRITON_TESTS = ("tests/test_triton.py",)
 # (report name, file, -k filter): the quick check leaves out the torch.compile baselines (their
 # compilation alone would take the budget) and keeps what the targets need
 BENCHES = (
-    ("soft_quant", "bench/bench_soft_quant.py", "act and (qgait or copy or learnable)"),
+    ("soft_quant", "bench/bench_soft_quant.py",
+     "(act or 256M) and (qgait or copy or learnable)"),
     ("pooling", "bench/bench_pooling.py", "not compiled"),
     ("packed_conv3d", "bench/bench_packed_conv3d_gpu.py", ""),
 )
