@@ -116,3 +116,30 @@ def test_paired_bootstrap_no_real_difference_interval_covers_zero():
     assert res["mean"]["lo"] < 0 < res["mean"]["hi"]
     with pytest.raises(ValueError, match="at least one"):
         paired_bootstrap([], b)
+
+
+def test_compare_hits_tool(tmp_path, capsys):
+    """tools/compare_hits.py: two stored evaluations compared as the study compares methods."""
+    import sys
+    from pathlib import Path
+
+    from qgait.pipeline.study import save_hits
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import compare_hits
+
+    feats, subj, cond, view = _rows_three_views()
+    hits = casia_b_hits(feats, subj, cond, view)
+    worse = {"views": hits["views"], "cond": {
+        c: {**h, "hit": np.zeros_like(h["hit"])} for c, h in hits["cond"].items()}}
+    a, b = tmp_path / "a.hits.npz", tmp_path / "b.hits.npz"
+    save_hits(a, hits, {"k": 1})
+    save_hits(b, worse, {"k": 1})
+    assert compare_hits.main([str(a), str(b), "--n-boot", "200"]) == 0
+    out = capsys.readouterr().out
+    nm = next(line for line in out.splitlines() if line.startswith("| NM |"))
+    assert nm.startswith(f"| NM | {100 / 3:.2f} | 0.00 | +{100 / 3:.2f} [")
+    assert compare_hits.main([f"{a},{a}", f"{a},{a}", "--n-boot", "200"]) == 0
+    assert "| mean | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="missing.npz: no such hits file"):
+        compare_hits.main([str(tmp_path / "missing.npz"), str(b)])
