@@ -118,14 +118,13 @@ def test_paired_bootstrap_no_real_difference_interval_covers_zero():
         paired_bootstrap([], b)
 
 
-def test_compare_hits_tool(tmp_path, capsys):
+def test_compare_hits_tool(tmp_path, capsys, monkeypatch):
     """tools/compare_hits.py: two stored evaluations compared as the study compares methods."""
-    import sys
     from pathlib import Path
 
     from qgait.pipeline.study import save_hits
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
     import compare_hits
 
     feats, subj, cond, view = _rows_three_views()
