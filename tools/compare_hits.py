@@ -30,19 +30,15 @@ def load_group(spec: str) -> list[dict]:
     return out
 
 
-def compare(a: list[dict], b: list[dict], n_boot: int = 10000) -> dict:
-    from qgait.evaluation.bootstrap import paired_bootstrap
-
-    return paired_bootstrap(a, b, n_boot=n_boot)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("a", help="hits file(s) of A, comma-separated over seeds")
     ap.add_argument("b", help="hits file(s) of B, comma-separated over seeds")
     ap.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
     args = ap.parse_args(argv)
-    res = compare(load_group(args.a), load_group(args.b), args.n_boot)
+    from qgait.evaluation.bootstrap import paired_bootstrap
+
+    res = paired_bootstrap(load_group(args.a), load_group(args.b), n_boot=args.n_boot)
     print("| condition | A | B | A - B [95%] |")
     print("| --- | --- | --- | --- |")
     for cond, r in res.items():
