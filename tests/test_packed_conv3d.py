@@ -313,6 +313,7 @@ def test_channels_last_input_same_result():
 LAYOUT_CASES = [
     (1, 8, 16, (3, 5, 6), (3, 3, 3), 1, 1, 1),             # C_in = the buffer's channel width
     (2, 12, 9, (2, 4, 7), (1, 3, 3), 1, (0, 2, 1), 1),     # pad differs per axis
+    (2, 8, 5, (4, 5, 6), (3, 3, 3), 1, (2, 0, 0), 1),      # no H / W halo, T halo only
     (1, 5, 7, (3, 4, 5), (3, 3, 3), 1, 1, 1),              # C_in padded to 8 in the buffer
 ]
 
