@@ -18,6 +18,10 @@ CASES = [
     (1, 20, 70, (4, 7, 9), (3, 3, 3), 2, 1, 2),           # dilation 2, C_out over one tile
     (1, 36, 8, (3, 4, 13), (3, 3, 3), (1, 2, 1), (1, 0, 1), (2, 1, 1)),  # mixed per axis
     (1, 13, 9, (2, 3, 37), (1, 3, 3), 1, 1, 1),           # W over three 16-pixel blocks
+    # C_in = 1 folds the W taps into the 4-byte steps (kW <= 4, W undilated)
+    (2, 1, 18, (3, 9, 11), (3, 3, 3), (1, 2, 2), 1, 1),   # the stem: stride 2 in H / W
+    (1, 1, 5, (2, 4, 9), (2, 2, 4), 1, (1, 0, 2), 1),     # kW = 4: all 4 slots, no H padding
+    (1, 1, 7, (2, 5, 8), (1, 3, 3), 1, 1, (1, 1, 2)),     # W dilated: not folded
 ]
 TINY = [  # for the Triton interpreter
     (1, 3, 5, (2, 3, 4), (3, 3, 3), 1, 1, 1),
@@ -314,6 +318,7 @@ LAYOUT_CASES = [
     (1, 8, 16, (3, 5, 6), (3, 3, 3), 1, 1, 1),             # C_in = the buffer's channel width
     (2, 12, 9, (2, 4, 7), (1, 3, 3), 1, (0, 2, 1), 1),     # pad differs per axis
     (2, 8, 5, (4, 5, 6), (3, 3, 3), 1, (2, 0, 0), 1),      # no H / W halo, T halo only
+    (1, 1, 6, (2, 5, 7), (3, 3, 3), (1, 2, 2), 1, 1),      # C_in = 1, W taps folded
     (1, 5, 7, (3, 4, 5), (3, 3, 3), 1, 1, 1),              # C_in padded to 8 in the buffer
 ]
 

@@ -64,6 +64,7 @@ struct Epi {
 struct Ctx {
   ConvGeom g;
   int64_t Tp, Hp, Wp, Cp;  // padded input buffer [N, Tp, Hp, Wp, Cp] (uint8 codes)
+  int64_t kc;              // bytes of the reduction per tap: Cp, or 4 with the W taps folded
   const uint8_t* xp;
   std::vector<int64_t> toff;  // byte offset of each tap relative to the window's corner
   int64_t Coutp;              // output channels rounded up to 16
@@ -117,7 +118,7 @@ void quant_row_scalar(const float* x, int64_t n, uint8_t* u, float r, float qn, 
 }
 
 // ---- scalar path ----------------------------------------------------------------------------
-// ws: int16 weights [Co][taps][Cp] (int4 already unpacked).
+// ws: int16 weights [Co][ktaps][kc] (int4 already unpacked).
 void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
   const int64_t ntaps = static_cast<int64_t>(c.toff.size());
@@ -131,8 +132,8 @@ void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
         int32_t acc = 0;
         for (int64_t k = 0; k < ntaps; ++k) {
           const uint8_t* ap = a + c.toff[k];
-          const int16_t* wp = ws + (co * ntaps + k) * c.Cp;
-          for (int64_t ch = 0; ch < c.Cp; ++ch) acc += static_cast<int32_t>(ap[ch]) * wp[ch];
+          const int16_t* wp = ws + (co * ntaps + k) * c.kc;
+          for (int64_t ch = 0; ch < c.kc; ++ch) acc += static_cast<int32_t>(ap[ch]) * wp[ch];
         }
         epi_one(c.E, co, acc, c.y, pix * g.Co + co);
       }
@@ -615,7 +616,7 @@ inline int tile_width(int64_t Wo, int64_t w0) {
 void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
   const ConvGeom& g = c.g;
   const int64_t ngrp = (c.Coutp + 63) / 64, ntaps = static_cast<int64_t>(c.toff.size());
-  const int64_t ksteps = c.Cp / 4;
+  const int64_t ksteps = c.kc / 4;
   const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
   const int64_t tstride = ksteps * c.Coutp * 4;
@@ -680,8 +681,9 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
   static thread_local std::vector<uint16_t> s16;
   const int64_t rowlen = c.Wp * c.Cp, nrows = g.kT * g.kH;
-  if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen))
-    s16.resize(static_cast<size_t>(nrows * rowlen));
+  // (+4: the folded W taps read up to 3 codes past the last row, see `fold`)
+  if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
+    s16.resize(static_cast<size_t>(nrows * rowlen + 4));
   std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
   alignas(32) int32_t out[kMA * 16];
   const int64_t astep = g.sW * c.Cp;
@@ -806,7 +808,10 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
                      int64_t Cp, int zp, float r, float qn, float qp) {
   std::vector<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
-  if (buf.size() < total) buf.resize(total);
+  // 4 bytes of slack: with the W taps folded (Cp = 1) the last window's 4-byte read passes
+  // the end by up to 3 bytes (which meet zero weights)
+  if (buf.size() < total + 4) buf.resize(total + 4);
+  std::memset(buf.data() + total, zp, 4);
   const auto st = x.strides();
   const auto dt = x.scalar_type();
   const bool flt = dt == at::kFloat;
@@ -828,7 +833,7 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   // point where a busy machine can stall the call until all threads are scheduled again.
   if (code_rows) fill_halo(buf.data(), g, Tp, Hp, Wp, Cp, zp);
   else std::memset(buf.data(), zp, total);
-  if (flt && wrows && isa >= Isa::AVX2) {
+  if (flt && wrows && isa >= Isa::AVX2 && Cp % 4 == 0) {
     const auto frame = isa >= Isa::AVX512 ? quant_frame_clast_avx512 : quant_frame_clast_avx2;
     at::parallel_for(0, g.N * g.T, 1, [&](int64_t b, int64_t e) {
       for (int64_t nt = b; nt < e; ++nt) {
@@ -847,6 +852,13 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
       const int64_t h = row % g.H, t = (row / g.H) % g.T, n = row / (g.H * g.T);
       uint8_t* dst = buf.data() + (((n * Tp + t + g.pT) * Hp + h + g.pH) * Wp + g.pW) * Cp;
       const int64_t off = n * st[0] + t * st[2] + h * st[3];
+      if (Cp == 1 && wrows) {  // one channel, unpadded: the row itself
+        const int64_t o = off;
+        if (flt) qrow(static_cast<const float*>(xv) + o, g.W, dst, r, qn, qp, zp);
+        else if (dt == at::kChar) shift_codes(static_cast<const int8_t*>(xv) + o, dst, g.W, zp);
+        else std::memcpy(dst, static_cast<const uint8_t*>(xv) + o, g.W);  // uint8 / bool
+        continue;
+      }
       if (code_rows) {
         if (dt == at::kChar) {
           shift_codes(static_cast<const int8_t*>(xv) + off, dst, g.W * g.C, zp);
@@ -894,32 +906,74 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
   return buf.data();
 }
 
-// Integer weight w[co][tap][ch] from the public packed tensor [Co, kT, kH, kW, Cb].
-inline int32_t weight_at(const uint8_t* wp, int64_t w_bits, int64_t cb, int64_t ntaps, int64_t co,
-                         int64_t tap, int64_t ch) {
-  const uint8_t byte = wp[(co * ntaps + tap) * cb + (w_bits == 8 ? ch : ch >> 1)];
-  if (w_bits == 8) return static_cast<int8_t>(byte);
-  const int nib = (ch & 1) ? (byte >> 4) : (byte & 0x0F);
-  return (nib ^ 8) - 8;
+// Integer weights wi[co][tap][ch] (int4 widened) from the public packed tensor
+// [Co, kT, kH, kW, Cb], with each output channel's sum (for the zero-point correction) and the
+// range of all (for the AVX2 choice). Plain loops over bytes: this runs on every call, and the
+// former per-element accessor took 130 us for a 64 -> 128 3x3 layer, as long as the layer's
+// convolution of a 2 x 2 input.
+std::vector<int8_t> unpack_weights(const uint8_t* wraw, int64_t w_bits, int64_t cb, int64_t ntaps,
+                                   int64_t C, int64_t Co, int32_t* wsum, int64_t& wlo,
+                                   int64_t& whi) {
+  const int64_t per = ntaps * C;
+  std::vector<int8_t> wi(static_cast<size_t>(Co * per));
+  for (int64_t r = 0; r < Co * ntaps; ++r) {
+    const uint8_t* src = wraw + r * cb;
+    int8_t* dst = wi.data() + r * C;
+    if (w_bits == 8) {
+      std::memcpy(dst, src, C);
+      continue;
+    }
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const int nib = (ch & 1) ? (src[ch >> 1] >> 4) : (src[ch >> 1] & 0x0F);
+      dst[ch] = static_cast<int8_t>((nib ^ 8) - 8);
+    }
+  }
+  int lo = 0, hi = 0;
+  for (int64_t co = 0; co < Co; ++co) {
+    const int8_t* w = wi.data() + co * per;
+    int32_t sum = 0;
+    int l = 0, h = 0;
+    for (int64_t i = 0; i < per; ++i) {
+      sum += w[i];
+      l = std::min<int>(l, w[i]);
+      h = std::max<int>(h, w[i]);
+    }
+    wsum[co] = sum;
+    lo = std::min(lo, l);
+    hi = std::max(hi, h);
+  }
+  wlo = lo, whi = hi;
+  return wi;
 }
 
-// Weights as [Coutp/B][taps][Cp/G][B][G] of T (int4 widened), zero past C_in and C_out: lane co
-// of a vector then holds G consecutive input channels of output channel co, and the B channels
-// one tile reads are contiguous from step to step. (B = Coutp: [taps][Cp/G][Coutp][G].) The AVX2
-// tiles read B = 16 channels: with the full Coutp between steps (512 bytes for 128 channels)
-// their weights fell into an eighth of L1's sets and came from L2, at a third of the speed.
+// The reduction as the kernels walk it: ktaps steps of kc bytes each, wk[co][k][j] for
+// j < kc, from wi viewed as [Co][ktaps][per] (per = C_in, or kW when the W taps are folded
+// into the channels, see `fold` below), zero past per.
+std::vector<int8_t> reduction_weights(const std::vector<int8_t>& wi, int64_t Co, int64_t ktaps,
+                                      int64_t per, int64_t kc) {
+  std::vector<int8_t> wk(static_cast<size_t>(Co * ktaps * kc), 0);
+  for (int64_t r = 0; r < Co * ktaps; ++r)
+    std::memcpy(wk.data() + r * kc, wi.data() + r * per, per);
+  return wk;
+}
+
+// Weights as [Coutp/B][ktaps][kc/G][B][G] of T, zero past C_out: lane co of a vector then holds
+// G consecutive reduction bytes of output channel co, and the B channels one tile reads are
+// contiguous from step to step. (B = Coutp: [ktaps][kc/G][Coutp][G].) The AVX2 tiles read
+// B = 16 channels: with the full Coutp between steps (512 bytes for 128 channels) their weights
+// fell into an eighth of L1's sets and came from L2, at a third of the speed.
 template <typename T, int G>
-std::vector<T> interleave_weights(const uint8_t* wraw, int64_t w_bits, int64_t cb, int64_t ntaps,
-                                  int64_t C, int64_t Co, int64_t Cp, int64_t Coutp,
-                                  int64_t B = 0) {
+std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps,
+                                  int64_t kc, int64_t Coutp, int64_t B = 0) {
   if (B == 0) B = Coutp;
-  std::vector<T> out(static_cast<size_t>(ntaps * Cp * Coutp), 0);
-  const int64_t K = ntaps * (Cp / G);
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t k = 0; k < ntaps; ++k)
-      for (int64_t ch = 0; ch < C; ++ch)
-        out[(((co / B) * K + k * (Cp / G) + ch / G) * B + co % B) * G + ch % G] =
-            static_cast<T>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+  std::vector<T> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
+  const int64_t K = ktaps * (kc / G), n = ktaps * kc;
+  for (int64_t co = 0; co < Co; ++co) {
+    T* o = out.data() + (co / B) * K * B * G + (co % B) * G;
+    const int8_t* w = wk.data() + co * n;
+    for (int64_t s = 0; s < K; ++s, o += B * G, w += G)  // one lane's G values per step
+      for (int j = 0; j < G; ++j) o[j] = static_cast<T>(w[j]);
+  }
   return out;
 }
 
@@ -949,31 +1003,29 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   c.Tp = g.T + 2 * g.pT;
   c.Hp = g.H + 2 * g.pH;
   c.Wp = g.W + 2 * g.pW;
-  c.Cp = (g.C + 3) / 4 * 4;
+  // One input channel (the silhouette stem): instead of padding C_in to 4 (3/4 of every
+  // multiply-add on zeros), the kW taps of a window row, consecutive bytes of a 1-channel
+  // buffer, take the 4 byte slots of a step (a zero weight in the slots past kW; the read past
+  // a row's end lands in the next row or the buffer's slack and is multiplied by it). A
+  // 3 x 3 x 3 stem then runs 9 steps of 4 bytes per output pixel instead of 27.
+  const bool fold = g.C == 1 && g.kW <= 4 && g.dW == 1;
+  c.Cp = fold ? 1 : (g.C + 3) / 4 * 4;
+  c.kc = fold ? 4 : c.Cp;
   c.Coutp = (g.Co + 15) / 16 * 16;
   for (int64_t kt = 0; kt < g.kT; ++kt)
     for (int64_t kh = 0; kh < g.kH; ++kh)
-      for (int64_t kw = 0; kw < g.kW; ++kw)
+      for (int64_t kw = 0; kw < (fold ? 1 : g.kW); ++kw)
         c.toff.push_back(((kt * g.dT * c.Hp + kh * g.dH) * c.Wp + kw * g.dW) * c.Cp);
-  const int64_t ntaps = static_cast<int64_t>(c.toff.size());
+  const int64_t ktaps = static_cast<int64_t>(c.toff.size());
+  const int64_t ntaps = g.kT * g.kH * g.kW;
 
-  // Weight sums (for the zero-point correction) and the weight range (for the AVX2 choice).
   const at::Tensor wpk = w_packed.contiguous();
-  const uint8_t* wraw = static_cast<const uint8_t*>(wpk.const_data_ptr());
-  const int64_t cb = w_packed.size(4);
   std::vector<int32_t> wsum(c.Coutp, 0);
   int64_t wlo = 0, whi = 0;
-  for (int64_t co = 0; co < g.Co; ++co) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < ntaps; ++k)
-      for (int64_t ch = 0; ch < g.C; ++ch) {
-        const int32_t v = weight_at(wraw, w_bits, cb, ntaps, co, k, ch);
-        s += v;
-        wlo = std::min<int64_t>(wlo, v);
-        whi = std::max<int64_t>(whi, v);
-      }
-    wsum[co] = s;
-  }
+  const std::vector<int8_t> wk = reduction_weights(
+      unpack_weights(static_cast<const uint8_t*>(wpk.const_data_ptr()), w_bits,
+                     w_packed.size(4), ntaps, g.C, g.Co, wsum.data(), wlo, whi),
+      g.Co, ktaps, fold ? g.kW : g.C, c.kc);
 
   // Range of the input integers [lo, hi] (lo <= 0 <= hi); the codes are u = x_int - lo, in
   // [0, hi - lo], and the padding holds -lo, the code of zero. A float input is clamped to its
@@ -1041,8 +1093,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const int64_t rows = g.N * g.To * g.Ho;
 
   if (path == Path::VNNI) {
-    const std::vector<uint8_t> wv =
-        interleave_weights<uint8_t, 4>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp);
+    const std::vector<uint8_t> wv = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
     const int64_t items = rows * ((c.Coutp + 63) / 64);
     parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, wv.data(), b, e); });
   } else if (path == Path::AVX2) {
@@ -1052,37 +1103,33 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
              : L >= 2           ? Avx2Kind::Maddubs
              : L == 1           ? Avx2Kind::Maddubs1
                                 : Avx2Kind::Madd16;
-    const int64_t G = p.kind == Avx2Kind::Madd16 ? 2 : 4;  // channels per step
-    const int64_t per_tap = c.Cp / G;
-    p.K = ntaps * per_tap;
+    const int64_t G = p.kind == Avx2Kind::Madd16 ? 2 : 4;  // bytes per step
+    const int64_t per_tap = c.kc / G;
+    p.K = ktaps * per_tap;
     p.L = std::max<int64_t>(1, std::min(L, p.K));
+    const int64_t kws = fold ? 1 : g.kW;
     for (int64_t kt = 0; kt < g.kT; ++kt)
       for (int64_t kh = 0; kh < g.kH; ++kh)
-        for (int64_t kw = 0; kw < g.kW; ++kw) {
+        for (int64_t kw = 0; kw < kws; ++kw) {
           // madd16 reads the 16-bit copies of the row's kT x kH input rows, laid end to end
           const int64_t tap = p.kind == Avx2Kind::Madd16
                                   ? ((kt * g.kH + kh) * c.Wp + kw * g.dW) * c.Cp
-                                  : c.toff[(kt * g.kH + kh) * g.kW + kw];
+                                  : c.toff[(kt * g.kH + kh) * kws + kw];
           for (int64_t j = 0; j < per_tap; ++j) p.aoff.push_back(tap + j * G);
         }
     std::vector<uint8_t> w8;
     std::vector<int16_t> w16;
     if (p.kind == Avx2Kind::Madd16) {
-      w16 = interleave_weights<int16_t, 2>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp, 16);
+      w16 = interleave_weights<int16_t, 2>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
       p.w = w16.data();
     } else {
-      w8 = interleave_weights<uint8_t, 4>(wraw, w_bits, cb, ntaps, g.C, g.Co, c.Cp, c.Coutp, 16);
+      w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
       p.w = w8.data();
     }
     p.wstride = 16 * G;  // elements per step of one 16-channel block
     parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_avx2(c, p, b, e); });
   } else {
-    std::vector<int16_t> ws(static_cast<size_t>(g.Co * ntaps * c.Cp), 0);
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t k = 0; k < ntaps; ++k)
-        for (int64_t ch = 0; ch < g.C; ++ch)
-          ws[(co * ntaps + k) * c.Cp + ch] =
-              static_cast<int16_t>(weight_at(wraw, w_bits, cb, ntaps, co, k, ch));
+    const std::vector<int16_t> ws(wk.begin(), wk.end());
     parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
   }
   return y;
