@@ -345,8 +345,12 @@ def test_module_binary_float_input_and_groups():
     m = PackedConv3d(1, 4, 3, padding=1, w_bits=4, a_bits=None)
     x = (torch.rand(1, 1, 2, 4, 4) < 0.5).float()
     assert torch.equal(m(x), m(x.bool()))
-    with pytest.raises(ValueError, match="qgait::packed_conv3d: .*binary"):
-        m(x * 0.5)
+    for bad in (0.5, 2.0, -1.0, 255.0, 256.0, float("nan"), float("inf")):
+        xb = x.clone()
+        xb[0, 0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match="qgait::packed_conv3d: .*binary"):
+            m(xb)
+    assert torch.equal(m(torch.where(x == 0, -0.0, x)), m(x))   # -0.0 is 0
     with pytest.raises(ValueError, match="qgait::packed_conv3d: .*groups=1"):
         PackedConv3d(4, 4, 3, groups=2)
 
