@@ -1,6 +1,11 @@
 """Shared helpers for benchmarks: machine facts and timing helpers."""
+import ctypes
+import functools
 import os
 import platform
+import shutil
+import subprocess
+import tempfile
 
 import torch
 
@@ -28,6 +33,27 @@ def cpu_class() -> str:
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; flags: {have}; "
             f"qgait ISA {qgait.cpu_isa()} (QGAIT_CPU_ISA={os.environ.get('QGAIT_CPU_ISA', '-')}), "
             f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}")
+
+
+@functools.cache
+def int8_peak_lib():
+    """bench/peak/int8_peak.cpp as a shared library (``int8_peak(macs, threads)``), or the
+    reason it cannot be had."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        return "no C++ compiler"
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak", "int8_peak.cpp")
+    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libint8_peak.so")
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-pthread", src, "-o", out],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"building int8_peak.cpp failed: {r.stderr.strip()[:200]}"
+    lib = ctypes.CDLL(out)
+    if not lib.has_vnni():
+        return "this CPU has no AVX-512 VNNI"
+    lib.int8_peak.restype = None
+    lib.int8_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+    return lib
 
 
 def machine_info() -> dict:

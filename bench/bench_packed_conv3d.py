@@ -18,12 +18,6 @@ Modes:
          convolution's "% of peak" is measured in the same run.
 extra_info: ops = 2 * MACs (TOPS), weight_bytes.
 """
-import ctypes
-import functools
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 
 import pytest
@@ -33,7 +27,7 @@ import torch.nn.functional as F
 from qgait.ops import packed_conv3d
 from qgait.quant import pack_weight
 
-from _common import machine_info
+from _common import int8_peak_lib, machine_info
 
 LAYERS = {"A": ((4, 32, 30, 64, 44), 64), "B": ((4, 64, 30, 32, 22), 128)}
 X_SCALE, OUT_SCALE = 0.01, 0.05
@@ -96,28 +90,8 @@ def _torch_ao(mode, x, w_int, w_scale, bias):
         return (lambda: conv(q)), co * ci * 27
 
 
-@functools.cache
-def _peak_lib():
-    """bench/peak/int8_peak.cpp as a shared library, or the reason it cannot be had."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        return "no C++ compiler"
-    src = os.path.join(os.path.dirname(__file__), "peak", "int8_peak.cpp")
-    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libint8_peak.so")
-    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-pthread", src, "-o", out],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        return f"building int8_peak.cpp failed: {r.stderr.strip()[:200]}"
-    lib = ctypes.CDLL(out)
-    if not lib.has_vnni():
-        return "this CPU has no AVX-512 VNNI"
-    lib.int8_peak.restype = None
-    lib.int8_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
-    return lib
-
-
 def _peak(macs):
-    lib = _peak_lib()
+    lib = int8_peak_lib()
     if isinstance(lib, str):
         pytest.skip(lib)
     threads = torch.get_num_threads()

@@ -168,3 +168,9 @@ def test_stem_share_bench_runs():
                         r"a_bits=None\): .* = (\d+\.\d)%$", p.stdout, re.M)
     assert [s[0] for s in shares] == ["w8a8", "w4a4"], p.stdout
     assert all(0.0 < float(s[1]) < 100.0 for s in shares)
+    # one line per packed convolution with its real multiply-adds: the stem's are
+    # 30 frames x 32 x 22 outputs x 16 channels x 27 taps x 1 input channel
+    layers = re.findall(r"^  (\S+) +(\d+) -> (\d+) +k\(.*\) +([\d.]+) M MAC", p.stdout, re.M)
+    assert len(layers) == 12, p.stdout
+    assert layers[0][:3] == ("stem.0", "1", "16") and layers[0][3] == "9.1", layers[0]
+    assert p.stdout.count("of the model's CPU time") == 2
