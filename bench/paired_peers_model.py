@@ -2,7 +2,7 @@
 eager, torch int8 (x86 / oneDNN backend), onnxruntime int8 (QOperator and QDQ) and qgait's packed
 W8A8 / W4A8 / W4A4 models, timed in paired, rotating rounds.
 
-    python bench/paired_peers_model.py [--widths 0.5 1.0] [--bits W8A8 W4A8 W4A4] [--rounds 10]
+    python bench/paired_peers_model.py [--widths 0.5 1.0] [--bits W8A8 W4A8 W4A4 W8A7] [--rounds 10]
     QGAIT_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/paired_peers_model.py  # AVX2 class
     python bench/paired_peers_model.py --checkpoint model.pt   # a trained fp model file
 
@@ -55,7 +55,11 @@ import torch.nn as nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import add_timing_args, cpu_class, timer  # noqa: E402
 
-BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+# W8A7: the activation precision torch's "x86" qconfig gives its int8 peer (HistogramObserver
+# with reduce_range=True: codes 0..127, so that vpmaddubsw cannot saturate without VNNI); not
+# in the default list, which compares qgait's exact 8-bit activations.
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W8A7": (8, 7)}
+DEFAULT_BITS = ["W8A8", "W4A8", "W4A4"]
 TARGETS = {"W8A8": 1.3, "W4A4": 1.5}
 TRUNK = ("stem", "stage1", "pool1", "stage2", "stage3")
 
@@ -367,7 +371,7 @@ def _contenders(model, x, calib, args, threads, workdir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", nargs="+", type=float, default=[0.5, 1.0])
-    ap.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    ap.add_argument("--bits", nargs="+", default=DEFAULT_BITS, choices=list(BITS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--calib", type=int, default=4, help="calibration sequences (default 4)")
