@@ -1,6 +1,7 @@
 """bench/paired_peers_model.py runs end to end at its smallest settings: every contender is built
-(torch fp32, torch int8, onnxruntime int8 QOperator / QDQ, qgait packed W8A8 / W4A8 / W4A4), the
-embeddings agree with the fp32 model's, and a ratio line is printed for each qgait model.
+(torch fp32, torch int8, onnxruntime int8 QOperator / QDQ, qgait packed W8A8 / W4A8 / W4A4 and
+the optional W8A7), the embeddings agree with the fp32 model's, and a ratio line is printed for
+each qgait model.
 Times are printed by the script, never checked here."""
 import os
 import re
@@ -20,17 +21,19 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "paired_peers_model.
 def test_paired_peers_model_smallest():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--frames", "4",
-                        "--rounds", "1", "--calib", "1", "--threads", "1"],
+                        "--rounds", "1", "--calib", "1", "--threads", "1",
+                        "--bits", "W8A8", "W4A8", "W4A4", "W8A7"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert out.startswith("CPU class: "), out[:500]
-    for bits in ("W8A8", "W4A8", "W4A4"):
+    for bits in ("W8A8", "W4A8", "W4A4", "W8A7"):
         assert re.search(rf"^ratio width 0.25 {bits}: fastest peer \(.+\) / qgait .* \d+\.\d+x",
                          out, re.M), out
     cos = dict(re.findall(r"^  width 0.25 (.+?)\s+\d+\.\d+ ms .*cosine to fp32 (-?\d\.\d+)$",
                           out, re.M))
-    int8 = ["onnxruntime int8 QOperator", "onnxruntime int8 QDQ", "qgait W8A8 packed"]
+    int8 = ["onnxruntime int8 QOperator", "onnxruntime int8 QDQ", "qgait W8A8 packed",
+            "qgait W8A7 packed"]
     if "x86" in torch.backends.quantized.supported_engines:
         int8.append("torch int8 x86")
     for label in ["torch fp32 eager", *int8]:
