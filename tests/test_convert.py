@@ -210,8 +210,16 @@ def test_packed_maxpool_codes_commute_with_requantization():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 5, 3, 9, 7, generator=g)
     q = lambda t: torch.round(torch.clamp(t / 0.1, -128, 127)).to(torch.int8)  # noqa: E731
-    for k, s in (((1, 2, 2), (1, 2, 2)), ((2, 3, 3), (1, 2, 2))):
+    # overlapping windows, and non-overlapping ones (stride = kernel: pooled an axis at a
+    # time) of 2 and 3 on odd sizes, so the floored tails are dropped
+    for k, s in (((1, 2, 2), (1, 2, 2)), ((2, 3, 3), (1, 2, 2)), ((2, 2, 2), (2, 2, 2)),
+                 ((1, 3, 3), (1, 3, 3)), ((3, 1, 2), (3, 1, 2))):
         pool = PackedMaxPool3d.from_pool(nn.MaxPool3d(k, s))
+        want = q(nn.functional.max_pool3d(z, k, s))
         codes = pool(q(z).contiguous(memory_format=torch.channels_last_3d))
-        assert codes.dtype == torch.int8 and torch.equal(codes, q(nn.functional.max_pool3d(z, k, s)))
+        assert codes.dtype == torch.int8 and torch.equal(codes, want), (k, s)
+        assert codes.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(pool(q(z)), want), (k, s)   # an NCDHW-contiguous input too
+        u = (q(z).to(torch.int16) + 128).to(torch.uint8)
+        assert torch.equal(pool(u), (want.to(torch.int16) + 128).to(torch.uint8)), (k, s)
         assert torch.equal(pool(z), nn.functional.max_pool3d(z, k, s))
