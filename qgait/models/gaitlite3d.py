@@ -54,8 +54,11 @@ class SeparateFCs(nn.Module):
         nn.init.xavier_uniform_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, Cin, P] -> [P, N, Cin] @ [P, Cin, Cout] -> [P, N, Cout] -> [N, Cout, P]
-        return torch.bmm(x.permute(2, 0, 1), self.weight.to(x.dtype)).permute(1, 2, 0)
+        # [N, Cin, P] -> [P, N, Cin] @ [P, Cin, Cout] -> [P, N, Cout] -> [N, Cout, P]. The
+        # permuted input is made contiguous first: bmm on the strided view copied it batch by
+        # batch (95 against 18 us for one 31-part sequence, 64 channels, 1 thread); the fake-quant
+        # and packed part FCs do the same, so all three multiply alike.
+        return torch.bmm(x.permute(2, 0, 1).contiguous(), self.weight.to(x.dtype)).permute(1, 2, 0)
 
     def extra_repr(self) -> str:
         return f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}"

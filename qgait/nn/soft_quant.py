@@ -263,7 +263,8 @@ class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     def forward(self, x):
         self._prepare(x)
         xq = self.quantized_input(x)
-        return torch.bmm(xq.permute(2, 0, 1), self.quantized_weight().to(xq.dtype)).permute(1, 2, 0)
+        return torch.bmm(xq.permute(2, 0, 1).contiguous(),   # see SeparateFCs.forward
+                         self.quantized_weight().to(xq.dtype)).permute(1, 2, 0)
 
     @classmethod
     def from_float(cls, fc: nn.Module, **quant):

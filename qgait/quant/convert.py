@@ -231,7 +231,8 @@ class PackedPartLinear(nn.Module):
     def forward(self, x):
         if self.a_bits is not None:
             x = soft_fake_quant(x, self.a_scale, bits=self.a_bits, signed=self.a_signed)
-        return torch.bmm(x.permute(2, 0, 1), self._dequantized(x.dtype)).permute(1, 2, 0)
+        return torch.bmm(x.permute(2, 0, 1).contiguous(),   # see SeparateFCs.forward
+                         self._dequantized(x.dtype)).permute(1, 2, 0)
 
     def extra_repr(self):
         return (f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}, "
