@@ -355,6 +355,76 @@ def test_module_binary_float_input_and_groups():
         PackedConv3d(4, 4, 3, groups=2)
 
 
+def _module_ref(m, x):
+    """The module's call spelled out through the public function (nothing kept)."""
+    return packed_conv3d(
+        x, m.w_packed, m.w_scale, w_bits=m.storage_bits, c_in=m.in_channels, x_scale=m.a_scale,
+        in_bits=m.a_bits, in_signed=m.a_signed, stride=m.stride, padding=m.padding,
+        dilation=m.dilation, bias=m.bias, bn_scale=m.bn_scale, bn_shift=m.bn_shift, act=m.act,
+        neg_slope=m.neg_slope, out="quant" if m.out_scale is not None else "float",
+        out_scale=m.out_scale, out_bits=m.out_bits, out_signed=m.out_signed, backend="reference")
+
+
+def test_module_kept_arguments_follow_every_change(monkeypatch):
+    """PackedConv3d keeps its checked arguments between calls; every change of what the call
+    reads (in-place writes, load_state_dict, replaced buffers, attributes, the backend, x's
+    dtype) must reach the next call."""
+    g = torch.Generator().manual_seed(0)
+    m = PackedConv3d(3, 5, 3, padding=1, w_bits=8, a_bits=8, a_signed=True)
+    with torch.no_grad():
+        m.w_packed.copy_(pack_weight(torch.randint(-128, 128, (5, 3, 3, 3, 3), generator=g), 8))
+        m.w_scale.copy_(torch.rand(5, generator=g) * 0.01 + 1e-3)
+        m.a_scale.fill_(0.05)
+    x = torch.randn(1, 3, 2, 5, 4, generator=g)
+
+    def check():
+        assert torch.equal(m(x), _module_ref(m, x))
+    check()
+    with torch.no_grad():
+        m.w_scale.mul_(2.0)                      # in place: the version moves
+    check()
+    with torch.no_grad():
+        m.w_scale[1] = -1.0                      # ... so the values are checked again
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        m(x)
+    with torch.no_grad():
+        m.w_scale[1] = 0.004
+    check()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["a_scale"] = torch.tensor(0.07)
+    m.load_state_dict(sd)
+    check()
+    m.bias = torch.full((5,), 0.25)              # a replaced buffer
+    check()
+    m.act, m.neg_slope = "leaky_relu", 0.2
+    check()
+    m.set_output_quant(torch.tensor(0.1), 8, True)
+    y = m(x)
+    assert y.dtype == torch.int8 and torch.equal(y, _module_ref(m, x))
+    m.set_output_quant(None)
+    check()
+    xi = torch.randint(-128, 128, x.shape, generator=g, dtype=torch.int8)
+    assert torch.equal(m(xi), _module_ref(m, xi))   # another dtype
+    m.backend = "cuda"                           # x is on the CPU: refused
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        m(x)
+    m.backend = None
+    monkeypatch.setenv("QGAIT_BACKEND", "nonesuch")
+    with pytest.raises(ValueError, match="unknown backend 'nonesuch'"):
+        m(x)
+    monkeypatch.delenv("QGAIT_BACKEND")
+    check()
+    with pytest.raises(ValueError, match="x has 4 input channels"):
+        m(torch.zeros(1, 4, 2, 5, 4))
+    with torch.inference_mode():                 # inference tensors: nothing is kept
+        mi = PackedConv3d(3, 5, 3, padding=1, w_bits=8, a_bits=8, a_signed=True)
+        mi.load_state_dict(m.state_dict())
+        mi.act, mi.neg_slope = m.act, m.neg_slope
+        assert torch.equal(mi(x), m(x))
+        mi.w_scale.mul_(2.0)
+        assert torch.equal(mi(x), _module_ref(mi, x))
+
+
 # ---- bad input ------------------------------------------------------------------------------
 def _bad_calls():
     x, wp, ws, kw = make_case(CASES[0], 8, "float_signed")
