@@ -1,5 +1,8 @@
 """packed_conv3d: every backend (and CPU ISA level) against the exact reference; packing; the
 fused epilogue against an independent float64 computation; binary input; bad input."""
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -416,6 +419,10 @@ def test_module_kept_arguments_follow_every_change(monkeypatch):
     check()
     with pytest.raises(ValueError, match="x has 4 input channels"):
         m(torch.zeros(1, 4, 2, 5, 4))
+    # a module that has run still pickles and copies (the kept arguments are not state)
+    m2 = pickle.loads(pickle.dumps(m))
+    assert "_prepared" in m.__dict__ and "_prepared" not in m2.__dict__
+    assert torch.equal(m2(x), m(x)) and torch.equal(copy.deepcopy(m)(x), m(x))
     with torch.inference_mode():                 # inference tensors: nothing is kept
         mi = PackedConv3d(3, 5, 3, padding=1, w_bits=8, a_bits=8, a_signed=True)
         mi.load_state_dict(m.state_dict())

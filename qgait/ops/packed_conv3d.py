@@ -425,6 +425,12 @@ class PackedConv3d(torch.nn.Module):
             raise ValueError(f"qgait::{OP}: cannot fold activation {type(act).__name__}")
         return m
 
+    def __getstate__(self):
+        # the kept arguments (see forward) hold the backend's callable: not part of the state
+        state = dict(super().__getstate__())
+        state.pop("_prepared", None)
+        return state
+
     def set_output_quant(self, out_scale: torch.Tensor | None, bits: int = 8,
                          signed: bool = False) -> None:
         """Requantize the output to the next layer's step (None: fp32 output)."""
