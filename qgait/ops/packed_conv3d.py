@@ -250,21 +250,20 @@ def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         >>> y = packed_conv3d(x, pack_weight(w_int, 4), w_scale, w_bits=4, c_in=32,
         ...                   x_scale=torch.tensor(0.05), padding=1, act="relu")
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"qgait::{OP}: x and w_packed must be tensors")
-    prep = _prepare(x.device, x.dtype, w_packed, w_scale, w_bits, c_in, x_scale, in_bits,
-                    in_signed, stride, padding, dilation, bias, bn_scale, bn_shift, act,
-                    neg_slope, out, out_scale, out_bits, out_signed, backend)
+    prep = _prepare(x, w_packed, w_scale, w_bits, c_in, x_scale, in_bits, in_signed, stride,
+                    padding, dilation, bias, bn_scale, bn_shift, act, neg_slope, out, out_scale,
+                    out_bits, out_signed, backend)
     return _run(x, prep)
 
 
-def _prepare(device, dtype, w_packed, w_scale, w_bits, c_in, x_scale, in_bits, in_signed,
-             stride, padding, dilation, bias, bn_scale, bn_shift, act, neg_slope, out,
-             out_scale, out_bits, out_signed, backend):
-    """Every check and conversion that does not depend on x beyond its device and dtype:
+def _prepare(x, w_packed, w_scale, w_bits, c_in, x_scale, in_bits, in_signed, stride, padding,
+             dilation, bias, bn_scale, bn_shift, act, neg_slope, out, out_scale, out_bits,
+             out_signed, backend):
+    """Every check and conversion that depends on x only through its device and dtype:
     (backend, the op's arguments after x). PackedConv3d keeps it between calls."""
-    if not isinstance(w_packed, torch.Tensor):
+    if not isinstance(x, torch.Tensor) or not isinstance(w_packed, torch.Tensor):
         raise TypeError(f"qgait::{OP}: x and w_packed must be tensors")
+    device, dtype = x.device, x.dtype
     if w_bits not in (4, 8):
         raise ValueError(f"qgait::{OP}: w_bits must be 8 or 4, got {w_bits!r}")
     want = torch.int8 if w_bits == 8 else torch.uint8
@@ -313,9 +312,8 @@ def _prepare(device, dtype, w_packed, w_scale, w_bits, c_in, x_scale, in_bits, i
         out_qn, out_qp = _grid(out_bits, out_signed, "output")
     st, pd, dl = (_triple("stride", stride, 1), _triple("padding", padding, 0),
                   _triple("dilation", dilation, 1))
-    # the backend depends on x only through its device (every why_not here)
-    probe = torch.empty(0, dtype=dtype, device=device)
-    impl = _backend.select(OP, _BACKENDS, backend, device.type == "cpu", probe)
+    # (every why_not of this op reads x's device only)
+    impl = _backend.select(OP, _BACKENDS, backend, device.type == "cpu", x)
     return impl, (x_scale, in_qn, in_qp, w_packed, w_scale, int(w_bits), int(c_in), st, pd, dl,
                   bias, bn_scale, bn_shift, ACTS[act], float(neg_slope), OUTS[out], out_scale,
                   out_qn, out_qp)
@@ -438,6 +436,8 @@ class PackedConv3d(torch.nn.Module):
         self.out_bits, self.out_signed = int(bits), bool(signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"qgait::{OP}: x and w_packed must be tensors")
         x_scale = self.a_scale
         if self.a_bits is None:
             x_scale = None
@@ -450,8 +450,6 @@ class PackedConv3d(torch.nn.Module):
                     raise ValueError(f"qgait::{OP}: this layer takes a binary input (a_bits="
                                      "None) but x holds values other than 0 and 1")
                 x = xb
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"qgait::{OP}: x and w_packed must be tensors")
         # The checks and conversions of every argument but x are kept between calls (they
         # were 36 us of Python per call, ~9% of a width-0.5 packed GaitLite3D), keyed by x's
         # device and dtype, the backend asked for, and every attribute the call reads: tensors
@@ -471,9 +469,9 @@ class PackedConv3d(torch.nn.Module):
             if kept is not None and kept[0] == key:
                 return _run(x, kept[1])
         prep = _prepare(
-            x.device, x.dtype, self.w_packed, self.w_scale, self.storage_bits, self.in_channels,
-            x_scale, self.a_bits or 8, self.a_signed, self.stride, self.padding, self.dilation,
-            self.bias, self.bn_scale, self.bn_shift, self.act, self.neg_slope,
+            x, self.w_packed, self.w_scale, self.storage_bits, self.in_channels, x_scale,
+            self.a_bits or 8, self.a_signed, self.stride, self.padding, self.dilation, self.bias,
+            self.bn_scale, self.bn_shift, self.act, self.neg_slope,
             "quant" if self.out_scale is not None else "float", self.out_scale, self.out_bits,
             self.out_signed, self.backend)
         if key is not None:
