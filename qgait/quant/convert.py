@@ -86,11 +86,11 @@ class PackedMaxPool3d(nn.MaxPool3d):
             return super().forward(x)
         k = _triple3(self.kernel_size)
         s = _triple3(self.stride if self.stride is not None else self.kernel_size)
-        out = [(x.shape[2 + i] - k[i]) // s[i] + 1 for i in range(3)]
         v = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C], a view of a channels-last tensor
         if s == k:
             return _pool_tiles(v, k).permute(0, 4, 1, 2, 3).contiguous(
                 memory_format=torch.channels_last_3d)
+        out = [(x.shape[2 + i] - k[i]) // s[i] + 1 for i in range(3)]
         # the window's elementwise maximum over strided views: C stays the contiguous axis, so
         # each step is one vectorized pass (an amax over reshaped window axes, a reduction
         # across strides, took longer than the convolution work the chain saves)
