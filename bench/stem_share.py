@@ -17,6 +17,7 @@ so its fractions read low). Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ def _macs(mod, out) -> int:
     return out.numel() * mod.in_channels * kt * kh * kw
 
 
+@functools.cache   # the shipped models share their layer shapes: each count timed once
 def _peak_seconds(macs: int, threads: int, reps: int = 5):
     """CPU seconds (wall x threads, comparable with the layers' CPU time) this CPU's VNNI peak
     needs for ``macs`` multiply-adds on ``threads`` threads, or None."""
