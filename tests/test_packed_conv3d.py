@@ -208,6 +208,31 @@ def test_cpu_code_range_extremes_exact(cpu_isa, shape, w_bits, wv, inp, what):
                            packed_conv3d(xr, wp, ws, backend="reference", **args)), what
 
 
+@pytest.mark.parametrize("view", ["channels_last_slice", "strided"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float32])
+def test_cpu_code_range_measured_on_views(cpu_isa, view, dtype):
+    """The AVX2 range choice measures the input over its memory block when the input is dense
+    in any stride order (a flat view), else over the tensor: a batch slice of a channels-last
+    map (dense, at a storage offset) and a strided slice (not dense), each with its extreme
+    codes only in its last sequence, so a view off by the offset, or over the wrong block,
+    misses them: the codes wrap, or int16 sums chosen too long for them overflow."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randint(0, 8, (3, 6, 4, 5, 7), generator=g).to(dtype)
+    big = big.contiguous(memory_format=torch.channels_last_3d)
+    x = big[1:] if view == "channels_last_slice" else big[:, :, ::2]
+    x[-1] = 127 if dtype == torch.int8 else 255 if dtype == torch.uint8 else 60.0  # 240 at 0.25
+    if dtype == torch.int8:
+        x[-1, :3] = -128
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) == (view == "channels_last_slice")
+    w_int = torch.full((9, 6, 3, 3, 3), -8)
+    w_int[0] = torch.randint(-8, 8, (6, 3, 3, 3), generator=g)
+    kw = dict(w_bits=4, c_in=6, stride=1, padding=1, dilation=1, x_scale=torch.tensor(0.25),
+              in_signed=dtype == torch.int8)
+    wp, ws = pack_weight(w_int, 4), torch.rand(9, generator=g) * 0.02 + 1e-3
+    assert torch.equal(packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw),
+                       packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw))
+
+
 def test_avx_vnni_path_exact():
     """The AVX-VNNI (VEX vpdpbusd) kernel, which the avx2 level uses on CPUs reporting avx_vnni."""
     import qgait

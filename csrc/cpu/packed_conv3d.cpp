@@ -764,6 +764,15 @@ void check_positive(const at::Tensor& t, const char* name) {
                 " must be finite and > 0, got ", p[i], " at index ", i);
 }
 
+// The elements of x as a 1-D contiguous view when they fill one dense block of memory (any
+// permutation of strides, e.g. channels-last), else x itself: for whole-tensor reductions,
+// whose order does not matter. at::aminmax on a channels-last int8 map copies it first
+// (480 us for [1, 64, 30, 16, 11], 1 thread, against 5 us on the flat view).
+at::Tensor flat_view(const at::Tensor& x) {
+  if (!x.is_non_overlapping_and_dense()) return x;
+  return x.as_strided({x.numel()}, {1});
+}
+
 // Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
 // The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
 // this size would page-fault on first touch at every call.
@@ -1032,23 +1041,24 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   // grid; integer codes are used as they are (like the reference), so where the AVX2 choice
   // depends on their range it is measured (one pass over the input).
   int64_t lo = in_qn, hi = in_qp;
+  const at::Tensor x_flat = flat_view(x);
   const bool avx2_small = path == Path::AVX2 && !cpu_has_avx_vnni() &&
                           avx2_chunk(255, wlo, whi) < 136;
   if (x.scalar_type() == at::kBool) {
     lo = 0, hi = 1;
   } else if (x.scalar_type() == at::kByte) {
-    lo = 0, hi = avx2_small ? x.max().item<int64_t>() : 255;
+    lo = 0, hi = avx2_small ? x_flat.max().item<int64_t>() : 255;
   } else if (x.scalar_type() == at::kChar) {
     lo = -128, hi = 127;
     if (avx2_small) {
-      const auto mm = at::aminmax(x);
+      const auto mm = at::aminmax(x_flat);
       lo = std::min<int64_t>(0, std::get<0>(mm).item<int64_t>());
       hi = std::max<int64_t>(0, std::get<1>(mm).item<int64_t>());
     }
   } else if (avx2_small) {
     // the codes are monotone in x: those of min(x) and max(x) bound them all (a NaN, which
     // takes in_qn, makes aminmax NaN: then the grid stays the range)
-    const auto mm = at::aminmax(x);
+    const auto mm = at::aminmax(x_flat);
     const float mn = std::get<0>(mm).item<float>(), mx = std::get<1>(mm).item<float>();
     if (!std::isnan(mn) && !std::isnan(mx)) {
       const float r = 1.0f / x_scale.item<float>();
