@@ -451,35 +451,125 @@ inline __m512i bcast32(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// wv is [taps][Cp/4][Coutp][4] int8; step k broadcasts input channels 4k..4k+3.
+// The tile's reduction is one walk over steps (taps x groups of 4 input channels): step s
+// broadcasts the 4 codes at aoff[s] of each pixel's window and runs vpdpbusd against the
+// tile's weights at wv + s * wstride (wv: [taps][Cp/4][Coutp][4] int8, so consecutive steps'
+// weights lie wstride = Coutp * 4 bytes apart, across taps too).
+//
+// The common tiles (5-6 pixels x 1, 2 or 4 blocks of 16 channels) are written as asm, the
+// accumulators in zmm0-23 for the whole walk: g++ 12 compiled the intrinsics loop, nested
+// over taps, with the accumulators moved between registers and the stack at every tap (about
+// 70 moves per tap, against 4 x 24 vpdpbusd per tap for 16 input channels), and flattened
+// over the steps, at every step (an asm statement per step would need more than the 30
+// operands g++ allows). zmm27: a pixel's broadcast codes; zmm28-31: the step's weights;
+// r10 / r11: the window of pixels 0 and 3 (pixel m at r10 + m * astep, m < 3, else r11 +
+// (m - 3) * astep).
+#define QV_D(w, r) "vpdpbusd %%zmm" #w ", %%zmm27, %%zmm" #r "\n\t"
+#define QV_PIX_1(m, A, r0) "vpbroadcastd " A ", %%zmm27\n\t" QV_D(28, r0)
+#define QV_PIX_2(m, A, r0, r1) QV_PIX_1(m, A, r0) QV_D(29, r1)
+#define QV_PIX_4(m, A, r0, r1, r2, r3) QV_PIX_2(m, A, r0, r1) QV_D(30, r2) QV_D(31, r3)
+#define QV_LD(m, nb, r) "vmovdqu64 " #m "*256+" #nb "*64(%[out]), %%zmm" #r "\n\t"
+#define QV_LD_1(m, A, r0) QV_LD(m, 0, r0)
+#define QV_LD_2(m, A, r0, r1) QV_LD_1(m, A, r0) QV_LD(m, 1, r1)
+#define QV_LD_4(m, A, r0, r1, r2, r3) QV_LD_2(m, A, r0, r1) QV_LD(m, 2, r2) QV_LD(m, 3, r3)
+#define QV_ST(m, nb, r) "vmovdqu64 %%zmm" #r ", " #m "*256+" #nb "*64(%[out])\n\t"
+#define QV_ST_1(m, A, r0) QV_ST(m, 0, r0)
+#define QV_ST_2(m, A, r0, r1) QV_ST_1(m, A, r0) QV_ST(m, 1, r1)
+#define QV_ST_4(m, A, r0, r1, r2, r3) QV_ST_2(m, A, r0, r1) QV_ST(m, 2, r2) QV_ST(m, 3, r3)
+#define QV_Z(r) "vpxord %%zmm" #r ", %%zmm" #r ", %%zmm" #r "\n\t"
+#define QV_Z_1(m, A, r0) QV_Z(r0)
+#define QV_Z_2(m, A, r0, r1) QV_Z(r0) QV_Z(r1)
+#define QV_Z_4(m, A, r0, r1, r2, r3) QV_Z(r0) QV_Z(r1) QV_Z(r2) QV_Z(r3)
+#define QV_P0 "(%%r10)"
+#define QV_P1 "(%%r10,%[as])"
+#define QV_P2 "(%%r10,%[as],2)"
+#define QV_P3 "(%%r11)"
+#define QV_P4 "(%%r11,%[as])"
+#define QV_P5 "(%%r11,%[as],2)"
+// (pixel, its address, its accumulators) for each tile shape: NB blocks x M pixels
+#define QV_T4_5(F) F(0, QV_P0, 0, 1, 2, 3) F(1, QV_P1, 4, 5, 6, 7) F(2, QV_P2, 8, 9, 10, 11) \
+  F(3, QV_P3, 12, 13, 14, 15) F(4, QV_P4, 16, 17, 18, 19)
+#define QV_T4_6(F) QV_T4_5(F) F(5, QV_P5, 20, 21, 22, 23)
+#define QV_T2_5(F) F(0, QV_P0, 0, 1) F(1, QV_P1, 2, 3) F(2, QV_P2, 4, 5) F(3, QV_P3, 6, 7) \
+  F(4, QV_P4, 8, 9)
+#define QV_T2_6(F) QV_T2_5(F) F(5, QV_P5, 10, 11)
+#define QV_T1_5(F) F(0, QV_P0, 0) F(1, QV_P1, 1) F(2, QV_P2, 2) F(3, QV_P3, 3) F(4, QV_P4, 4)
+#define QV_T1_6(F) QV_T1_5(F) F(5, QV_P5, 5)
+#define QV_W_1 "vmovdqu64 (%[wk]), %%zmm28\n\t"
+#define QV_W_2 QV_W_1 "vmovdqu64 64(%[wk]), %%zmm29\n\t"
+#define QV_W_4 QV_W_2 "vmovdqu64 128(%[wk]), %%zmm30\n\t" "vmovdqu64 192(%[wk]), %%zmm31\n\t"
+#define QV_WALK(T, NB)                                              \
+  "1:\n\t"                                                          \
+  "mov (%[ao]), %%r10\n\t"                                          \
+  "add %[a], %%r10\n\t"                                             \
+  "lea (%%r10,%[as],2), %%r11\n\t"                                  \
+  "add %[as], %%r11\n\t"                                            \
+  QV_W_##NB T(QV_PIX_##NB)                                          \
+  "add $8, %[ao]\n\t"                                               \
+  "add %[ws], %[wk]\n\t"                                            \
+  "dec %[n]\n\t"                                                    \
+  "jnz 1b\n\t"                                                      \
+  T(QV_ST_##NB)
+#define QV_CLOBBER                                                                        \
+  "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
+      "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",     \
+      "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm27", "xmm28", "xmm29",    \
+      "xmm30", "xmm31", "cc", "memory"
+#define QV_TILE(T, NB)                                                                    \
+  if (init)                                                                               \
+    asm volatile(T(QV_Z_##NB) QV_WALK(T, NB)                                              \
+                 : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
+                 : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
+                 : QV_CLOBBER);                                                           \
+  else                                                                                    \
+    asm volatile(T(QV_LD_##NB) QV_WALK(T, NB)                                             \
+                 : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
+                 : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
+                 : QV_CLOBBER)
+
+// out: [M][64] partial sums of this tile (rows of the row accumulator), read unless init.
+// nsteps >= 1 (every tile has a tap and a group of channels).
 template <int NB, int M>
-void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* toff, int64_t ntaps,
-               const uint8_t* wv, int64_t ksteps, int64_t Coutp, int32_t* out, bool init) {
-  // out: [M][64] partial sums of this tile (rows of the row accumulator), read unless init
-  __m512i acc[M][NB];
-  for (int m = 0; m < M; ++m)
-    for (int nb = 0; nb < NB; ++nb)
-      acc[m][nb] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(out + m * 64 + nb * 16);
-  const int64_t tstride = ksteps * Coutp * 4;
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const uint8_t* ap = a + toff[t];
-    const uint8_t* wp = wv + t * tstride;
-    for (int64_t k = 0; k < ksteps; ++k) {
-      const uint8_t* wk = wp + k * Coutp * 4;
+void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* aoff, int64_t nsteps,
+               const uint8_t* wv, int64_t wstride, int32_t* out, bool init) {
+  const int64_t* ao = aoff;
+  const uint8_t* wk = wv;
+  int64_t n = nsteps;
+  if constexpr (NB == 4 && M == 6) {
+    QV_TILE(QV_T4_6, 4);
+  } else if constexpr (NB == 4 && M == 5) {
+    QV_TILE(QV_T4_5, 4);
+  } else if constexpr (NB == 2 && M == 6) {
+    QV_TILE(QV_T2_6, 2);
+  } else if constexpr (NB == 2 && M == 5) {
+    QV_TILE(QV_T2_5, 2);
+  } else if constexpr (NB == 1 && M == 6) {
+    QV_TILE(QV_T1_6, 1);
+  } else if constexpr (NB == 1 && M == 5) {
+    QV_TILE(QV_T1_5, 1);
+  } else {  // the other shapes (narrow rows, 48 channels): the same walk in intrinsics
+    __m512i acc[M][NB];
+    for (int m = 0; m < M; ++m)
+      for (int nb = 0; nb < NB; ++nb)
+        acc[m][nb] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(out + m * 64 + nb * 16);
+    for (int64_t s = 0; s < n; ++s) {
+      const uint8_t* ap = a + ao[s];
+      const uint8_t* w = wk + s * wstride;
       __m512i b[NB];
-      for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(wk + nb * 64);
+      for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(w + nb * 64);
       for (int m = 0; m < M; ++m) {
-        const __m512i av = bcast32(ap + m * astep + 4 * k);
-        for (int nb = 0; nb < NB; ++nb) acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
+        const __m512i av = bcast32(ap + m * astep);
+        for (int nb = 0; nb < NB; ++nb)
+          acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
       }
     }
+    for (int m = 0; m < M; ++m)
+      for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + m * 64 + nb * 16, acc[m][nb]);
   }
-  for (int m = 0; m < M; ++m)
-    for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + m * 64 + nb * 16, acc[m][nb]);
 }
 
 using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const uint8_t*, int64_t,
-                        int64_t, int32_t*, bool);
+                        int32_t*, bool);
 
 template <int NB>
 constexpr VnniFn vnni_for(int M) {
@@ -620,6 +710,9 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
   const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
   const int64_t tstride = ksteps * c.Coutp * 4;
+  std::vector<int64_t> aoff(static_cast<size_t>(ntaps * ksteps));  // input offset of each step
+  for (int64_t t = 0; t < ntaps; ++t)
+    for (int64_t k = 0; k < ksteps; ++k) aoff[t * ksteps + k] = c.toff[t] + 4 * k;
   std::vector<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t grp = i % ngrp, r = i / ngrp;
@@ -631,9 +724,9 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
       const int64_t nt = std::min(tblock, ntaps - tb);
       for (int64_t w0 = 0; w0 < g.Wo;) {
         const int M = tile_width(g.Wo, w0);
-        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, c.toff.data() + tb, nt,
-                       wv + tb * tstride + co0 * 4, ksteps, c.Coutp, rowacc.data() + w0 * 64,
-                       tb == 0);
+        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, aoff.data() + tb * ksteps,
+                       nt * ksteps, wv + tb * tstride + co0 * 4, c.Coutp * 4,
+                       rowacc.data() + w0 * 64, tb == 0);
         w0 += M;
       }
     }
