@@ -176,109 +176,107 @@ namespace {
 // 12 accumulators on the stack, a store and a load per step each).
 constexpr int kMA = 4;
 
-// One step of one pixel in the 4-pixel tiles below: broadcast the pixel's 4 codes (2 for
-// madd16), multiply by the two weight vectors (ymm14, ymm15) and add into its two accumulators.
-// Written as asm because g++ 12 rotates loop-carried ymm accumulators through an extra
-// vmovdqa per accumulator and step (8 moves per 16 multiplies; the loop then ran at about the
-// speed of oneDNN's three-instruction int8 sequence).
-#define QG_PIX(src, acc0, acc1, MUL, ADD)                 \
-  "vpbroadcastd " src ", %%ymm13\n\t"                     \
-  MUL " %%ymm14, %%ymm13, %%ymm12\n\t"                    \
-  ADD " %%ymm12, %[" acc0 "], %[" acc0 "]\n\t"            \
-  MUL " %%ymm15, %%ymm13, %%ymm13\n\t"                    \
-  ADD " %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
-#define QG_WLOAD "vmovdqu (%[wk]), %%ymm14\n\t" "vmovdqu 32(%[wk]), %%ymm15\n\t"
-#define QG_4PIX(PIX, MUL, ADD, SCALE)                                                    \
-  PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                                  \
-  PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)                                  \
-  PIX("(%[p2],%[o]," SCALE ")", "h20", "h21", MUL, ADD)                                  \
-  PIX("(%[p3],%[o]," SCALE ")", "h30", "h31", MUL, ADD)
-#define QG_2PIX(PIX, MUL, ADD, SCALE)                                                    \
-  PIX("(%[p0],%[o]," SCALE ")", "h00", "h01", MUL, ADD)                                  \
-  PIX("(%[p1],%[o]," SCALE ")", "h10", "h11", MUL, ADD)
-#define QG_OUT4                                                                          \
-  : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3]),             \
-    [h20] "+x"(h[4]), [h21] "+x"(h[5]), [h30] "+x"(h[6]), [h31] "+x"(h[7])
-#define QG_OUT2 : [h00] "+x"(h[0]), [h01] "+x"(h[1]), [h10] "+x"(h[2]), [h11] "+x"(h[3])
-#define QG_IN4                                                                           \
-  : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),       \
-    [o] "r"(aoff[s])
-#define QG_IN2 : [wk] "r"(wk), [p0] "r"(p[0]), [p1] "r"(p[1]), [o] "r"(aoff[s])
-#define QG_CLOB : "xmm12", "xmm13", "xmm14", "xmm15"
+// The tiles below walk their K steps in one asm loop each, the accumulators of the P pixels x
+// 16 channels in ymm0-7 (pixel m: ymm 2m and 2m + 1) for the whole walk. Intrinsics, or an
+// asm statement per step, let g++ 12 keep them in memory: the madd16 loop stored all 8 to the
+// stack at every step (8 stores per 8 multiplies), the maddubs loop moved them between
+// registers and the stack at every chunk of L steps. ymm14 / 15: the step's weights for
+// channels 0-7 / 8-15; ymm13: a pixel's broadcast codes (4 of them; 2 16-bit codes for
+// madd16); ymm12: a product; ymm11: int16 ones (widening); rdx: the step's input offset.
+#define QA_R(r) "%%ymm" #r
+#define QA_PIX(MUL, ADD, SC, pm, a0, a1)                                   \
+  "vpbroadcastd (%[" pm "],%%rdx," SC "), %%ymm13\n\t"                     \
+  MUL " %%ymm14, %%ymm13, %%ymm12\n\t" ADD " %%ymm12, " QA_R(a0) ", " QA_R(a0) "\n\t" \
+  MUL " %%ymm15, %%ymm13, %%ymm13\n\t" ADD " %%ymm13, " QA_R(a1) ", " QA_R(a1) "\n\t"
+// L = 1: each vpmaddubsw result widened at once (vpmaddwd by ones) into int32.
+#define QA_PIX1(MUL, ADD, SC, pm, a0, a1)                                  \
+  "vpbroadcastd (%[" pm "],%%rdx,1), %%ymm13\n\t"                          \
+  "vpmaddubsw %%ymm14, %%ymm13, %%ymm12\n\t" "vpmaddwd %%ymm11, %%ymm12, %%ymm12\n\t"     \
+  "vpaddd %%ymm12, " QA_R(a0) ", " QA_R(a0) "\n\t"                         \
+  "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t" "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"     \
+  "vpaddd %%ymm13, " QA_R(a1) ", " QA_R(a1) "\n\t"
+#define QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p0", 0, 1) PIX(MUL, ADD, SC, "p1", 2, 3)
+#define QA_ROWS4(PIX, MUL, ADD, SC) \
+  QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p2", 4, 5) PIX(MUL, ADD, SC, "p3", 6, 7)
+#define QA_WALK(ROWS)                                                      \
+  "1:\n\t"                                                                 \
+  "mov (%[ao]), %%rdx\n\t"                                                 \
+  "vmovdqu (%[wk]), %%ymm14\n\t"                                           \
+  "vmovdqu 32(%[wk]), %%ymm15\n\t"                                         \
+  ROWS                                                                     \
+  "add $8, %[ao]\n\t"                                                      \
+  "add %[ws], %[wk]\n\t"                                                   \
+  "dec %[n]\n\t"                                                           \
+  "jnz 1b\n\t"
+#define QA_ONES "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm11\n\t" "vpbroadcastd %%xmm11, %%ymm11\n\t"
+#define QA_Z(r) "vpxor " QA_R(r) ", " QA_R(r) ", " QA_R(r) "\n\t"
+#define QA_Z2 QA_Z(0) QA_Z(1) QA_Z(2) QA_Z(3)
+#define QA_Z4 QA_Z2 QA_Z(4) QA_Z(5) QA_Z(6) QA_Z(7)
+#define QA_ST(r) "vmovdqu " QA_R(r) ", 32*" #r "(%[out])\n\t"
+#define QA_ST2 QA_ST(0) QA_ST(1) QA_ST(2) QA_ST(3)
+#define QA_ST4 QA_ST2 QA_ST(4) QA_ST(5) QA_ST(6) QA_ST(7)
+// out[r] += the int16 sums in ymm r, widened (vpmaddwd by ones)
+#define QA_ADD(r) "vpmaddwd %%ymm11, " QA_R(r) ", " QA_R(r) "\n\t" \
+  "vpaddd 32*" #r "(%[out]), " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_ADD2 QA_ADD(0) QA_ADD(1) QA_ADD(2) QA_ADD(3)
+#define QA_ADD4 QA_ADD2 QA_ADD(4) QA_ADD(5) QA_ADD(6) QA_ADD(7)
+#define QA_ASM(CODE)                                                                       \
+  asm volatile(CODE "vzeroupper\n\t"                                                       \
+               : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                                 \
+               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[P > 2 ? 2 : 0]),                \
+                 [p3] "r"(p[P > 2 ? 3 : 0]), [ws] "r"(ws), [out] "r"(out)                  \
+               : "rax", "rdx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",       \
+                 "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",        \
+                 "xmm15", "cc", "memory")
 
 // The tiles are 4 pixels wide (P = 4), or 2 for a row's last 1-2 pixels (with 44 or 22 output
 // pixels per row, 4-wide tiles alone computed 24 for 22). p[m]: window corner of pixel m (a
 // tile narrower than P repeats its last pixel; those rows of out are not read). w: int8
 // [K][16][4] (this tile's 16 channels), steps of 4 channels; aoff[s]: byte offset of step s.
-// out: [P][16] int32.
+// out: [P][16] int32. K >= 1.
 template <int P>
 void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
                   const int8_t* w, int64_t wstride, int32_t* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[2 * P];
-  for (int i = 0; i < 2 * P; ++i) acc[i] = _mm256_setzero_si256();
+  std::memset(out, 0, sizeof(int32_t) * 16 * P);
+  const int64_t ws = wstride;
+  // chunks of L steps, int16 sums in ymm0-7 (wrapping vpaddw: the bound on L keeps every
+  // true partial sum inside int16), added into out at the end of each
   for (int64_t s0 = 0; s0 < K; s0 += L) {
-    const int64_t s1 = std::min(K, s0 + L);
-    __m256i h[8];
-    for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
-    // wrapping vpaddw: the bound on L keeps every true partial sum inside int16
-    for (int64_t s = s0; s < s1; ++s) {
-      const int8_t* wk = w + s * wstride;
-      if constexpr (P == 4)
-        asm(QG_WLOAD QG_4PIX(QG_PIX, "vpmaddubsw", "vpaddw", "1") QG_OUT4 QG_IN4 QG_CLOB);
-      else
-        asm(QG_WLOAD QG_2PIX(QG_PIX, "vpmaddubsw", "vpaddw", "1") QG_OUT2 QG_IN2 QG_CLOB);
-    }
-    for (int i = 0; i < 2 * P; ++i)
-      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(h[i], ones));
+    const int64_t* ao = aoff + s0;
+    const int8_t* wk = w + s0 * wstride;
+    int64_t n = std::min(K - s0, L);
+    if constexpr (P == 4)
+      QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD4);
+    else
+      QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD2);
   }
-  for (int i = 0; i < 2 * P; ++i)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), acc[i]);
 }
 
 // p[m]: 16-bit codes; w: int16 [K][16][2], steps of 2 channels; aoff in 16-bit elements.
 template <int P>
 void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const int16_t* w,
                  int64_t wstride, int32_t* out) {
-  __m256i h[8];
-  for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
-  for (int64_t s = 0; s < K; ++s) {
-    const int16_t* wk = w + s * wstride;
-    if constexpr (P == 4)
-      asm(QG_WLOAD QG_4PIX(QG_PIX, "vpmaddwd", "vpaddd", "2") QG_OUT4 QG_IN4 QG_CLOB);
-    else
-      asm(QG_WLOAD QG_2PIX(QG_PIX, "vpmaddwd", "vpaddd", "2") QG_OUT2 QG_IN2 QG_CLOB);
-  }
-  for (int i = 0; i < 2 * P; ++i)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+  const int64_t* ao = aoff;
+  const int16_t* wk = w;
+  const int64_t ws = wstride * 2;  // bytes
+  int64_t n = K;
+  if constexpr (P == 4)
+    QA_ASM(QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST4);
+  else
+    QA_ASM(QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST2);
 }
 
-// L = 1: each vpmaddubsw result widened at once (vpmaddwd by ones, ymm11) into int32.
-#define QG_PIX1(src, acc0, acc1, MUL, ADD)                \
-  "vpbroadcastd " src ", %%ymm13\n\t"                     \
-  "vpmaddubsw %%ymm14, %%ymm13, %%ymm12\n\t"              \
-  "vpmaddwd %%ymm11, %%ymm12, %%ymm12\n\t"                \
-  "vpaddd %%ymm12, %[" acc0 "], %[" acc0 "]\n\t"          \
-  "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t"              \
-  "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"                \
-  "vpaddd %%ymm13, %[" acc1 "], %[" acc1 "]\n\t"
 template <int P>
 void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
                    const int8_t* w, int64_t wstride, int32_t* out) {
-  __m256i h[8];
-  for (int i = 0; i < 8; ++i) h[i] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t s = 0; s < K; ++s) {
-    const int8_t* wk = w + s * wstride;
-    if constexpr (P == 4)
-      asm("vmovdqa %[ones], %%ymm11\n\t" QG_WLOAD QG_4PIX(QG_PIX1, "", "", "1") QG_OUT4 QG_IN4,
-          [ones] "m"(ones) : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-    else
-      asm("vmovdqa %[ones], %%ymm11\n\t" QG_WLOAD QG_2PIX(QG_PIX1, "", "", "1") QG_OUT2 QG_IN2,
-          [ones] "m"(ones) : "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-  }
-  for (int i = 0; i < 2 * P; ++i)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 8), h[i]);
+  const int64_t* ao = aoff;
+  const int8_t* wk = w;
+  const int64_t ws = wstride;
+  int64_t n = K;
+  if constexpr (P == 4)
+    QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX1, "", "", "1")) QA_ST4);
+  else
+    QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX1, "", "", "1")) QA_ST2);
 }
 
 // Epilogue of M pixels x nco channels from acc rows of ld (16): epi_one's fp32 operations, 8
