@@ -233,6 +233,36 @@ def test_cpu_code_range_measured_on_views(cpu_isa, view, dtype):
                        packed_conv3d(x, wp, ws, out="acc", backend="reference", **kw))
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_cpu_prepared_weights_follow_their_bytes(cpu_isa, w_bits):
+    """The CPU op keeps each layer's prepared weights between calls, looked up by their bytes:
+    repeated calls, weights changed in place (same tensor and address; all of them, then only
+    the last byte) and equal weights in another tensor all give the reference's result."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 200, (1, 8, 3, 5, 6), generator=g).to(torch.uint8)
+    lim = 8 if w_bits == 4 else 128
+    w_int = torch.randint(-lim, lim, (20, 8, 3, 3, 3), generator=g)
+    wp = pack_weight(w_int, w_bits)
+    ws = torch.rand(20, generator=g) * 0.02 + 1e-3
+    kw = dict(w_bits=w_bits, c_in=8, stride=1, padding=1, dilation=1, x_scale=torch.tensor(0.5))
+
+    def check(w):
+        for out in ("acc", "float"):
+            assert torch.equal(packed_conv3d(x, w, ws, out=out, backend="cpu", **kw),
+                               packed_conv3d(x, w, ws, out=out, backend="reference", **kw))
+
+    check(wp)
+    check(wp)
+    ptr = wp.data_ptr()
+    wp.copy_(pack_weight(torch.randint(-lim, lim, w_int.shape, generator=g), w_bits))
+    check(wp)
+    flat = wp.view(-1)
+    flat[-1] = flat[-1] ^ 0x35
+    assert wp.data_ptr() == ptr
+    check(wp)
+    check(wp.clone())
+
+
 def test_avx_vnni_path_exact():
     """The AVX-VNNI (VEX vpdpbusd) kernel, which the avx2 level uses on CPUs reporting avx_vnni."""
     import qgait

@@ -33,8 +33,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu/alloc.h"
@@ -1008,9 +1012,9 @@ uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t
 
 // Integer weights wi[co][tap][ch] (int4 widened) from the public packed tensor
 // [Co, kT, kH, kW, Cb], with each output channel's sum (for the zero-point correction) and the
-// range of all (for the AVX2 choice). Plain loops over bytes: this runs on every call, and with
-// the former per-element accessor the whole op took 133 us (now 56 us) for a 64 -> 128 1x3x3
-// layer on a 2 x 2 input, i.e. mostly this preparation.
+// range of all (for the AVX2 choice). Plain loops over bytes: with the former per-element
+// accessor the whole op took 133 us (then 56 us) for a 64 -> 128 1x3x3 layer on a 2 x 2 input,
+// i.e. mostly this preparation, which ran on every call (now once per weights, `weight_prep`).
 std::vector<int8_t> unpack_weights(const uint8_t* wraw, int64_t w_bits, int64_t cb, int64_t ntaps,
                                    int64_t C, int64_t Co, int32_t* wsum, int64_t& wlo,
                                    int64_t& whi) {
@@ -1077,6 +1081,66 @@ std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int
   return out;
 }
 
+// ---- prepared weights, kept across calls ----------------------------------------------------
+// Unpacking, summing and laying out a layer's weights for the kernel ran on every call, serial
+// before the parallel part (56 us for GaitLite3D's 64 -> 128 layer). Entries are looked up by
+// the weights' bytes, of which each holds a copy: a hit needs a key of the same shapes and
+// layout and equal bytes (memcmp), so weights changed in place, or other weights at a reused
+// address, build a new entry, and layers with equal weights share one. Entries are immutable
+// and handed out as shared_ptr (eviction cannot free one in use); the list is bounded by entry
+// count and bytes, least recently used first out.
+enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16, Scalar };
+using PrepKey = std::array<int64_t, 9>;  // w_bits, Co, C, ntaps, ktaps, kc, Coutp, fold, layout
+
+struct WeightPrep {
+  PrepKey key{};
+  std::vector<uint8_t> bytes;   // the packed weights this entry was built from
+  std::vector<int32_t> wsum;    // Base: each output channel's sum (Coutp entries)
+  int64_t wlo = 0, whi = 0;     // Base: the range of all weights
+  std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
+  std::vector<uint8_t> w8;      // Vnni / Avx2U8 layouts
+  std::vector<int16_t> w16;     // Avx2I16 / Scalar
+  size_t size() const {
+    return bytes.size() + wsum.size() * 4 + wk.size() + w8.size() + w16.size() * 2;
+  }
+};
+
+constexpr size_t kPrepEntries = 64, kPrepBytes = size_t(64) << 20;
+
+template <typename Build>
+std::shared_ptr<const WeightPrep> weight_prep(const at::Tensor& wpk, const PrepKey& key,
+                                              Build&& build) {
+  static std::mutex mu;
+  static std::list<std::shared_ptr<const WeightPrep>> lru;
+  static size_t total = 0;
+  const auto* raw = static_cast<const uint8_t*>(wpk.const_data_ptr());
+  const size_t n = static_cast<size_t>(wpk.numel());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = lru.begin(); it != lru.end(); ++it) {
+      if ((*it)->key == key && (*it)->bytes.size() == n &&
+          std::memcmp((*it)->bytes.data(), raw, n) == 0) {
+        lru.splice(lru.begin(), lru, it);
+        return lru.front();
+      }
+    }
+  }
+  auto e = std::make_shared<WeightPrep>();
+  e->key = key;
+  e->bytes.assign(raw, raw + n);
+  build(*e);
+  const size_t sz = e->size();
+  if (sz > kPrepBytes / 4) return e;  // a very large layer: built, not kept
+  std::lock_guard<std::mutex> lock(mu);
+  lru.push_front(e);
+  total += sz;
+  while (lru.size() > kPrepEntries || total > kPrepBytes) {
+    total -= lru.back()->size();
+    lru.pop_back();
+  }
+  return e;
+}
+
 at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int64_t in_qn,
                              int64_t in_qp, const at::Tensor& w_packed, const at::Tensor& w_scale,
                              int64_t w_bits, int64_t c_in, at::IntArrayRef stride,
@@ -1120,12 +1184,19 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const int64_t ntaps = g.kT * g.kH * g.kW;
 
   const at::Tensor wpk = w_packed.contiguous();
-  std::vector<int32_t> wsum(c.Coutp, 0);
-  int64_t wlo = 0, whi = 0;
-  const std::vector<int8_t> wk = reduction_weights(
-      unpack_weights(static_cast<const uint8_t*>(wpk.const_data_ptr()), w_bits,
-                     w_packed.size(4), ntaps, g.C, g.Co, wsum.data(), wlo, whi),
-      g.Co, ktaps, fold ? g.kW : g.C, c.kc);
+  const auto key = [&](WLayout l) {
+    return PrepKey{w_bits, g.Co, g.C, ntaps, ktaps, c.kc, c.Coutp, fold, static_cast<int64_t>(l)};
+  };
+  const auto base = weight_prep(wpk, key(WLayout::Base), [&](WeightPrep& e) {
+    e.wsum.assign(c.Coutp, 0);
+    e.wk = reduction_weights(
+        unpack_weights(e.bytes.data(), w_bits, w_packed.size(4), ntaps, g.C, g.Co,
+                       e.wsum.data(), e.wlo, e.whi),
+        g.Co, ktaps, fold ? g.kW : g.C, c.kc);
+  });
+  const std::vector<int32_t>& wsum = base->wsum;
+  const std::vector<int8_t>& wk = base->wk;
+  const int64_t wlo = base->wlo, whi = base->whi;
 
   // Range of the input integers [lo, hi] (lo <= 0 <= hi); the codes are u = x_int - lo, in
   // [0, hi - lo], and the padding holds -lo, the code of zero. A float input is clamped to its
@@ -1194,9 +1265,11 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const int64_t rows = g.N * g.To * g.Ho;
 
   if (path == Path::VNNI) {
-    const std::vector<uint8_t> wv = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
+    const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
+      e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
+    });
     const int64_t items = rows * ((c.Coutp + 63) / 64);
-    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, wv.data(), b, e); });
+    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, lay->w8.data(), b, e); });
   } else if (path == Path::AVX2) {
     Avx2Plan p;
     const int64_t L = avx2_chunk(hi - lo, wlo, whi);
@@ -1218,15 +1291,13 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
                                   : c.toff[(kt * g.kH + kh) * kws + kw];
           for (int64_t j = 0; j < per_tap; ++j) p.aoff.push_back(tap + j * G);
         }
-    std::vector<uint8_t> w8;
-    std::vector<int16_t> w16;
-    if (p.kind == Avx2Kind::Madd16) {
-      w16 = interleave_weights<int16_t, 2>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
-      p.w = w16.data();
-    } else {
-      w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
-      p.w = w8.data();
-    }
+    const bool i16 = p.kind == Avx2Kind::Madd16;
+    const auto lay = weight_prep(wpk, key(i16 ? WLayout::Avx2I16 : WLayout::Avx2U8),
+                                 [&](WeightPrep& e) {
+      if (i16) e.w16 = interleave_weights<int16_t, 2>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
+      else e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
+    });
+    p.w = i16 ? static_cast<const void*>(lay->w16.data()) : lay->w8.data();
     p.wstride = 16 * G;  // elements per step of one 16-channel block
     parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_avx2(c, p, b, e); });
   } else {
