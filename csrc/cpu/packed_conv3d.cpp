@@ -705,16 +705,14 @@ inline int tile_width(int64_t Wo, int64_t w0) {
 // the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
 // Without the blocking every 6-pixel tile streams all weights of the layer (55-110 KB for the
 // benchmark layers) from L2; on this (shared) machine the two orders measured the same.
-void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
+// aoff: the input offset of each (tap, channel group) step, toff[t] + 4 k at t * kc / 4 + k.
+void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1) {
   const ConvGeom& g = c.g;
   const int64_t ngrp = (c.Coutp + 63) / 64, ntaps = static_cast<int64_t>(c.toff.size());
   const int64_t ksteps = c.kc / 4;
   const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
   const int64_t tstride = ksteps * c.Coutp * 4;
-  std::vector<int64_t> aoff(static_cast<size_t>(ntaps * ksteps));  // input offset of each step
-  for (int64_t t = 0; t < ntaps; ++t)
-    for (int64_t k = 0; k < ksteps; ++k) aoff[t * ksteps + k] = c.toff[t] + 4 * k;
   std::vector<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t grp = i % ngrp, r = i / ngrp;
@@ -726,7 +724,7 @@ void items_vnni(const Ctx& c, const uint8_t* wv, int64_t i0, int64_t i1) {
       const int64_t nt = std::min(tblock, ntaps - tb);
       for (int64_t w0 = 0; w0 < g.Wo;) {
         const int M = tile_width(g.Wo, w0);
-        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, aoff.data() + tb * ksteps,
+        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, aoff + tb * ksteps,
                        nt * ksteps, wv + tb * tstride + co0 * 4, c.Coutp * 4,
                        rowacc.data() + w0 * 64, tb == 0);
         w0 += M;
@@ -1089,7 +1087,7 @@ std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int
 // address, build a new entry, and layers with equal weights share one. Entries are immutable
 // and handed out as shared_ptr (eviction cannot free one in use); the list is bounded by entry
 // count and bytes, least recently used first out.
-enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16, Scalar };
+enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16 };
 using PrepKey = std::array<int64_t, 9>;  // w_bits, Co, C, ntaps, ktaps, kc, Coutp, fold, layout
 
 struct WeightPrep {
@@ -1099,7 +1097,7 @@ struct WeightPrep {
   int64_t wlo = 0, whi = 0;     // Base: the range of all weights
   std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
   std::vector<uint8_t> w8;      // Vnni / Avx2U8 layouts
-  std::vector<int16_t> w16;     // Avx2I16 / Scalar
+  std::vector<int16_t> w16;     // Avx2I16 layout
   size_t size() const {
     return bytes.size() + wsum.size() * 4 + wk.size() + w8.size() + w16.size() * 2;
   }
@@ -1268,8 +1266,14 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
       e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
     });
+    const int64_t ksteps = c.kc / 4;
+    std::vector<int64_t> aoff(static_cast<size_t>(ktaps * ksteps));
+    for (int64_t t = 0; t < ktaps; ++t)
+      for (int64_t k = 0; k < ksteps; ++k) aoff[t * ksteps + k] = c.toff[t] + 4 * k;
     const int64_t items = rows * ((c.Coutp + 63) / 64);
-    parallel_dynamic(items, [&](int64_t b, int64_t e) { items_vnni(c, lay->w8.data(), b, e); });
+    parallel_dynamic(items, [&](int64_t b, int64_t e) {
+      items_vnni(c, lay->w8.data(), aoff.data(), b, e);
+    });
   } else if (path == Path::AVX2) {
     Avx2Plan p;
     const int64_t L = avx2_chunk(hi - lo, wlo, whi);
