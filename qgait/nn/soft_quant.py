@@ -235,6 +235,16 @@ class SoftQuantLinear(_SoftQuantMixin, nn.Linear):
         return q
 
 
+def part_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-part linear maps: ``x`` [N, Cin, P] by ``w`` [P, Cin, Cout] -> [N, Cout, P].
+
+    The permuted input is made contiguous first: bmm on the strided view copied it batch by
+    batch (95 against 18 us for one 31-part sequence, 64 channels, 1 thread). GaitLite3D's
+    SeparateFCs, the fake-quant and the packed part FCs all multiply here, so all three alike.
+    """
+    return torch.bmm(x.permute(2, 0, 1).contiguous(), w.to(x.dtype)).permute(1, 2, 0)
+
+
 class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     """Per-part linear maps (OpenGait's SeparateFCs): ``[N, C_in, P] -> [N, C_out, P]`` with
     ``weight [P, C_in, C_out]``, quantized per (part, output channel) on the signed grid and
@@ -263,8 +273,7 @@ class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     def forward(self, x):
         self._prepare(x)
         xq = self.quantized_input(x)
-        return torch.bmm(xq.permute(2, 0, 1).contiguous(),   # see SeparateFCs.forward
-                         self.quantized_weight().to(xq.dtype)).permute(1, 2, 0)
+        return part_matmul(xq, self.quantized_weight())
 
     @classmethod
     def from_float(cls, fc: nn.Module, **quant):

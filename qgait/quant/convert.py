@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantPartLinear
+from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantPartLinear, part_matmul
 from qgait.ops.soft_quant import soft_fake_quant
 from qgait.quant.packing import pack_weight, quantize_weight, storage_bits, unpack_weight
 
@@ -231,8 +231,7 @@ class PackedPartLinear(nn.Module):
     def forward(self, x):
         if self.a_bits is not None:
             x = soft_fake_quant(x, self.a_scale, bits=self.a_bits, signed=self.a_signed)
-        return torch.bmm(x.permute(2, 0, 1).contiguous(),   # see SeparateFCs.forward
-                         self._dequantized(x.dtype)).permute(1, 2, 0)
+        return part_matmul(x, self._dequantized(x.dtype))
 
     def extra_repr(self):
         return (f"parts={self.parts}, in={self.in_channels}, out={self.out_channels}, "
