@@ -102,7 +102,8 @@ def card(name: str, kind: str, variant: str, file_bytes: int, model, lat: dict,
                  f"embedding difference of {cmp['max_rel_diff']:.1e} at most "
                  f"({cmp['mean_rel_diff']:.1e} on average over {cmp['sequences']:,d} sequences); "
                  f"{cmp['probe_outcomes_changed']} probe outcomes differ.\n")
-    cmd = "\n".join(commands[k] for k in ("teacher", "quant", "release") if k in commands)
+    cmd = "\n".join(commands[k] for k in ("teacher", "quant", "release", "dev")
+                    if k in commands)
     return f"""# zoo:{name}
 
 GaitLite3D, width 1.0, {what}. Trained by qgait on CASIA-B (11 views).
@@ -156,6 +157,34 @@ dataset ({CITATION}) and the method ({METHOD}). No silhouettes ship with qgait.
 """
 
 
+def recipe_commands(fp: Path, quant: Path, dev_report: Path, dev: dict) -> dict:
+    """The commands that made these runs, from their own checkpoints: the release teacher and
+    pipeline, this release step and, where the dev report's teacher is here, the dev-split
+    runs its numbers come from."""
+    from qgait.model_io import read_header
+
+    def config_name(ck: Path) -> str:
+        return read_header(ck)["config"]["name"]
+
+    qcfg = config_name(quant / VARIANTS[0] / "soft" / "final.pt")
+    variants = " ".join(VARIANTS)
+    cmds = {
+        "teacher": f"qgait train --config {config_name(fp)} --out {fp.parent}",
+        "quant": f"qgait pipeline --config {qcfg} --out {quant} --fp-checkpoint {fp} "
+                 f"--variants {variants} --data.train_ids [001,074]",
+        "release": f"python tools/release_zoo.py --fp {fp} --quant {quant} "
+                   f"--dev-report {dev_report}",
+    }
+    dev_fp = Path((dev.get("fp") or {}).get("checkpoint", ""))
+    if dev_fp.is_file():
+        cmds["dev"] = "\n".join([
+            "# the development-split numbers (the same recipe on train 001-050):",
+            f"qgait train --config {config_name(dev_fp)} --out {dev_fp.parent}",
+            f"qgait pipeline --config {qcfg} --out {dev_report.parent} --fp-checkpoint {dev_fp} "
+            f"--variants {variants} --report"])
+    return cmds
+
+
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -166,16 +195,7 @@ def build(args) -> None:
     from qgait.quant import convert
 
     dev = _dev_rows(Path(args.dev_report))
-    commands = {
-        "teacher": "qgait train --config casia_b11_fp_w1_release --train.out_dir "
-                   "runs/casia_b11_fp_w1_release",
-        "quant": "qgait pipeline --config casia_b11_qgait_w1 --out runs/b11_qgait_w1_release "
-                 "--fp-checkpoint runs/casia_b11_fp_w1_release/last.pt --variants w8a8 w4a4 "
-                 "--data.train_ids [001,074]",
-        "release": "python tools/release_zoo.py --fp runs/casia_b11_fp_w1_release/last.pt "
-                   "--quant runs/b11_qgait_w1_release --dev-report "
-                   "runs/b11_qgait_w1_dev/report.json",
-    }
+    commands = recipe_commands(Path(args.fp), Path(args.quant), Path(args.dev_report), dev)
     sources = {"fp": Path(args.fp)}
     for v in VARIANTS:
         sources[v] = Path(args.quant) / v / "soft" / "final.pt"
