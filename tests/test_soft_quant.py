@@ -246,6 +246,38 @@ def test_bad_inputs_name_the_op(backend):
         assert msg in str(e.value), (kwargs, str(e.value))
 
 
+def test_step_values_checked_once_per_version(monkeypatch):
+    """A step found valid is not checked again until it is written (in place, by an optimizer
+    step or load_state_dict); a bad value written later is still caught."""
+    from qgait.ops import soft_quant as sq
+    calls = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(sq.torch, "isfinite", lambda t: calls.append(1) or isfinite(t))
+    x = torch.randn(4, 3)
+    s = torch.nn.Parameter(torch.tensor(0.1))
+    for _ in range(3):
+        soft_fake_quant(x, s, bits=4, backend="reference")
+    assert len(calls) == 1                     # one check for three calls
+    opt = torch.optim.SGD([s], lr=1.0)
+    s.grad = torch.tensor(0.2)
+    opt.step()                                 # 0.1 - 0.2: in place, a new version
+    with pytest.raises(ValueError, match="scale must be finite and > 0, got \\[-0.1"):
+        soft_fake_quant(x, s, bits=4, backend="reference")
+    with torch.no_grad():
+        s.fill_(0.25)
+    soft_fake_quant(x, s, bits=4, backend="reference")
+    with torch.no_grad():
+        s.fill_(float("nan"))
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        soft_fake_quant(x, s, bits=4, backend="reference")
+    n = len(calls)
+    with torch.inference_mode():               # inference tensors have no version: always
+        t = torch.tensor(0.1)
+        soft_fake_quant(x, t, bits=4, backend="reference")
+        soft_fake_quant(x, t, bits=4, backend="reference")
+    assert len(calls) == n + 2
+
+
 def test_cpp_op_checks_directly():
     """The C++ kernels validate too (for callers of torch.ops.qgait.* that skip Python)."""
     if not qgait.backends()["cpu"]["available"]:

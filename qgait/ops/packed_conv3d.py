@@ -30,13 +30,12 @@ AVX512-VNNI / AVX2 / scalar), ``cuda`` (dp4a implicit GEMM), ``triton`` (implici
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from qgait import _backend, _ext
-from qgait.ops.soft_quant import quant_grid
+from qgait.ops.soft_quant import check_step_values, quant_grid
 from qgait.quant.packing import unpack_weight
 
 OP = "packed_conv3d"
@@ -195,27 +194,7 @@ def _check_scale(name, s, n=None):
         raise ValueError(f"qgait::{OP}: {name} must have shape [{n}], got {tuple(s.shape)}")
     if n is None and s.numel() != 1:
         raise ValueError(f"qgait::{OP}: {name} must have one element, got {tuple(s.shape)}")
-    # values only where it costs no device sync, and once per tensor version: a module's
-    # steps are checked on its first call and again only after they change (a forward of the
-    # packed GaitLite3D made 18 such checks, ~4% of its time)
-    if s.device.type == "cpu" and not torch.compiler.is_compiling():
-        version = None if s.is_inference() else s._version  # inference tensors have none
-        seen = _CHECKED.get(id(s))
-        if version is not None and seen is not None and seen[0]() is s and seen[1] == version:
-            return
-        bad = ~(torch.isfinite(s) & (s > 0))
-        if bool(bad.any()):
-            raise ValueError(f"qgait::{OP}: {name} must be finite and > 0, got "
-                             f"{s[bad].flatten()[:4].tolist()}")
-        if version is not None:
-            if len(_CHECKED) > 4096:
-                _CHECKED.clear()
-            _CHECKED[id(s)] = (weakref.ref(s), version)
-
-
-# id(tensor) -> (weak reference, version) of the scale tensors found valid; a live tensor's id
-# is its own, and any in-place write bumps its version
-_CHECKED: dict = {}
+    check_step_values(s, name, OP)
 
 
 def packed_conv3d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, *, w_bits: int,

@@ -31,6 +31,7 @@ Backends: ``reference`` (pure PyTorch, the truth), ``cpu`` (C++, AVX-512 / AVX2 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -272,14 +273,35 @@ def _check(x, scale, bits, axis, k, mode):
     return axis
 
 
-def _check_scale_values(scale):
-    # Only where it costs no device sync; the CUDA and Triton kernels assert on the device.
-    if scale.device.type != "cpu" or torch.compiler.is_compiling():
+def check_step_values(s: torch.Tensor, name: str = "scale", op: str = OP) -> None:
+    """Raises one clear ValueError unless every value of the step tensor ``s`` is finite and
+    > 0 (``op``, ``name``: how the message names it).
+
+    Only where it costs no device sync (the CUDA and Triton kernels assert on the device), and
+    once per tensor version: a model's steps are checked on its first call and again only after
+    they change (in place, by load_state_dict or an optimizer step). In the packed
+    GaitLite3D (whose convolutions keep their checked arguments) one remains per sequence:
+    soft_fake_quant of the part FCs' input [1, 128, 31] took 47 us per call with the check,
+    23 us without it (1 thread, AMD EPYC family 25)."""
+    if s.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    bad = ~(torch.isfinite(scale) & (scale > 0))
+    version = None if s.is_inference() else s._version  # inference tensors have none
+    seen = _CHECKED.get(id(s))
+    if version is not None and seen is not None and seen[0]() is s and seen[1] == version:
+        return
+    bad = ~(torch.isfinite(s) & (s > 0))
     if bool(bad.any()):
-        raise ValueError(f"qgait::{OP}: scale must be finite and > 0, got "
-                         f"{scale[bad].flatten()[:4].tolist()}")
+        raise ValueError(f"qgait::{op}: {name} must be finite and > 0, got "
+                         f"{s[bad].flatten()[:4].tolist()}")
+    if version is not None:
+        if len(_CHECKED) > 4096:
+            _CHECKED.clear()
+        _CHECKED[id(s)] = (weakref.ref(s), version)
+
+
+# id(tensor) -> (weak reference, version) of the step tensors found valid: the weak reference
+# tells a live tensor from a later one at a reused id, and any in-place write bumps the version
+_CHECKED: dict = {}
 
 
 def soft_fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, signed: bool = True,
@@ -306,7 +328,7 @@ def soft_fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, signed:
     """
     ax = _check(x, scale, bits, axis, k, mode)
     qn, qp = quant_grid(bits, signed)
-    _check_scale_values(scale)
+    check_step_values(scale)
     if gamma is None:
         gamma = default_gamma(x.numel(), 1 if ax < 0 else scale.numel(), qp)
     impl = _backend.select(OP, _BACKENDS, backend, x.device.type == "cpu", x, scale)
