@@ -1,0 +1,385 @@
+// CPU packed_conv3d, the AVX2 class: the tiles of vpmaddubsw (int16 sums where exact),
+// vpmaddwd (16-bit codes) and VEX vpdpbusd (AVX-VNNI), their epilogue and input quantization.
+// The driver and the arithmetic shared by every path: packed_conv3d.cpp.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/packed_conv3d_kernels.h"
+
+// ---- avx2 paths -----------------------------------------------------------------------------
+// Weights and codes are the same as the VNNI path's; what differs is the multiply:
+//   maddubs   vpmaddubsw (u8 x s8 pairs summed into int16, saturating) then vpaddw: L steps of
+//             int16 partial sums per lane, widened (vpmaddwd by ones) into int32 once per L
+//             steps. Exact when no int16 sum can leave [-32768, 32767], i.e. when
+//             L * 2 * a_max * |w|_max fits (a_max: the largest code of this call, |w|_max: the
+//             largest weight magnitude of this layer; chosen per call, see avx2_chunk).
+//             W4A8: 2 * 255 * 8 = 4,080 -> L = 8; W8A4: 2 * 15 * 128 = 3,840 -> L = 8;
+//             W4A4: 2 * 15 * 8 = 240 -> L = 136. Per 32 multiply-adds that is one vpmaddubsw
+//             and one vpaddw, against two vpmaddwd + two vpaddd for 16-bit operands, and
+//             against the vpmaddubsw + vpmaddwd + vpaddd of an int8 GEMM without VNNI (two
+//             uops on the multiplier ports).
+//   maddubs1  L = 1 (e.g. 8-bit weights with codes <= 128): vpmaddubsw, vpmaddwd by ones,
+//             vpaddd per step (the sequence of an int8 GEMM without VNNI, exact here because
+//             the range check says no single pair sum can saturate).
+//   madd16    W8A8 with codes past that (L = 0): vpmaddwd on 16-bit codes. The code rows of
+//             one output row are widened once into a small per-thread buffer, so each step
+//             broadcasts two channels with one vpbroadcastd from memory (no shuffles).
+//   avx_vnni  VEX vpdpbusd on ymm (CPUs reporting avx_vnni): the VNNI path's arithmetic with 8
+//             lanes, exact for every range.
+// All three: tiles of up to 4 output pixels x 16 output channels (8 ymm accumulators),
+// weights of one step in two ymm, one broadcast per pixel and step.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace qgait {
+namespace packed_cpu {
+namespace {
+
+// Output pixels per AVX2 tile: 4 x 2 accumulators, 2 weight vectors and 4 broadcasts fill the
+// 16 ymm registers (g++ loads all broadcasts of a step first; with 6 pixels it kept 8 of the
+// 12 accumulators on the stack, a store and a load per step each).
+constexpr int kMA = 4;
+
+// The tiles below walk their K steps in one asm loop each, the accumulators of the P pixels x
+// 16 channels in ymm0-7 (pixel m: ymm 2m and 2m + 1) for the whole walk. Intrinsics, or an
+// asm statement per step, let g++ 12 keep them in memory: the madd16 loop stored all 8 to the
+// stack at every step (8 stores per 8 multiplies), the maddubs loop moved them between
+// registers and the stack at every chunk of L steps. ymm14 / 15: the step's weights for
+// channels 0-7 / 8-15; ymm13: a pixel's broadcast codes (4 of them; 2 16-bit codes for
+// madd16); ymm12: a product; ymm11: int16 ones (widening); rdx: the step's input offset.
+#define QA_R(r) "%%ymm" #r
+#define QA_PIX(MUL, ADD, SC, pm, a0, a1)                                   \
+  "vpbroadcastd (%[" pm "],%%rdx," SC "), %%ymm13\n\t"                     \
+  MUL " %%ymm14, %%ymm13, %%ymm12\n\t" ADD " %%ymm12, " QA_R(a0) ", " QA_R(a0) "\n\t" \
+  MUL " %%ymm15, %%ymm13, %%ymm13\n\t" ADD " %%ymm13, " QA_R(a1) ", " QA_R(a1) "\n\t"
+// L = 1: each vpmaddubsw result widened at once (vpmaddwd by ones) into int32.
+#define QA_PIX1(MUL, ADD, SC, pm, a0, a1)                                  \
+  "vpbroadcastd (%[" pm "],%%rdx,1), %%ymm13\n\t"                          \
+  "vpmaddubsw %%ymm14, %%ymm13, %%ymm12\n\t" "vpmaddwd %%ymm11, %%ymm12, %%ymm12\n\t"     \
+  "vpaddd %%ymm12, " QA_R(a0) ", " QA_R(a0) "\n\t"                         \
+  "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t" "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"     \
+  "vpaddd %%ymm13, " QA_R(a1) ", " QA_R(a1) "\n\t"
+#define QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p0", 0, 1) PIX(MUL, ADD, SC, "p1", 2, 3)
+#define QA_ROWS4(PIX, MUL, ADD, SC) \
+  QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p2", 4, 5) PIX(MUL, ADD, SC, "p3", 6, 7)
+#define QA_WALK(ROWS)                                                      \
+  "1:\n\t"                                                                 \
+  "mov (%[ao]), %%rdx\n\t"                                                 \
+  "vmovdqu (%[wk]), %%ymm14\n\t"                                           \
+  "vmovdqu 32(%[wk]), %%ymm15\n\t"                                         \
+  ROWS                                                                     \
+  "add $8, %[ao]\n\t"                                                      \
+  "add %[ws], %[wk]\n\t"                                                   \
+  "dec %[n]\n\t"                                                           \
+  "jnz 1b\n\t"
+#define QA_ONES "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm11\n\t" "vpbroadcastd %%xmm11, %%ymm11\n\t"
+#define QA_Z(r) "vpxor " QA_R(r) ", " QA_R(r) ", " QA_R(r) "\n\t"
+#define QA_Z2 QA_Z(0) QA_Z(1) QA_Z(2) QA_Z(3)
+#define QA_Z4 QA_Z2 QA_Z(4) QA_Z(5) QA_Z(6) QA_Z(7)
+#define QA_ST(r) "vmovdqu " QA_R(r) ", 32*" #r "(%[out])\n\t"
+#define QA_ST2 QA_ST(0) QA_ST(1) QA_ST(2) QA_ST(3)
+#define QA_ST4 QA_ST2 QA_ST(4) QA_ST(5) QA_ST(6) QA_ST(7)
+// out[r] += the int16 sums in ymm r, widened (vpmaddwd by ones)
+#define QA_ADD(r) "vpmaddwd %%ymm11, " QA_R(r) ", " QA_R(r) "\n\t" \
+  "vpaddd 32*" #r "(%[out]), " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_ADD2 QA_ADD(0) QA_ADD(1) QA_ADD(2) QA_ADD(3)
+#define QA_ADD4 QA_ADD2 QA_ADD(4) QA_ADD(5) QA_ADD(6) QA_ADD(7)
+// out[r] = the int16 sums in ymm r, widened (the first chunk: out is not read)
+#define QA_SET(r) "vpmaddwd %%ymm11, " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_SET2 QA_SET(0) QA_SET(1) QA_SET(2) QA_SET(3)
+#define QA_SET4 QA_SET2 QA_SET(4) QA_SET(5) QA_SET(6) QA_SET(7)
+#define QA_ASM(CODE)                                                                       \
+  asm volatile(CODE "vzeroupper\n\t"                                                       \
+               : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                                 \
+               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[P > 2 ? 2 : 0]),                \
+                 [p3] "r"(p[P > 2 ? 3 : 0]), [ws] "r"(ws), [out] "r"(out)                  \
+               : "rax", "rdx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",       \
+                 "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",        \
+                 "xmm15", "cc", "memory")
+
+// The tiles are 4 pixels wide (P = 4), or 2 for a row's last 1-2 pixels (with 44 or 22 output
+// pixels per row, 4-wide tiles alone computed 24 for 22). p[m]: window corner of pixel m (a
+// tile narrower than P repeats its last pixel; those rows of out are not read). w: int8
+// [K][16][4] (this tile's 16 channels), steps of 4 channels; aoff[s]: byte offset of step s.
+// out: [P][16] int32. K >= 1.
+template <int P>
+void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
+                  const int8_t* w, int64_t wstride, int32_t* out) {
+  const int64_t ws = wstride;
+  // chunks of L steps, int16 sums in ymm0-7 (wrapping vpaddw: the bound on L keeps every
+  // true partial sum inside int16), widened into out at the end of each: stored by the
+  // first, added by the others (the memset of out this replaces drew 3% of the tile's perf
+  // samples; whole-model time unchanged within the noise of a loaded machine)
+  for (int64_t s0 = 0; s0 < K; s0 += L) {
+    const int64_t* ao = aoff + s0;
+    const int8_t* wk = w + s0 * wstride;
+    int64_t n = std::min(K - s0, L);
+    if constexpr (P == 4) {
+      if (s0 == 0)
+        QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_SET4);
+      else
+        QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD4);
+    } else {
+      if (s0 == 0)
+        QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_SET2);
+      else
+        QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD2);
+    }
+  }
+}
+
+// p[m]: 16-bit codes; w: int16 [K][16][2], steps of 2 channels; aoff in 16-bit elements.
+template <int P>
+void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const int16_t* w,
+                 int64_t wstride, int32_t* out) {
+  const int64_t* ao = aoff;
+  const int16_t* wk = w;
+  const int64_t ws = wstride * 2;  // bytes
+  int64_t n = K;
+  if constexpr (P == 4)
+    QA_ASM(QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST4);
+  else
+    QA_ASM(QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST2);
+}
+
+template <int P>
+void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
+                   const int8_t* w, int64_t wstride, int32_t* out) {
+  const int64_t* ao = aoff;
+  const int8_t* wk = w;
+  const int64_t ws = wstride;
+  int64_t n = K;
+  if constexpr (P == 4)
+    QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX1, "", "", "1")) QA_ST4);
+  else
+    QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX1, "", "", "1")) QA_ST2);
+}
+
+// Epilogue of M pixels x nco channels from acc rows of ld (16): epi_one's fp32 operations, 8
+// channels at a time (a channel tail of the last tile goes through epi_one itself).
+void epi_avx2(const Epi& E, const int32_t* acc, int64_t ld, int M, int64_t co0, int64_t nco,
+              int64_t Co,
+              void* y, int64_t pix) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 slope = _mm256_set1_ps(E.slope), r = _mm256_set1_ps(E.r_out);
+  const __m256 qn = _mm256_set1_ps(E.qn), qp = _mm256_set1_ps(E.qp);
+  // byte 0 of each dword, per 128-bit lane
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  int64_t j = 0;
+  for (; j + 8 <= nco; j += 8) {
+    const int64_t co = co0 + j;
+    const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(E.comp + co));
+    const __m256 m1 = _mm256_loadu_ps(E.m1 + co), bias = _mm256_loadu_ps(E.bias + co);
+    __m256 g = zero, beta = zero;
+    if (E.g) {
+      g = _mm256_loadu_ps(E.g + co);
+      beta = _mm256_loadu_ps(E.beta + co);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t idx = (pix + m) * Co + co;
+      const __m256i a = _mm256_sub_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + m * ld + j)), comp);
+      if (E.mode == kOutAcc) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(y) + idx), a);
+        continue;
+      }
+      __m256 z = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a), m1), bias);
+      if (E.g) z = _mm256_add_ps(_mm256_mul_ps(z, g), beta);
+      if (E.act != kActNone) {
+        const __m256 neg = _mm256_cmp_ps(z, zero, _CMP_LT_OQ);
+        z = _mm256_blendv_ps(z, E.act == kActRelu ? zero : _mm256_mul_ps(z, slope), neg);
+      }
+      if (E.mode == kOutFloat) {
+        _mm256_storeu_ps(static_cast<float*>(y) + idx, z);
+        continue;
+      }
+      __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(z, r), qn), qp);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i b = _mm256_shuffle_epi8(_mm256_cvtps_epi32(v), pick);
+      const __m128i lo8 = _mm_unpacklo_epi32(_mm256_castsi256_si128(b),
+                                             _mm256_extracti128_si256(b, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(y) + idx), lo8);
+    }
+  }
+  for (; j < nco; ++j)
+    for (int m = 0; m < M; ++m) epi_one(E, co0 + j, acc[m * ld + j], y, (pix + m) * Co + co0 + j);
+}
+
+// Codes of 8 floats as int32 lanes: rint(clamp(x * r, qn, qp)) + zp (max(NaN, qn) = qn).
+inline __m256i quant8(__m256 x, __m256 vr, __m256 vqn, __m256 vqp, __m256i vzp) {
+  __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, vr), vqn), vqp);
+  v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_add_epi32(_mm256_cvtps_epi32(v), vzp);
+}
+
+}  // namespace
+
+void quant_row_avx2(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp) {
+  const __m256 vr = _mm256_set1_ps(r), vqn = _mm256_set1_ps(qn), vqp = _mm256_set1_ps(qp);
+  const __m256i vzp = _mm256_set1_epi32(zp);
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        -1, -1);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_shuffle_epi8(quant8(_mm256_loadu_ps(x + i), vr, vqn, vqp, vzp), pick);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(u + i),
+                     _mm_unpacklo_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+  }
+  quant_row_scalar(x + i, n - i, u + i, r, qn, qp, zp);
+}
+
+// quant_frame_clast_avx512's job with 8 pixels per step: the codes of 4 channels packed into
+// one dword per pixel, stored pixel by pixel (AVX2 has no scatter).
+void quant_frame_clast_avx2(const float* x, int64_t cstride, int64_t hstride, int64_t H,
+                            int64_t W, int64_t C, int64_t Cp, uint8_t* dst, int64_t dst_hstride,
+                            float r, float qn, float qp, int zp) {
+  const __m256 vr = _mm256_set1_ps(r), vqn = _mm256_set1_ps(qn), vqp = _mm256_set1_ps(qp);
+  const __m256i vzp = _mm256_set1_epi32(zp);
+  alignas(32) int32_t lanes[8];
+  for (int64_t p0 = 0; p0 < C; p0 += 4) {
+    for (int64_t h = 0; h < H; ++h) {
+      uint8_t* d = dst + h * dst_hstride + p0;
+      int64_t w = 0;
+      for (; w + 8 <= W; w += 8) {
+        __m256i packed = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          const __m256i q =
+              p0 + j < C ? quant8(_mm256_loadu_ps(x + (p0 + j) * cstride + h * hstride + w), vr,
+                                  vqn, vqp, vzp)
+                         : vzp;
+          packed = _mm256_or_si256(packed, _mm256_slli_epi32(q, 8 * j));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), packed);
+        for (int k = 0; k < 8; ++k) std::memcpy(d + (w + k) * Cp, lanes + k, 4);
+      }
+      for (; w < W; ++w)
+        for (int64_t j = 0; j < 4 && p0 + j < C; ++j)
+          quant_row_scalar(x + (p0 + j) * cstride + h * hstride + w, 1, d + w * Cp + j, r, qn,
+                           qp, zp);
+    }
+  }
+}
+
+namespace {
+
+// 16-bit copies of the kT x kH code rows one output row reads (for madd16).
+void widen_rows(const uint8_t* const* rows, int64_t nrows, int64_t len, uint16_t* dst) {
+  for (int64_t k = 0; k < nrows; ++k) {
+    const uint8_t* s = rows[k];
+    uint16_t* d = dst + k * len;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i < len; ++i) d[i] = s[i];
+  }
+}
+
+}  // namespace
+}  // namespace packed_cpu
+}  // namespace qgait
+#pragma GCC pop_options
+
+// ---- avx_vnni path (VEX vpdpbusd on ymm) ------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+namespace qgait {
+namespace packed_cpu {
+namespace {
+
+void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
+                  const int8_t* w, int64_t wstride, int32_t* out) {
+  __m256i acc[4][2];
+  for (int m = 0; m < 4; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < K; ++s) {
+    const int8_t* wk = w + s * wstride;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32));
+    for (int m = 0; m < 4; ++m) {
+      int32_t v;
+      std::memcpy(&v, p[m] + aoff[s], 4);
+      const __m256i av = _mm256_set1_epi32(v);
+      acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], av, b0);
+      acc[m][1] = _mm256_dpbusd_avx_epi32(acc[m][1], av, b1);
+    }
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16), acc[m][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16 + 8), acc[m][1]);
+  }
+}
+
+}  // namespace
+}  // namespace packed_cpu
+}  // namespace qgait
+#pragma GCC pop_options
+
+namespace qgait {
+namespace packed_cpu {
+
+void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
+  const ConvGeom& g = c.g;
+  static thread_local std::vector<uint16_t> s16;
+  const int64_t rowlen = c.Wp * c.Cp, nrows = g.kT * g.kH;
+  // (+4: the folded W taps read up to 3 codes past the last row, see `fold`)
+  if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
+    s16.resize(static_cast<size_t>(nrows * rowlen + 4));
+  std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
+  alignas(32) int32_t out[kMA * 16];
+  const int64_t astep = g.sW * c.Cp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const uint8_t* base = c.row_base(n, t, h);
+    if (p.kind == Avx2Kind::Madd16) {
+      for (int64_t kt = 0; kt < g.kT; ++kt)
+        for (int64_t kh = 0; kh < g.kH; ++kh)
+          rows[kt * g.kH + kh] = base + (kt * g.dT * c.Hp + kh * g.dH) * rowlen;
+      widen_rows(rows.data(), nrows, rowlen, s16.data());
+    }
+    for (int64_t co0 = 0; co0 < g.Co;) {
+      const int64_t nco = std::min<int64_t>(16, g.Co - co0);
+      for (int64_t w0 = 0; w0 < g.Wo;) {
+        const int M = static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
+        const uint8_t* p8[kMA];
+        const uint16_t* p16[kMA];
+        for (int m = 0; m < kMA; ++m) {
+          const int64_t off = (w0 + std::min(m, M - 1)) * astep;
+          p8[m] = base + off;
+          p16[m] = s16.data() + off;
+        }
+        const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4;
+        const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
+        switch (p.kind) {
+          case Avx2Kind::Maddubs:
+            (wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
+                                                       p.wstride, out);
+            break;
+          case Avx2Kind::Maddubs1:
+            (wide ? tile_maddubs1<4> : tile_maddubs1<2>)(p8, p.aoff.data(), p.K, p.L, w8,
+                                                         p.wstride, out);
+            break;
+          case Avx2Kind::AvxVnni:
+            tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            break;
+          case Avx2Kind::Madd16:
+            (wide ? tile_madd16<4> : tile_madd16<2>)(
+                p16, p.aoff.data(), p.K, static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
+                p.wstride, out);
+            break;
+        }
+        epi_avx2(c.E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
+        w0 += M;
+      }
+      co0 += 16;
+    }
+  }
+}
+
+}  // namespace packed_cpu
+}  // namespace qgait

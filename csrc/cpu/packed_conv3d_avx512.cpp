@@ -1,0 +1,323 @@
+// CPU packed_conv3d, AVX-512 + VNNI: the vpdpbusd tiles (6 output pixels x 64 output channels
+// in 24 zmm accumulators), their epilogue and input quantization. The driver and the
+// arithmetic shared by every path: packed_conv3d.cpp.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/packed_conv3d_kernels.h"
+
+// ---- avx512 + VNNI path ---------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+namespace qgait {
+namespace packed_cpu {
+namespace {
+
+constexpr int kM = 6;   // output pixels per tile
+constexpr int kNB = 4;  // blocks of 16 output channels per tile
+
+inline __m512i bcast32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// The tile's reduction is one walk over steps (taps x groups of 4 input channels): step s
+// broadcasts the 4 codes at aoff[s] of each pixel's window and runs vpdpbusd against the
+// tile's weights at wv + s * wstride (wv: [taps][Cp/4][Coutp][4] int8, so consecutive steps'
+// weights lie wstride = Coutp * 4 bytes apart, across taps too).
+//
+// The common tiles (5-6 pixels x 1, 2 or 4 blocks of 16 channels) are written as asm, the
+// accumulators in zmm0-23 for the whole walk: g++ 12 compiled the intrinsics loop, nested
+// over taps, with the accumulators moved between registers and the stack at every tap (about
+// 70 moves per tap, against 4 x 24 vpdpbusd per tap for 16 input channels), and flattened
+// over the steps, at every step (an asm statement per step would need more than the 30
+// operands g++ allows). zmm27: a pixel's broadcast codes; zmm28-31: the step's weights;
+// r10 / r11: the window of pixels 0 and 3 (pixel m at r10 + m * astep, m < 3, else r11 +
+// (m - 3) * astep).
+#define QV_D(w, r) "vpdpbusd %%zmm" #w ", %%zmm27, %%zmm" #r "\n\t"
+#define QV_PIX_1(m, A, r0) "vpbroadcastd " A ", %%zmm27\n\t" QV_D(28, r0)
+#define QV_PIX_2(m, A, r0, r1) QV_PIX_1(m, A, r0) QV_D(29, r1)
+#define QV_PIX_4(m, A, r0, r1, r2, r3) QV_PIX_2(m, A, r0, r1) QV_D(30, r2) QV_D(31, r3)
+#define QV_LD(m, nb, r) "vmovdqu64 " #m "*256+" #nb "*64(%[out]), %%zmm" #r "\n\t"
+#define QV_LD_1(m, A, r0) QV_LD(m, 0, r0)
+#define QV_LD_2(m, A, r0, r1) QV_LD_1(m, A, r0) QV_LD(m, 1, r1)
+#define QV_LD_4(m, A, r0, r1, r2, r3) QV_LD_2(m, A, r0, r1) QV_LD(m, 2, r2) QV_LD(m, 3, r3)
+#define QV_ST(m, nb, r) "vmovdqu64 %%zmm" #r ", " #m "*256+" #nb "*64(%[out])\n\t"
+#define QV_ST_1(m, A, r0) QV_ST(m, 0, r0)
+#define QV_ST_2(m, A, r0, r1) QV_ST_1(m, A, r0) QV_ST(m, 1, r1)
+#define QV_ST_4(m, A, r0, r1, r2, r3) QV_ST_2(m, A, r0, r1) QV_ST(m, 2, r2) QV_ST(m, 3, r3)
+#define QV_Z(r) "vpxord %%zmm" #r ", %%zmm" #r ", %%zmm" #r "\n\t"
+#define QV_Z_1(m, A, r0) QV_Z(r0)
+#define QV_Z_2(m, A, r0, r1) QV_Z(r0) QV_Z(r1)
+#define QV_Z_4(m, A, r0, r1, r2, r3) QV_Z(r0) QV_Z(r1) QV_Z(r2) QV_Z(r3)
+#define QV_P0 "(%%r10)"
+#define QV_P1 "(%%r10,%[as])"
+#define QV_P2 "(%%r10,%[as],2)"
+#define QV_P3 "(%%r11)"
+#define QV_P4 "(%%r11,%[as])"
+#define QV_P5 "(%%r11,%[as],2)"
+// (pixel, its address, its accumulators) for each tile shape: NB blocks x M pixels
+#define QV_T4_5(F) F(0, QV_P0, 0, 1, 2, 3) F(1, QV_P1, 4, 5, 6, 7) F(2, QV_P2, 8, 9, 10, 11) \
+  F(3, QV_P3, 12, 13, 14, 15) F(4, QV_P4, 16, 17, 18, 19)
+#define QV_T4_6(F) QV_T4_5(F) F(5, QV_P5, 20, 21, 22, 23)
+#define QV_T2_5(F) F(0, QV_P0, 0, 1) F(1, QV_P1, 2, 3) F(2, QV_P2, 4, 5) F(3, QV_P3, 6, 7) \
+  F(4, QV_P4, 8, 9)
+#define QV_T2_6(F) QV_T2_5(F) F(5, QV_P5, 10, 11)
+#define QV_T1_5(F) F(0, QV_P0, 0) F(1, QV_P1, 1) F(2, QV_P2, 2) F(3, QV_P3, 3) F(4, QV_P4, 4)
+#define QV_T1_6(F) QV_T1_5(F) F(5, QV_P5, 5)
+#define QV_W_1 "vmovdqu64 (%[wk]), %%zmm28\n\t"
+#define QV_W_2 QV_W_1 "vmovdqu64 64(%[wk]), %%zmm29\n\t"
+#define QV_W_4 QV_W_2 "vmovdqu64 128(%[wk]), %%zmm30\n\t" "vmovdqu64 192(%[wk]), %%zmm31\n\t"
+#define QV_WALK(T, NB)                                              \
+  "1:\n\t"                                                          \
+  "mov (%[ao]), %%r10\n\t"                                          \
+  "add %[a], %%r10\n\t"                                             \
+  "lea (%%r10,%[as],2), %%r11\n\t"                                  \
+  "add %[as], %%r11\n\t"                                            \
+  QV_W_##NB T(QV_PIX_##NB)                                          \
+  "add $8, %[ao]\n\t"                                               \
+  "add %[ws], %[wk]\n\t"                                            \
+  "dec %[n]\n\t"                                                    \
+  "jnz 1b\n\t"                                                      \
+  T(QV_ST_##NB)
+#define QV_CLOBBER                                                                        \
+  "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
+      "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",     \
+      "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm27", "xmm28", "xmm29",    \
+      "xmm30", "xmm31", "cc", "memory"
+#define QV_TILE(T, NB)                                                                    \
+  if (init)                                                                               \
+    asm volatile(T(QV_Z_##NB) QV_WALK(T, NB)                                              \
+                 : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
+                 : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
+                 : QV_CLOBBER);                                                           \
+  else                                                                                    \
+    asm volatile(T(QV_LD_##NB) QV_WALK(T, NB)                                             \
+                 : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
+                 : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
+                 : QV_CLOBBER)
+
+// out: [M][64] partial sums of this tile (rows of the row accumulator), read unless init.
+// nsteps >= 1 (every tile has a tap and a group of channels).
+template <int NB, int M>
+void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* aoff, int64_t nsteps,
+               const uint8_t* wv, int64_t wstride, int32_t* out, bool init) {
+  const int64_t* ao = aoff;
+  const uint8_t* wk = wv;
+  int64_t n = nsteps;
+  if constexpr (NB == 4 && M == 6) {
+    QV_TILE(QV_T4_6, 4);
+  } else if constexpr (NB == 4 && M == 5) {
+    QV_TILE(QV_T4_5, 4);
+  } else if constexpr (NB == 2 && M == 6) {
+    QV_TILE(QV_T2_6, 2);
+  } else if constexpr (NB == 2 && M == 5) {
+    QV_TILE(QV_T2_5, 2);
+  } else if constexpr (NB == 1 && M == 6) {
+    QV_TILE(QV_T1_6, 1);
+  } else if constexpr (NB == 1 && M == 5) {
+    QV_TILE(QV_T1_5, 1);
+  } else {  // the other shapes (narrow rows, 48 channels): the same walk in intrinsics
+    __m512i acc[M][NB];
+    for (int m = 0; m < M; ++m)
+      for (int nb = 0; nb < NB; ++nb)
+        acc[m][nb] = init ? _mm512_setzero_si512() : _mm512_loadu_si512(out + m * 64 + nb * 16);
+    for (int64_t s = 0; s < n; ++s) {
+      const uint8_t* ap = a + ao[s];
+      const uint8_t* w = wk + s * wstride;
+      __m512i b[NB];
+      for (int nb = 0; nb < NB; ++nb) b[nb] = _mm512_loadu_si512(w + nb * 64);
+      for (int m = 0; m < M; ++m) {
+        const __m512i av = bcast32(ap + m * astep);
+        for (int nb = 0; nb < NB; ++nb)
+          acc[m][nb] = _mm512_dpbusd_epi32(acc[m][nb], av, b[nb]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int nb = 0; nb < NB; ++nb) _mm512_storeu_si512(out + m * 64 + nb * 16, acc[m][nb]);
+  }
+}
+
+using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const uint8_t*, int64_t,
+                        int32_t*, bool);
+
+template <int NB>
+constexpr VnniFn vnni_for(int M) {
+  switch (M) {
+    case 1: return tile_vnni<NB, 1>;
+    case 2: return tile_vnni<NB, 2>;
+    case 3: return tile_vnni<NB, 3>;
+    case 4: return tile_vnni<NB, 4>;
+    case 5: return tile_vnni<NB, 5>;
+    default: return tile_vnni<NB, 6>;
+  }
+}
+
+VnniFn vnni_fn(int NB, int M) {
+  switch (NB) {
+    case 1: return vnni_for<1>(M);
+    case 2: return vnni_for<2>(M);
+    case 3: return vnni_for<3>(M);
+    default: return vnni_for<4>(M);
+  }
+}
+
+// Vectorized epilogue for M pixels x nco channels (acc rows of 64); the same fp32 operations as
+// epi_one, 16 channels at a time.
+void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nco, int64_t Co,
+                void* y, int64_t pix) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 slope = _mm512_set1_ps(E.slope), r = _mm512_set1_ps(E.r_out);
+  const __m512 qn = _mm512_set1_ps(E.qn), qp = _mm512_set1_ps(E.qp);
+  for (int64_t j = 0; j < nco; j += 16) {
+    const __mmask16 mk = nco - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nco - j)) - 1);
+    const int64_t co = co0 + j;
+    const __m512i comp = _mm512_maskz_loadu_epi32(mk, E.comp + co);
+    const __m512 m1 = _mm512_maskz_loadu_ps(mk, E.m1 + co);
+    const __m512 bias = _mm512_maskz_loadu_ps(mk, E.bias + co);
+    __m512 g = zero, beta = zero;
+    if (E.g) {
+      g = _mm512_maskz_loadu_ps(mk, E.g + co);
+      beta = _mm512_maskz_loadu_ps(mk, E.beta + co);
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t idx = (pix + m) * Co + co;
+      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(acc + m * 64 + j), comp);
+      if (E.mode == kOutAcc) {
+        _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + idx, mk, a);
+        continue;
+      }
+      __m512 z = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m1), bias);
+      if (E.g) z = _mm512_add_ps(_mm512_mul_ps(z, g), beta);
+      if (E.act != kActNone) {
+        const __mmask16 neg = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
+        z = E.act == kActRelu ? _mm512_mask_mov_ps(z, neg, zero)
+                              : _mm512_mask_mul_ps(z, neg, z, slope);
+      }
+      if (E.mode == kOutFloat) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + idx, mk, z);
+        continue;
+      }
+      __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(z, r), qn), qp);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // values are inside the 8-bit grid, so keeping the low byte is exact for int8 and uint8;
+      // narrowed in a register, then stored (vpmovdb straight to memory measured a quarter of
+      // the epilogue's time on Zen 5)
+      _mm_mask_storeu_epi8(static_cast<uint8_t*>(y) + idx, mk,
+                           _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+  }
+}
+
+// Codes of 16 floats: rint(clamp(x * r, qn, qp)) + zp as int32 lanes (max(NaN, qn) = qn).
+inline __m512i quant16(__m512 x, __m512 vr, __m512 vqn, __m512 vqp, __m512i vzp) {
+  __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, vr), vqn), vqp);
+  v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_add_epi32(_mm512_cvtps_epi32(v), vzp);
+}
+
+}  // namespace
+
+void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp,
+                      int zp) {
+  const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i q = quant16(_mm512_maskz_loadu_ps(mk, x + i), vr, vqn, vqp, vzp);
+    _mm512_mask_cvtepi32_storeu_epi8(u + i, mk, q);  // 0..255 after the shift
+  }
+}
+
+// One frame (n, t) of a float input whose W axis is contiguous (NCDHW and the like) straight
+// into the channels-last code buffer: for every 4 channels (those past C are padding: zp) the
+// codes of 16 pixels (quant16) are packed into 16 dwords and scattered to their pixels, instead
+// of a byte-by-byte transpose. Rows run inside the channel groups, so each of the 4 channel
+// planes is read front to back.
+void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
+                              int64_t W, int64_t C, int64_t Cp, uint8_t* dst,
+                              int64_t dst_hstride, float r, float qn, float qp, int zp) {
+  const __m512 vr = _mm512_set1_ps(r), vqn = _mm512_set1_ps(qn), vqp = _mm512_set1_ps(qp);
+  const __m512i vzp = _mm512_set1_epi32(zp);
+  const __m512i lane = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(Cp / 4)));
+  for (int64_t p0 = 0; p0 < C; p0 += 4) {
+    for (int64_t h = 0; h < H; ++h) {
+      int32_t* d = reinterpret_cast<int32_t*>(dst + h * dst_hstride + p0);
+      for (int64_t w = 0; w < W; w += 16) {
+        const __mmask16 mk = W - w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - w)) - 1);
+        __m512i packed = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) {
+          const float* xp = x + (p0 + j) * cstride + h * hstride + w;
+          const __m512i q =
+              p0 + j < C ? quant16(_mm512_maskz_loadu_ps(mk, xp), vr, vqn, vqp, vzp) : vzp;
+          packed = _mm512_or_si512(packed, _mm512_slli_epi32(q, 8 * j));
+        }
+        _mm512_mask_i32scatter_epi32(d + w * (Cp / 4), mk, lane, packed, 4);
+      }
+    }
+  }
+}
+
+namespace {
+
+// Width of the tile starting at output pixel w0 of a row of Wo: the row is cut into
+// ceil(Wo / kM) tiles whose widths differ by at most one (44 -> 4 x 6 + 4 x 5 rather than
+// 7 x 6 + 2): a narrow tile has too few accumulators to hide the vpdpbusd latency (a 2-pixel
+// tail ran at half the speed of the others and took 9% of layer A's time).
+inline int tile_width(int64_t Wo, int64_t w0) {
+  const int64_t ntiles = (Wo + kM - 1) / kM, base = Wo / ntiles, wide = Wo % ntiles;
+  // the first `wide` tiles are base + 1 wide
+  return static_cast<int>(w0 < wide * (base + 1) ? base + 1 : base);
+}
+
+}  // namespace
+
+// Work item = (output row, group of up to 64 output channels). The taps are walked in blocks
+// whose weights (taps x Cp x 64 bytes) fit in L1 next to the input rows; each block runs over
+// the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
+// Without the blocking every 6-pixel tile streams all weights of the layer (55-110 KB for the
+// benchmark layers) from L2; on this (shared) machine the two orders measured the same.
+// aoff: the input offset of each (tap, channel group) step, toff[t] + 4 k at t * kc / 4 + k.
+void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1) {
+  const ConvGeom& g = c.g;
+  const int64_t ngrp = (c.Coutp + 63) / 64, ntaps = static_cast<int64_t>(c.toff.size());
+  const int64_t ksteps = c.kc / 4;
+  const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
+  const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
+  const int64_t tstride = ksteps * c.Coutp * 4;
+  std::vector<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t grp = i % ngrp, r = i / ngrp;
+    const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
+    const int64_t co0 = grp * 64, nco = std::min<int64_t>(64, g.Co - co0);
+    const int NB = static_cast<int>((nco + 15) / 16);
+    const uint8_t* base = c.row_base(n, t, h);
+    for (int64_t tb = 0; tb < ntaps; tb += tblock) {
+      const int64_t nt = std::min(tblock, ntaps - tb);
+      for (int64_t w0 = 0; w0 < g.Wo;) {
+        const int M = tile_width(g.Wo, w0);
+        vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, aoff + tb * ksteps,
+                       nt * ksteps, wv + tb * tstride + co0 * 4, c.Coutp * 4,
+                       rowacc.data() + w0 * 64, tb == 0);
+        w0 += M;
+      }
+    }
+    for (int64_t w0 = 0; w0 < g.Wo;) {
+      const int M = tile_width(g.Wo, w0);
+      epi_avx512(c.E, rowacc.data() + w0 * 64, M, co0, nco, g.Co, c.y,
+                 c.out_pixel(n, t, h, w0));
+      w0 += M;
+    }
+  }
+}
+
+}  // namespace packed_cpu
+}  // namespace qgait
+#pragma GCC pop_options

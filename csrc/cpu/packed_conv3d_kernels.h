@@ -1,0 +1,128 @@
+// The CPU packed_conv3d op's internals, shared by its driver (packed_conv3d.cpp: argument
+// checks, input codes, weight layouts kept across calls, dispatch, the scalar path) and its
+// kernels per ISA (packed_conv3d_avx2.cpp: the vpmaddubsw / vpmaddwd / AVX-VNNI tiles of the
+// AVX2 class; packed_conv3d_avx512.cpp: the AVX-512 VNNI tiles). Each kernel file compiles under
+// its own `#pragma GCC target`; the driver, built for the baseline ISA, calls a kernel only
+// where cpu/isa.h says this CPU runs it. Not a public header.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "packed_conv3d.h"
+
+// The epilogue must round like the reference (a multiply, then an add) on every path: g++ would
+// otherwise contract them into FMAs, also across intrinsics (setup.py and CMake also pass
+// -ffp-contract=off; this keeps every file of the op exact when built some other way).
+#pragma GCC optimize("fp-contract=off")
+
+namespace qgait {
+namespace packed_cpu {
+
+
+struct Epi {
+  const int32_t* comp;  // zp * sum(w_int) per output channel
+  const float* m1;      // x_scale * w_scale[co]
+  const float* bias;    // bias (zeros when absent)
+  const float* g;       // folded BatchNorm scale, or nullptr
+  const float* beta;    // folded BatchNorm shift
+  int64_t act;
+  float slope;
+  int64_t mode;
+  float r_out, qn, qp;  // requantization: q = rint(clamp(y * r_out, qn, qp))
+};
+
+// Work description shared by the paths.
+struct Ctx {
+  ConvGeom g;
+  int64_t Tp, Hp, Wp, Cp;  // padded input buffer [N, Tp, Hp, Wp, Cp] (uint8 codes)
+  int64_t kc;              // bytes of the reduction per tap: Cp, or 4 with the W taps folded
+  const uint8_t* xp;
+  std::vector<int64_t> toff;  // byte offset of each tap relative to the window's corner
+  int64_t Coutp;              // output channels rounded up to 16
+  void* y;                    // output [N, To, Ho, Wo, Co]
+  Epi E;
+
+  const uint8_t* row_base(int64_t n, int64_t t, int64_t h) const {
+    return xp + (((n * Tp + t * g.sT) * Hp + h * g.sH) * Wp) * Cp;
+  }
+  int64_t out_pixel(int64_t n, int64_t t, int64_t h, int64_t w) const {
+    return ((n * g.To + t) * g.Ho + h) * g.Wo + w;
+  }
+};
+
+// ---- epilogue, scalar (used by the avx2 and scalar paths) ---------------------------------
+inline void epi_one(const Epi& E, int64_t co, int32_t a, void* y, int64_t idx) {
+  a -= E.comp[co];
+  if (E.mode == kOutAcc) {
+    static_cast<int32_t*>(y)[idx] = a;
+    return;
+  }
+  float z = static_cast<float>(a) * E.m1[co];
+  z = z + E.bias[co];
+  if (E.g) {
+    z = z * E.g[co];
+    z = z + E.beta[co];
+  }
+  if (E.act == kActRelu) z = z < 0.f ? 0.f : z;
+  else if (E.act == kActLeaky) z = z < 0.f ? z * E.slope : z;
+  if (E.mode == kOutFloat) {
+    static_cast<float*>(y)[idx] = z;
+    return;
+  }
+  float v = z * E.r_out;
+  v = std::min(std::max(v, E.qn), E.qp);
+  const int q = static_cast<int>(std::nearbyint(v));
+  if (E.qn < 0.f) static_cast<int8_t*>(y)[idx] = static_cast<int8_t>(q);
+  else static_cast<uint8_t*>(y)[idx] = static_cast<uint8_t>(q);
+}
+
+// ---- input quantization: codes u = rint(clamp(x * r, qn, qp)) + zp --------------------------
+// A NaN maps to qn (the comparisons below are false for NaN), like vmaxps in the AVX-512 row.
+using QuantRowFn = void (*)(const float*, int64_t, uint8_t*, float, float, float, int);
+inline void quant_row_scalar(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp,
+                             int zp) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] * r;
+    v = v > qn ? v : qn;
+    v = v < qp ? v : qp;
+    u[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + zp);
+  }
+}
+
+enum class Avx2Kind { Maddubs, Maddubs1, Madd16, AvxVnni };
+
+// The AVX2-class kernels' walk over the reduction: K steps (of 4 channels, 2 for madd16) whose
+// input offsets are aoff[s] and whose weights lie at w + s * wstride.
+struct Avx2Plan {
+  Avx2Kind kind;
+  std::vector<int64_t> aoff;
+  int64_t K = 0, L = 0;
+  const void* w = nullptr;
+  int64_t wstride = 0;
+};
+
+// ---- packed_conv3d_avx2.cpp (CPUs with AVX2 + FMA) -----------------------------------------
+// Codes of n floats (as quant_row_scalar), and of one frame of a float input whose W axis is
+// contiguous, straight into the channels-last code buffer (Cp channels per pixel, Cp % 4 == 0).
+void quant_row_avx2(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp);
+void quant_frame_clast_avx2(const float* x, int64_t cstride, int64_t hstride, int64_t H, int64_t W,
+                            int64_t C, int64_t Cp, uint8_t* dst, int64_t dst_hstride, float r,
+                            float qn, float qp, int zp);
+// Output rows [r0, r1) of [N, To, Ho], every output channel, on the plan's AVX2 kernel.
+void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1);
+
+// ---- packed_conv3d_avx512.cpp (CPUs with AVX-512 F/BW/VL/DQ + VNNI) --------------------------
+// The same two input quantizers, 16 floats at a time.
+void quant_row_avx512(const float* x, int64_t n, uint8_t* u, float r, float qn, float qp, int zp);
+void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, int64_t H,
+                              int64_t W, int64_t C, int64_t Cp, uint8_t* dst,
+                              int64_t dst_hstride, float r, float qn, float qp, int zp);
+// Work items [i0, i1) (output row x group of up to 64 output channels); wv: the weights laid
+// out for the VNNI tiles, aoff: the input offset of each (tap, channel group) step.
+void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1);
+
+}  // namespace packed_cpu
+}  // namespace qgait
