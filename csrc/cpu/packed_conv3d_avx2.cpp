@@ -30,26 +30,32 @@
 //             broadcasts two channels with one vpbroadcastd from memory (no shuffles).
 //   avx_vnni  VEX vpdpbusd on ymm (CPUs reporting avx_vnni): the VNNI path's arithmetic with 8
 //             lanes, exact for every range.
-// All three: tiles of up to 4 output pixels x 16 output channels (8 ymm accumulators),
-// weights of one step in two ymm, one broadcast per pixel and step.
+// All: tiles of up to 6 output pixels x 16 output channels (12 ymm accumulators; 5 pixels for
+// maddubs1, whose ones take a register; 4 for avx_vnni), weights of one step in two ymm, one
+// broadcast per pixel and step. A row is cut into tiles of nearly equal width (44 -> 4 x 6 +
+// 4 x 5): with 6-pixel tiles the packed GaitLite3D took 10.4-11.3 ms (W4A4, maddubs) and
+// 14.9-15.7 ms (W8A8, madd16) against 11.9-12.5 and 16.5-18.2 ms with 4-pixel ones (min of 30
+// calls per run, 4 alternating runs each, 1 thread, QGAIT_CPU_ISA=avx2 on Zen 4, while a
+// training shared the machine).
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace qgait {
 namespace packed_cpu {
 namespace {
 
-// Output pixels per AVX2 tile: 4 x 2 accumulators, 2 weight vectors and 4 broadcasts fill the
-// 16 ymm registers (g++ loads all broadcasts of a step first; with 6 pixels it kept 8 of the
-// 12 accumulators on the stack, a store and a load per step each).
+// Pixels of the narrow tiles (rows of fewer than 5 output pixels, and avx_vnni's intrinsics
+// tile: g++ loads all broadcasts of a step first, so with 6 pixels it kept 8 of the 12
+// accumulators on the stack, a store and a load per step each; the asm tiles go to 6).
 constexpr int kMA = 4;
 
 // The tiles below walk their K steps in one asm loop each, the accumulators of the P pixels x
-// 16 channels in ymm0-7 (pixel m: ymm 2m and 2m + 1) for the whole walk. Intrinsics, or an
+// 16 channels in ymm0-11 (pixel m: ymm 2m and 2m + 1) for the whole walk. Intrinsics, or an
 // asm statement per step, let g++ 12 keep them in memory: the madd16 loop stored all 8 to the
 // stack at every step (8 stores per 8 multiplies), the maddubs loop moved them between
 // registers and the stack at every chunk of L steps. ymm14 / 15: the step's weights for
 // channels 0-7 / 8-15; ymm13: a pixel's broadcast codes (4 of them; 2 16-bit codes for
-// madd16); ymm12: a product; ymm11: int16 ones (widening); rdx: the step's input offset.
+// madd16); ymm12: a product; ymm11: int16 ones (widening; in the 6-pixel tiles an accumulator,
+// and the ones are made in ymm12 after the walk); rdx: the step's input offset.
 #define QA_R(r) "%%ymm" #r
 #define QA_PIX(MUL, ADD, SC, pm, a0, a1)                                   \
   "vpbroadcastd (%[" pm "],%%rdx," SC "), %%ymm13\n\t"                     \
@@ -129,6 +135,81 @@ void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64
         QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD2);
     }
   }
+}
+
+// The wide maddubs tiles: 5 or 6 pixels x 16 channels, accumulators in ymm0-11 (pixel m: ymm
+// 2m and 2m + 1), so the int16 ones for widening are made in ymm12 after the walk.
+#define QA_ROWS5(PIX, MUL, ADD, SC) QA_ROWS4(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p4", 8, 9)
+#define QA_ROWS6(PIX, MUL, ADD, SC) QA_ROWS5(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p5", 10, 11)
+#define QA_ONES12 "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm12\n\t" "vpbroadcastd %%xmm12, %%ymm12\n\t"
+#define QA_Z5 QA_Z4 QA_Z(8) QA_Z(9)
+#define QA_Z6 QA_Z5 QA_Z(10) QA_Z(11)
+#define QA_ADDW(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" \
+  "vpaddd 32*" #r "(%[out]), " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_SETW(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_W8(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
+#define QA_W5(F) QA_W8(F) F(8) F(9)
+#define QA_W6(F) QA_W5(F) F(10) F(11)
+#define QA_ASM6(CODE)                                                                      \
+  asm volatile(CODE "vzeroupper\n\t"                                                       \
+               : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                                 \
+               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),           \
+                 [p4] "r"(p[4]), [p5] "r"(p[P > 5 ? 5 : 4]), [ws] "r"(ws), [out] "r"(out)  \
+               : "rax", "rdx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",       \
+                 "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",        \
+                 "xmm15", "cc", "memory")
+
+template <int P>
+void tile_maddubs_wide(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
+                       const int8_t* w, int64_t wstride, int32_t* out) {
+  static_assert(P == 5 || P == 6);
+  const int64_t ws = wstride;
+  for (int64_t s0 = 0; s0 < K; s0 += L) {
+    const int64_t* ao = aoff + s0;
+    const int8_t* wk = w + s0 * wstride;
+    int64_t n = std::min(K - s0, L);
+    if constexpr (P == 6) {
+      if (s0 == 0)
+        QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
+                QA_W6(QA_SETW));
+      else
+        QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
+                QA_W6(QA_ADDW));
+    } else {
+      if (s0 == 0)
+        QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
+                QA_W5(QA_SETW));
+      else
+        QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
+                QA_W5(QA_ADDW));
+    }
+  }
+}
+
+// madd16 on 5 or 6 pixels (no ones needed: vpmaddwd sums into int32 directly).
+template <int P>
+void tile_madd16_wide(const uint16_t* const* p, const int64_t* aoff, int64_t K,
+                      const int16_t* w, int64_t wstride, int32_t* out) {
+  static_assert(P == 5 || P == 6);
+  const int64_t* ao = aoff;
+  const int16_t* wk = w;
+  const int64_t ws = wstride * 2;  // bytes
+  int64_t n = K;
+  if constexpr (P == 6)
+    QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_W6(QA_ST));
+  else
+    QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_W5(QA_ST));
+}
+
+// maddubs1 on 5 pixels (its ones stay in ymm11 through the walk: no room for a sixth).
+void tile_maddubs1_5(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
+                     const int8_t* w, int64_t wstride, int32_t* out) {
+  constexpr int P = 5;
+  const int64_t* ao = aoff;
+  const int8_t* wk = w;
+  const int64_t ws = wstride;
+  int64_t n = K;
+  QA_ASM6(QA_ONES QA_Z5 QA_WALK(QA_ROWS5(QA_PIX1, "", "", "1")) QA_W5(QA_ST));
 }
 
 // p[m]: 16-bit codes; w: int16 [K][16][2], steps of 2 channels; aoff in 16-bit elements.
@@ -323,6 +404,15 @@ void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64
 namespace qgait {
 namespace packed_cpu {
 
+namespace {
+// Width of the tile at output pixel w0 of a row of Wo: ceil(Wo / widest) tiles whose widths
+// differ by at most one (44 -> 4 x 6 + 4 x 5 for widest 6), so no 1-2 pixel tail.
+inline int span(int64_t Wo, int64_t w0, int widest) {
+  const int64_t ntiles = (Wo + widest - 1) / widest, base = Wo / ntiles, wide = Wo % ntiles;
+  return static_cast<int>(w0 < wide * (base + 1) ? base + 1 : base);
+}
+}  // namespace
+
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
   static thread_local std::vector<uint16_t> s16;
@@ -331,8 +421,11 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
     s16.resize(static_cast<size_t>(nrows * rowlen + 4));
   std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
-  alignas(32) int32_t out[kMA * 16];
+  alignas(32) int32_t out[6 * 16];
   const int64_t astep = g.sW * c.Cp;
+  // the widest tile of the kernel: 6 pixels (12 accumulators, every ymm register), 5 for
+  // maddubs1 (whose ones take a register), 4 for avx_vnni (intrinsics)
+  const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : p.kind == Avx2Kind::AvxVnni ? kMA : 6;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
     const uint8_t* base = c.row_base(n, t, h);
@@ -345,10 +438,12 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
     for (int64_t co0 = 0; co0 < g.Co;) {
       const int64_t nco = std::min<int64_t>(16, g.Co - co0);
       for (int64_t w0 = 0; w0 < g.Wo;) {
-        const int M = static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
-        const uint8_t* p8[kMA];
-        const uint16_t* p16[kMA];
-        for (int m = 0; m < kMA; ++m) {
+        const int M = widest > kMA && g.Wo >= 5
+                          ? span(g.Wo, w0, widest)
+                          : static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
+        const uint8_t* p8[6];
+        const uint16_t* p16[6];
+        for (int m = 0; m < 6; ++m) {
           const int64_t off = (w0 + std::min(m, M - 1)) * astep;
           p8[m] = base + off;
           p16[m] = s16.data() + off;
@@ -357,20 +452,24 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
         const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
         switch (p.kind) {
           case Avx2Kind::Maddubs:
-            (wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
-                                                       p.wstride, out);
+            (M == 6 ? tile_maddubs_wide<6> : M == 5 ? tile_maddubs_wide<5>
+             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
+                                                         p.wstride, out);
             break;
           case Avx2Kind::Maddubs1:
-            (wide ? tile_maddubs1<4> : tile_maddubs1<2>)(p8, p.aoff.data(), p.K, p.L, w8,
-                                                         p.wstride, out);
+            (M == 5 ? tile_maddubs1_5 : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
+                p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
             break;
           case Avx2Kind::AvxVnni:
             tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
             break;
           case Avx2Kind::Madd16:
-            (wide ? tile_madd16<4> : tile_madd16<2>)(
-                p16, p.aoff.data(), p.K, static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
-                p.wstride, out);
+            (M == 6   ? tile_madd16_wide<6>
+             : M == 5 ? tile_madd16_wide<5>
+             : wide   ? tile_madd16<4>
+                      : tile_madd16<2>)(p16, p.aoff.data(), p.K,
+                                        static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
+                                        p.wstride, out);
             break;
         }
         epi_avx2(c.E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
