@@ -141,7 +141,8 @@ void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64
 // 2m and 2m + 1), so the int16 ones for widening are made in ymm12 after the walk.
 #define QA_ROWS5(PIX, MUL, ADD, SC) QA_ROWS4(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p4", 8, 9)
 #define QA_ROWS6(PIX, MUL, ADD, SC) QA_ROWS5(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p5", 10, 11)
-#define QA_ONES12 "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm12\n\t" "vpbroadcastd %%xmm12, %%ymm12\n\t"
+#define QA_ONES12 \
+  "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm12\n\t" "vpbroadcastd %%xmm12, %%ymm12\n\t"
 #define QA_Z5 QA_Z4 QA_Z(8) QA_Z(9)
 #define QA_Z6 QA_Z5 QA_Z(10) QA_Z(11)
 #define QA_ADDW(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" \
