@@ -54,8 +54,9 @@ constexpr int kMA = 4;
 // stack at every step (8 stores per 8 multiplies), the maddubs loop moved them between
 // registers and the stack at every chunk of L steps. ymm14 / 15: the step's weights for
 // channels 0-7 / 8-15; ymm13: a pixel's broadcast codes (4 of them; 2 16-bit codes for
-// madd16); ymm12: a product; ymm11: int16 ones (widening; in the 6-pixel tiles an accumulator,
-// and the ones are made in ymm12 after the walk); rdx: the step's input offset.
+// madd16); ymm12: a product, then (maddubs) the int16 ones that widen the sums after the walk;
+// ymm11: an accumulator of the 6-pixel tiles, or maddubs1's ones (whose tiles stop at 5
+// pixels); rdx: the step's input offset.
 #define QA_R(r) "%%ymm" #r
 #define QA_PIX(MUL, ADD, SC, pm, a0, a1)                                   \
   "vpbroadcastd (%[" pm "],%%rdx," SC "), %%ymm13\n\t"                     \
@@ -68,9 +69,16 @@ constexpr int kMA = 4;
   "vpaddd %%ymm12, " QA_R(a0) ", " QA_R(a0) "\n\t"                         \
   "vpmaddubsw %%ymm15, %%ymm13, %%ymm13\n\t" "vpmaddwd %%ymm11, %%ymm13, %%ymm13\n\t"     \
   "vpaddd %%ymm13, " QA_R(a1) ", " QA_R(a1) "\n\t"
+// Pixel m's accumulators are ymm 2m and 2m + 1; QA_Wn(F) applies F to those of n pixels.
+#define QA_W2(F) F(0) F(1) F(2) F(3)
+#define QA_W4(F) QA_W2(F) F(4) F(5) F(6) F(7)
+#define QA_W5(F) QA_W4(F) F(8) F(9)
+#define QA_W6(F) QA_W5(F) F(10) F(11)
 #define QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p0", 0, 1) PIX(MUL, ADD, SC, "p1", 2, 3)
 #define QA_ROWS4(PIX, MUL, ADD, SC) \
   QA_ROWS2(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p2", 4, 5) PIX(MUL, ADD, SC, "p3", 6, 7)
+#define QA_ROWS5(PIX, MUL, ADD, SC) QA_ROWS4(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p4", 8, 9)
+#define QA_ROWS6(PIX, MUL, ADD, SC) QA_ROWS5(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p5", 10, 11)
 #define QA_WALK(ROWS)                                                      \
   "1:\n\t"                                                                 \
   "mov (%[ao]), %%rdx\n\t"                                                 \
@@ -81,163 +89,86 @@ constexpr int kMA = 4;
   "add %[ws], %[wk]\n\t"                                                   \
   "dec %[n]\n\t"                                                           \
   "jnz 1b\n\t"
-#define QA_ONES "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm11\n\t" "vpbroadcastd %%xmm11, %%ymm11\n\t"
+// int16 ones in ymm R (for the widening vpmaddwd)
+#define QA_ONES(R)                                                    \
+  "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm" #R "\n\t"          \
+  "vpbroadcastd %%xmm" #R ", %%ymm" #R "\n\t"
 #define QA_Z(r) "vpxor " QA_R(r) ", " QA_R(r) ", " QA_R(r) "\n\t"
-#define QA_Z2 QA_Z(0) QA_Z(1) QA_Z(2) QA_Z(3)
-#define QA_Z4 QA_Z2 QA_Z(4) QA_Z(5) QA_Z(6) QA_Z(7)
 #define QA_ST(r) "vmovdqu " QA_R(r) ", 32*" #r "(%[out])\n\t"
-#define QA_ST2 QA_ST(0) QA_ST(1) QA_ST(2) QA_ST(3)
-#define QA_ST4 QA_ST2 QA_ST(4) QA_ST(5) QA_ST(6) QA_ST(7)
-// out[r] += the int16 sums in ymm r, widened (vpmaddwd by ones)
-#define QA_ADD(r) "vpmaddwd %%ymm11, " QA_R(r) ", " QA_R(r) "\n\t" \
+// out[r] = (SET), or += (ADD), the int16 sums in ymm r widened by the ones in ymm12
+#define QA_SET(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
+#define QA_ADD(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" \
   "vpaddd 32*" #r "(%[out]), " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
-#define QA_ADD2 QA_ADD(0) QA_ADD(1) QA_ADD(2) QA_ADD(3)
-#define QA_ADD4 QA_ADD2 QA_ADD(4) QA_ADD(5) QA_ADD(6) QA_ADD(7)
-// out[r] = the int16 sums in ymm r, widened (the first chunk: out is not read)
-#define QA_SET(r) "vpmaddwd %%ymm11, " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
-#define QA_SET2 QA_SET(0) QA_SET(1) QA_SET(2) QA_SET(3)
-#define QA_SET4 QA_SET2 QA_SET(4) QA_SET(5) QA_SET(6) QA_SET(7)
+// p[m] for pixel m < P; the operands of pixels past P repeat the last (the asm never reads them)
 #define QA_ASM(CODE)                                                                       \
   asm volatile(CODE "vzeroupper\n\t"                                                       \
                : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                                 \
-               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[P > 2 ? 2 : 0]),                \
-                 [p3] "r"(p[P > 2 ? 3 : 0]), [ws] "r"(ws), [out] "r"(out)                  \
+               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[P > 2 ? 2 : 1]),                \
+                 [p3] "r"(p[P > 3 ? 3 : 1]), [p4] "r"(p[P > 4 ? 4 : 1]),                    \
+                 [p5] "r"(p[P > 5 ? 5 : 1]), [ws] "r"(ws), [out] "r"(out)                  \
                : "rax", "rdx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",       \
                  "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",        \
                  "xmm15", "cc", "memory")
+// M(n, ...) with the literal pixel count n = P (the macros above paste it into their names)
+#define QA_FOR_P(M, ...)                 \
+  if constexpr (P == 6) M(6, __VA_ARGS__); \
+  else if constexpr (P == 5) M(5, __VA_ARGS__); \
+  else if constexpr (P == 4) M(4, __VA_ARGS__); \
+  else M(2, __VA_ARGS__)
 
-// The tiles are 4 pixels wide (P = 4), or 2 for a row's last 1-2 pixels (with 44 or 22 output
-// pixels per row, 4-wide tiles alone computed 24 for 22). p[m]: window corner of pixel m (a
-// tile narrower than P repeats its last pixel; those rows of out are not read). w: int8
-// [K][16][4] (this tile's 16 channels), steps of 4 channels; aoff[s]: byte offset of step s.
-// out: [P][16] int32. K >= 1.
+// A row is cut into tiles of 5-6 pixels (fewer for rows narrower than 5: the 4- and 2-pixel
+// tiles). p[m]: window corner of pixel m (a tile of the 4- or 2-pixel kind narrower than P
+// repeats its last pixel; those rows of out are not read). w: int8 [K][16][4] (this tile's 16
+// channels), steps of 4 channels; aoff[s]: byte offset of step s. out: [P][16] int32. K >= 1.
+#define QA_MADDUBS(n, FIN)                                                                  \
+  QA_ASM(QA_W##n(QA_Z) QA_WALK(QA_ROWS##n(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES(12) \
+         QA_W##n(FIN))
 template <int P>
 void tile_maddubs(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
                   const int8_t* w, int64_t wstride, int32_t* out) {
+  static_assert(P == 2 || P == 4 || P == 5 || P == 6);
   const int64_t ws = wstride;
-  // chunks of L steps, int16 sums in ymm0-7 (wrapping vpaddw: the bound on L keeps every
-  // true partial sum inside int16), widened into out at the end of each: stored by the
-  // first, added by the others (the memset of out this replaces drew 3% of the tile's perf
-  // samples; whole-model time unchanged within the noise of a loaded machine)
+  // chunks of L steps, int16 sums in the accumulators (wrapping vpaddw: the bound on L keeps
+  // every true partial sum inside int16), widened into out at the end of each: stored by the
+  // first, added by the others
   for (int64_t s0 = 0; s0 < K; s0 += L) {
     const int64_t* ao = aoff + s0;
     const int8_t* wk = w + s0 * wstride;
     int64_t n = std::min(K - s0, L);
-    if constexpr (P == 4) {
-      if (s0 == 0)
-        QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_SET4);
-      else
-        QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD4);
+    if (s0 == 0) {
+      QA_FOR_P(QA_MADDUBS, QA_SET);
     } else {
-      if (s0 == 0)
-        QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_SET2);
-      else
-        QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ADD2);
+      QA_FOR_P(QA_MADDUBS, QA_ADD);
     }
   }
-}
-
-// The wide maddubs tiles: 5 or 6 pixels x 16 channels, accumulators in ymm0-11 (pixel m: ymm
-// 2m and 2m + 1), so the int16 ones for widening are made in ymm12 after the walk.
-#define QA_ROWS5(PIX, MUL, ADD, SC) QA_ROWS4(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p4", 8, 9)
-#define QA_ROWS6(PIX, MUL, ADD, SC) QA_ROWS5(PIX, MUL, ADD, SC) PIX(MUL, ADD, SC, "p5", 10, 11)
-#define QA_ONES12 \
-  "mov $0x10001, %%eax\n\t" "vmovd %%eax, %%xmm12\n\t" "vpbroadcastd %%xmm12, %%ymm12\n\t"
-#define QA_Z5 QA_Z4 QA_Z(8) QA_Z(9)
-#define QA_Z6 QA_Z5 QA_Z(10) QA_Z(11)
-#define QA_ADDW(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" \
-  "vpaddd 32*" #r "(%[out]), " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
-#define QA_SETW(r) "vpmaddwd %%ymm12, " QA_R(r) ", " QA_R(r) "\n\t" QA_ST(r)
-#define QA_W8(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
-#define QA_W5(F) QA_W8(F) F(8) F(9)
-#define QA_W6(F) QA_W5(F) F(10) F(11)
-#define QA_ASM6(CODE)                                                                      \
-  asm volatile(CODE "vzeroupper\n\t"                                                       \
-               : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                                 \
-               : [p0] "r"(p[0]), [p1] "r"(p[1]), [p2] "r"(p[2]), [p3] "r"(p[3]),           \
-                 [p4] "r"(p[4]), [p5] "r"(p[P > 5 ? 5 : 4]), [ws] "r"(ws), [out] "r"(out)  \
-               : "rax", "rdx", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",       \
-                 "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",        \
-                 "xmm15", "cc", "memory")
-
-template <int P>
-void tile_maddubs_wide(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t L,
-                       const int8_t* w, int64_t wstride, int32_t* out) {
-  static_assert(P == 5 || P == 6);
-  const int64_t ws = wstride;
-  for (int64_t s0 = 0; s0 < K; s0 += L) {
-    const int64_t* ao = aoff + s0;
-    const int8_t* wk = w + s0 * wstride;
-    int64_t n = std::min(K - s0, L);
-    if constexpr (P == 6) {
-      if (s0 == 0)
-        QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
-                QA_W6(QA_SETW));
-      else
-        QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
-                QA_W6(QA_ADDW));
-    } else {
-      if (s0 == 0)
-        QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
-                QA_W5(QA_SETW));
-      else
-        QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddubsw", "vpaddw", "1")) QA_ONES12
-                QA_W5(QA_ADDW));
-    }
-  }
-}
-
-// madd16 on 5 or 6 pixels (no ones needed: vpmaddwd sums into int32 directly).
-template <int P>
-void tile_madd16_wide(const uint16_t* const* p, const int64_t* aoff, int64_t K,
-                      const int16_t* w, int64_t wstride, int32_t* out) {
-  static_assert(P == 5 || P == 6);
-  const int64_t* ao = aoff;
-  const int16_t* wk = w;
-  const int64_t ws = wstride * 2;  // bytes
-  int64_t n = K;
-  if constexpr (P == 6)
-    QA_ASM6(QA_Z6 QA_WALK(QA_ROWS6(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_W6(QA_ST));
-  else
-    QA_ASM6(QA_Z5 QA_WALK(QA_ROWS5(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_W5(QA_ST));
-}
-
-// maddubs1 on 5 pixels (its ones stay in ymm11 through the walk: no room for a sixth).
-void tile_maddubs1_5(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
-                     const int8_t* w, int64_t wstride, int32_t* out) {
-  constexpr int P = 5;
-  const int64_t* ao = aoff;
-  const int8_t* wk = w;
-  const int64_t ws = wstride;
-  int64_t n = K;
-  QA_ASM6(QA_ONES QA_Z5 QA_WALK(QA_ROWS5(QA_PIX1, "", "", "1")) QA_W5(QA_ST));
 }
 
 // p[m]: 16-bit codes; w: int16 [K][16][2], steps of 2 channels; aoff in 16-bit elements.
+#define QA_MADD16(n, _) \
+  QA_ASM(QA_W##n(QA_Z) QA_WALK(QA_ROWS##n(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_W##n(QA_ST))
 template <int P>
 void tile_madd16(const uint16_t* const* p, const int64_t* aoff, int64_t K, const int16_t* w,
                  int64_t wstride, int32_t* out) {
+  static_assert(P == 2 || P == 4 || P == 5 || P == 6);
   const int64_t* ao = aoff;
   const int16_t* wk = w;
   const int64_t ws = wstride * 2;  // bytes
   int64_t n = K;
-  if constexpr (P == 4)
-    QA_ASM(QA_Z4 QA_WALK(QA_ROWS4(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST4);
-  else
-    QA_ASM(QA_Z2 QA_WALK(QA_ROWS2(QA_PIX, "vpmaddwd", "vpaddd", "2")) QA_ST2);
+  QA_FOR_P(QA_MADD16, 0);
 }
 
+// maddubs1 keeps its ones in ymm11 through the walk: at most 5 pixels.
+#define QA_MADDUBS1(n, _) \
+  QA_ASM(QA_ONES(11) QA_W##n(QA_Z) QA_WALK(QA_ROWS##n(QA_PIX1, "", "", "1")) QA_W##n(QA_ST))
 template <int P>
 void tile_maddubs1(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
                    const int8_t* w, int64_t wstride, int32_t* out) {
+  static_assert(P == 2 || P == 4 || P == 5);
   const int64_t* ao = aoff;
   const int8_t* wk = w;
   const int64_t ws = wstride;
   int64_t n = K;
-  if constexpr (P == 4)
-    QA_ASM(QA_ONES QA_Z4 QA_WALK(QA_ROWS4(QA_PIX1, "", "", "1")) QA_ST4);
-  else
-    QA_ASM(QA_ONES QA_Z2 QA_WALK(QA_ROWS2(QA_PIX1, "", "", "1")) QA_ST2);
+  QA_FOR_P(QA_MADDUBS1, 0);
 }
 
 // Epilogue of M pixels x nco channels from acc rows of ld (16): epi_one's fp32 operations, 8
@@ -453,20 +384,20 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
         const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
         switch (p.kind) {
           case Avx2Kind::Maddubs:
-            (M == 6 ? tile_maddubs_wide<6> : M == 5 ? tile_maddubs_wide<5>
+            (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
              : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
                                                          p.wstride, out);
             break;
           case Avx2Kind::Maddubs1:
-            (M == 5 ? tile_maddubs1_5 : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
+            (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
                 p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
             break;
           case Avx2Kind::AvxVnni:
             tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
             break;
           case Avx2Kind::Madd16:
-            (M == 6   ? tile_madd16_wide<6>
-             : M == 5 ? tile_madd16_wide<5>
+            (M == 6   ? tile_madd16<6>
+             : M == 5 ? tile_madd16<5>
              : wide   ? tile_madd16<4>
                       : tile_madd16<2>)(p16, p.aoff.data(), p.K,
                                         static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
