@@ -47,6 +47,7 @@ namespace {
 // tile: g++ loads all broadcasts of a step first, so with 6 pixels it kept 8 of the 12
 // accumulators on the stack, a store and a load per step each; the asm tiles go to 6).
 constexpr int kMA = 4;
+constexpr int kMW = 6;  // pixels of the widest asm tiles
 
 // The tiles below walk their K steps in one asm loop each, the accumulators of the P pixels x
 // 16 channels in ymm0-11 (pixel m: ymm 2m and 2m + 1) for the whole walk. Intrinsics, or an
@@ -353,11 +354,11 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
     s16.resize(static_cast<size_t>(nrows * rowlen + 4));
   std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
-  alignas(32) int32_t out[6 * 16];
+  alignas(32) int32_t out[kMW * 16];
   const int64_t astep = g.sW * c.Cp;
   // the widest tile of the kernel: 6 pixels (12 accumulators, every ymm register), 5 for
   // maddubs1 (whose ones take a register), 4 for avx_vnni (intrinsics)
-  const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : p.kind == Avx2Kind::AvxVnni ? kMA : 6;
+  const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : p.kind == Avx2Kind::AvxVnni ? kMA : kMW;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
     const uint8_t* base = c.row_base(n, t, h);
@@ -373,9 +374,9 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
         const int M = widest > kMA && g.Wo >= 5
                           ? span(g.Wo, w0, widest)
                           : static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
-        const uint8_t* p8[6];
-        const uint16_t* p16[6];
-        for (int m = 0; m < 6; ++m) {
+        const uint8_t* p8[kMW];
+        const uint16_t* p16[kMW];
+        for (int m = 0; m < kMW; ++m) {
           const int64_t off = (w0 + std::min(m, M - 1)) * astep;
           p8[m] = base + off;
           p16[m] = s16.data() + off;
