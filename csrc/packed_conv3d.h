@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "common.h"
 
@@ -16,6 +17,12 @@ constexpr const char* kPackedConv = "packed_conv3d";
 enum PackedOutMode : int64_t { kOutFloat = 0, kOutRequant = 1, kOutAcc = 2 };
 // act: the activation fused after the (bias, folded BatchNorm) affine.
 enum PackedAct : int64_t { kActNone = 0, kActRelu = 1, kActLeaky = 2 };
+
+// The kernel path of the calling thread's last CPU packed_conv3d call ("none" before any):
+// "scalar", "vnni", "avx2-maddubs", "avx2-maddubs1", "avx2-madd16", "avx2-avxvnni", the
+// Winograd ones "vnni-winograd", "avx2-maddubs-winograd", "avx2-maddubs1-winograd"
+// (csrc/cpu/packed_conv3d.cpp).
+std::string packed_conv3d_cpu_path();
 
 struct ConvGeom {
   int64_t N, C, T, H, W;       // input

@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "cpu/isa.h"
+#include "packed_conv3d.h"
 
 namespace {
 
@@ -37,6 +38,8 @@ TORCH_LIBRARY(qgait, m) {
   m.def("_cpu_isa() -> str", &cpu_isa_op);
   m.def("_set_cpu_isa(str isa) -> str", &set_cpu_isa_op);
   m.def("_cpu_features() -> str", &cpu_features_op);
+  // the kernel path of this thread's last CPU packed_conv3d call (csrc/packed_conv3d.h)
+  m.def("_packed_conv3d_cpu_path() -> str", &qgait::packed_conv3d_cpu_path);
 
   // --- soft fake quantizer (qgait/ops/soft_quant.py documents the math) -------------------
   // axis = -1: per-tensor step (scale has one element); else per-channel along `axis`.

@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <memory>
@@ -347,14 +348,15 @@ std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int
 // address, build a new entry, and layers with equal weights share one. Entries are immutable
 // and handed out as shared_ptr (eviction cannot free one in use); the list is bounded by entry
 // count and bytes, least recently used first out.
-enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16 };
+enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16, WinoVnni, WinoAvx2 };
 using PrepKey = std::array<int64_t, 9>;  // w_bits, Co, C, ntaps, ktaps, kc, Coutp, fold, layout
 
 struct WeightPrep {
   PrepKey key{};
   std::vector<uint8_t> bytes;   // the packed weights this entry was built from
-  std::vector<int32_t> wsum;    // Base: each output channel's sum (Coutp entries)
-  int64_t wlo = 0, whi = 0;     // Base: the range of all weights
+  std::vector<int32_t> wsum;    // Base: each output channel's sum (Coutp entries); Wino*: each
+                                //   position's sums [16][Coutp] of the transformed weights
+  int64_t wlo = 0, whi = 0;     // Base: the range of all weights; Wino*: of the transformed ones
   std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
   std::vector<uint8_t> w8;      // Vnni / Avx2U8 layouts
   std::vector<int16_t> w16;     // Avx2I16 layout
@@ -397,6 +399,92 @@ std::shared_ptr<const WeightPrep> weight_prep(const at::Tensor& wpk, const PrepK
     lru.pop_back();
   }
   return e;
+}
+
+// ---- Winograd F(2x2, 3x3) ------------------------------------------------------------------
+// With 4-bit codes and weights a layer of kT x 3 x 3 taps (stride 1, padding 1 in H and W) runs
+// on 2.25x fewer multiply-adds, exactly. Per tile of 2 x 2 output pixels and frame, the 4 x 4
+// codes d around it and each 3 x 3 slice g of the weights are transformed,
+//   V = B^T d B,   U = G' g G'^T   (G' = 2 G, integer),   y = A^T (sum over kT, C of U . V) A / 4,
+// with Lavin and Gray's F(2, 3) matrices
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G' = [2 0 0; 1 1 1; 1 -1 1; 0 0 2],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// Everything is integer: A^T (U . V) A = 4 y exactly, so the division by 4 is exact. What makes
+// it a u8 x s8 dot product like the direct path's: for codes in [0, a] (a <= 63), V lies in
+// [-2a, 2a] at the 15 positions with a difference in them and in [0, 4a] at position 5 (sums
+// only), so V + off (off = 2a, or 0 at position 5) is a byte in [0, 4a]; U is a sum of at most
+// 9 weights (|U| <= 9 max|w|: 72 for 4-bit weights), an int8 when |w| <= 14. The offsets come
+// back out of the sums as off[xi] * sum(U[xi]) per output channel (`corr`, through A^T . A);
+// the padding code zp and the zero-point correction zp * sum(w) work as on the direct path.
+// Each of the 16 positions is then a GEMM of the tiles' V (kT frames x Cp channels) against
+// U on the direct path's tiles (vpdpbusd; vpmaddubsw on the AVX2 class, exact because a pair
+// of V + off <= 4a times |U| stays inside int16 for the L steps that avx2_chunk allows).
+// Where: 3 x 3 in H and W, stride 1, dilation 1, padding 1 (any kT, temporal stride and
+// dilation), at least 2 input channels, codes of range <= 63 (measured for integer inputs),
+// weights of magnitude <= 14; not on the scalar path or CPUs with AVX-VNNI (no way to test the
+// latter here); QGAIT_WINOGRAD=0 turns it off (the tests compare both).
+constexpr int kWinoMid = 5;  // the one position whose input transform only adds (row 1, col 1)
+
+// The path of this thread's last call (`torch.ops.qgait._packed_conv3d_cpu_path()`), for
+// tests and for users asking which kernel a layer runs.
+thread_local const char* last_path = "none";
+
+bool winograd_enabled() {
+  const char* e = std::getenv("QGAIT_WINOGRAD");
+  return !(e && e[0] == '0');
+}
+
+bool winograd_geometry(const ConvGeom& g) {
+  return g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 &&
+         g.pH == 1 && g.pW == 1 && g.C >= 2;
+}
+
+// The 16 positions' weights U[xi][co][kt][c] (int8 when they fit, see above) from wk
+// [Co][kT * 9][Cp], their sums per output channel into sums [16][Coutp] and their range.
+// Empty when some U leaves int8.
+std::vector<int8_t> winograd_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t kT,
+                                     int64_t Cp, int64_t Coutp, std::vector<int32_t>& sums,
+                                     int64_t& ulo, int64_t& uhi) {
+  static const int G[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};
+  const int64_t per = kT * Cp;
+  std::vector<int8_t> u(static_cast<size_t>(16 * Co * per));
+  sums.assign(static_cast<size_t>(16 * Coutp), 0);
+  ulo = 0, uhi = 0;
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t kt = 0; kt < kT; ++kt)
+      for (int64_t ch = 0; ch < Cp; ++ch) {
+        int gv[3][3];
+        for (int kh = 0; kh < 3; ++kh)
+          for (int kw = 0; kw < 3; ++kw)
+            gv[kh][kw] = wk[((co * kT + kt) * 9 + kh * 3 + kw) * Cp + ch];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) {
+            int v = 0;
+            for (int kh = 0; kh < 3; ++kh)
+              for (int kw = 0; kw < 3; ++kw) v += G[i][kh] * G[j][kw] * gv[kh][kw];
+            if (v < -128 || v > 127) return {};
+            ulo = std::min<int64_t>(ulo, v);
+            uhi = std::max<int64_t>(uhi, v);
+            u[((i * 4 + j) * Co + co) * per + kt * Cp + ch] = static_cast<int8_t>(v);
+            sums[(i * 4 + j) * Coutp + co] += v;
+          }
+      }
+  return u;
+}
+
+// V[n][t][ht][xi][wt][c] = (B^T d B)[xi] + off[xi] for the 4 x 4 codes d of tile (ht, wt) of
+// padded frame t, from the code buffer u [N][Tv][2 Ht + 2][2 Wt + 2][Cp] (the ISA's kernel).
+void winograd_input(Path path, const uint8_t* u, int64_t N, int64_t Tv, int64_t Ht, int64_t Wt,
+                    int64_t Cp, int off, uint8_t* v) {
+  at::parallel_for(0, N * Tv * Ht, 8, [&](int64_t b, int64_t e) {
+    if (path == Path::VNNI) wino_input_avx512(u, Ht, Wt, Cp, off, v, b, e);
+    else wino_input_avx2(u, Ht, Wt, Cp, off, v, b, e);
+  });
+}
+
+std::vector<uint8_t>& winograd_scratch() {
+  static thread_local std::vector<uint8_t> buf;
+  return buf;
 }
 
 at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int64_t in_qn,
@@ -462,8 +550,13 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   // depends on their range it is measured (one pass over the input).
   int64_t lo = in_qn, hi = in_qp;
   const at::Tensor x_flat = flat_view(x);
-  const bool avx2_small = path == Path::AVX2 && !cpu_has_avx_vnni() &&
-                          avx2_chunk(255, wlo, whi) < 136;
+  // Winograd (see winograd_weights): the geometry, the path and the weights allow it here; the
+  // range of the codes decides below
+  const bool wino_try = path != Path::Scalar && !cpu_has_avx_vnni() && !fold &&
+                        winograd_geometry(g) && std::max(-wlo, whi) <= 14 &&
+                        winograd_enabled();
+  const bool avx2_small = (path == Path::AVX2 && !cpu_has_avx_vnni() &&
+                           avx2_chunk(255, wlo, whi) < 136) || wino_try;
   if (x.scalar_type() == at::kBool) {
     lo = 0, hi = 1;
   } else if (x.scalar_type() == at::kByte) {
@@ -493,6 +586,36 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   }
   const int zp = static_cast<int>(-lo);
   const float xs = x_scale.item<float>();
+  std::shared_ptr<const WeightPrep> wino;
+  int64_t wino_L = 0;
+  if (wino_try && hi - lo <= 63) {
+    const WLayout l = path == Path::VNNI ? WLayout::WinoVnni : WLayout::WinoAvx2;
+    wino = weight_prep(wpk, key(l), [&](WeightPrep& e) {
+      const std::vector<int8_t> u =
+          winograd_weights(wk, g.Co, g.kT, c.Cp, c.Coutp, e.wsum, e.wlo, e.whi);
+      if (u.empty()) return;  // transformed weights past int8: the direct path
+      const int64_t n = g.kT * c.Cp * c.Coutp;
+      e.w8.resize(static_cast<size_t>(16 * n));
+      for (int xi = 0; xi < 16; ++xi) {
+        const std::vector<int8_t> uxi(u.begin() + xi * g.Co * g.kT * c.Cp,
+                                      u.begin() + (xi + 1) * g.Co * g.kT * c.Cp);
+        const std::vector<uint8_t> lay =
+            l == WLayout::WinoVnni
+                ? interleave_weights<uint8_t, 4>(uxi, g.Co, g.kT, c.Cp, c.Coutp)
+                : interleave_weights<uint8_t, 4>(uxi, g.Co, g.kT, c.Cp, c.Coutp, 16);
+        std::memcpy(e.w8.data() + xi * n, lay.data(), static_cast<size_t>(n));
+      }
+    });
+    if (wino->w8.empty()) wino.reset();
+    if (wino && path == Path::AVX2) {
+      wino_L = avx2_chunk(4 * (hi - lo), wino->wlo, wino->whi);
+      if (wino_L < 1) wino.reset();
+    }
+  }
+  if (wino) {  // the code buffer covers whole tiles: 2 Ht + 2 rows, 2 Wt + 2 columns
+    c.Hp = 2 * ((g.Ho + 1) / 2) + 2;
+    c.Wp = 2 * ((g.Wo + 1) / 2) + 2;
+  }
   c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs,
                      static_cast<float>(in_qn), static_cast<float>(in_qp));
 
@@ -522,6 +645,49 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   c.y = y.data_ptr();
   const int64_t rows = g.N * g.To * g.Ho;
 
+  if (wino) {
+    WinoPlan p;
+    p.Ht = (g.Ho + 1) / 2;
+    p.Wt = (g.Wo + 1) / 2;
+    p.Tv = c.Tp;
+    p.Cp = c.Cp;
+    p.K = g.kT * c.Cp / 4;
+    const int off = static_cast<int>(2 * (hi - lo));
+    std::vector<uint8_t>& vb = winograd_scratch();
+    const size_t vsz = static_cast<size_t>(g.N * p.Tv * p.Ht * 16 * p.Wt * p.Cp);
+    if (vb.size() < vsz) vb.resize(vsz);
+    winograd_input(path, c.xp, g.N, p.Tv, p.Ht, p.Wt, p.Cp, off, vb.data());
+    p.v = vb.data();
+    p.w = wino->w8.data();
+    p.wxi = g.kT * c.Cp * c.Coutp;
+    // corr[ij][co] = (A^T (off . sums) A)[i][j]: what the offsets added to each output (x 4)
+    static const int A[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+    std::vector<int32_t> corr(static_cast<size_t>(4 * c.Coutp), 0);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        for (int xi = 0; xi < 16; ++xi) {
+          const int k = A[i][xi / 4] * A[j][xi % 4] * (xi == kWinoMid ? 0 : off);
+          if (k == 0) continue;
+          for (int64_t co = 0; co < c.Coutp; ++co)
+            corr[(i * 2 + j) * c.Coutp + co] += k * wino->wsum[xi * c.Coutp + co];
+        }
+    p.corr = corr.data();
+    const int64_t frame = p.Ht * 16 * p.Wt * p.Cp;  // bytes of a transformed frame
+    for (int64_t kt = 0; kt < g.kT; ++kt)
+      for (int64_t k = 0; k < c.Cp / 4; ++k) p.aoff.push_back(kt * g.dT * frame + 4 * k);
+    const int64_t trows = g.N * g.To * p.Ht;
+    if (path == Path::VNNI) {
+      last_path = "vnni-winograd";
+      parallel_dynamic(trows * ((c.Coutp + 63) / 64),
+                       [&](int64_t b, int64_t e) { wino_items_vnni(c, p, b, e); });
+    } else {
+      p.L = std::min(wino_L, p.K);
+      last_path = p.L >= 2 ? "avx2-maddubs-winograd" : "avx2-maddubs1-winograd";
+      parallel_dynamic(trows, [&](int64_t b, int64_t e) { wino_rows_avx2(c, p, b, e); });
+    }
+    return y;
+  }
+
   if (path == Path::VNNI) {
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
       e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
@@ -530,6 +696,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     std::vector<int64_t> aoff(static_cast<size_t>(ktaps * ksteps));
     for (int64_t t = 0; t < ktaps; ++t)
       for (int64_t k = 0; k < ksteps; ++k) aoff[t * ksteps + k] = c.toff[t] + 4 * k;
+    last_path = "vnni";
     const int64_t items = rows * ((c.Coutp + 63) / 64);
     parallel_dynamic(items, [&](int64_t b, int64_t e) {
       items_vnni(c, lay->w8.data(), aoff.data(), b, e);
@@ -562,9 +729,14 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
       else e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp, 16);
     });
     p.w = i16 ? static_cast<const void*>(lay->w16.data()) : lay->w8.data();
+    last_path = p.kind == Avx2Kind::AvxVnni    ? "avx2-avxvnni"
+                : p.kind == Avx2Kind::Maddubs  ? "avx2-maddubs"
+                : p.kind == Avx2Kind::Maddubs1 ? "avx2-maddubs1"
+                                               : "avx2-madd16";
     p.wstride = 16 * G;  // elements per step of one 16-channel block
     parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_avx2(c, p, b, e); });
   } else {
+    last_path = "scalar";
     const std::vector<int16_t> ws(wk.begin(), wk.end());
     parallel_dynamic(rows, [&](int64_t b, int64_t e) { rows_scalar(c, ws.data(), b, e); });
   }
@@ -573,6 +745,8 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
 
 }  // namespace
 }  // namespace packed_cpu
+
+std::string packed_conv3d_cpu_path() { return packed_cpu::last_path; }
 
 TORCH_LIBRARY_IMPL(qgait, CPU, m) {
   m.impl("packed_conv3d", &packed_cpu::packed_conv3d_cpu);

@@ -224,6 +224,96 @@ void epi_avx2(const Epi& E, const int32_t* acc, int64_t ld, int M, int64_t co0, 
     for (int m = 0; m < M; ++m) epi_one(E, co0 + j, acc[m * ld + j], y, (pix + m) * Co + co0 + j);
 }
 
+// The output transform of a tile row's 16 channels: mb [16][ws][16] -> y0, y1 [2 Wt][16],
+// y = (A^T m A - corr) / 4 (corr: [4][Coutp] from this block's first channel).
+void wino_out_avx2(const int32_t* mb, int64_t ws, int64_t Wt, const int32_t* corr,
+                   int64_t Coutp, int32_t* y0, int32_t* y1) {
+  for (int64_t wt = 0; wt < Wt; ++wt) {
+    for (int j = 0; j < 16; j += 8) {
+      const int32_t* m = mb + wt * 16 + j;
+      const auto ld = [&](int xi) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + xi * ws * 16));
+      };
+      __m256i a[4], b[4];  // A^T m: rows 0 and 1, per column s
+      for (int s = 0; s < 4; ++s) {
+        const __m256i m1 = ld(4 + s), m2 = ld(8 + s);
+        a[s] = _mm256_add_epi32(_mm256_add_epi32(ld(s), m1), m2);
+        b[s] = _mm256_sub_epi32(_mm256_sub_epi32(m1, m2), ld(12 + s));
+      }
+      const auto st = [&](int32_t* dst, __m256i v, int ij) {
+        const __m256i k =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr + ij * Coutp + j));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            _mm256_srai_epi32(_mm256_sub_epi32(v, k), 2));
+      };
+      st(y0 + 2 * wt * 16 + j, _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), a[2]), 0);
+      st(y0 + (2 * wt + 1) * 16 + j, _mm256_sub_epi32(_mm256_sub_epi32(a[1], a[2]), a[3]), 1);
+      st(y1 + 2 * wt * 16 + j, _mm256_add_epi32(_mm256_add_epi32(b[0], b[1]), b[2]), 2);
+      st(y1 + (2 * wt + 1) * 16 + j, _mm256_sub_epi32(_mm256_sub_epi32(b[1], b[2]), b[3]), 3);
+    }
+  }
+}
+
+// V = B^T d B + off per tile position, 16 channels at a time in int16 lanes (a tail of 4-12
+// channels in plain loops; see the driver's winograd_input for the layouts).
+void wino_input_avx2_impl(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
+                          uint8_t* v, int64_t r0, int64_t r1) {
+  const int64_t Wq = 2 * Wt + 2, Hq = 2 * Ht + 2, xs = Wt * Cp;
+  const __m256i vo = _mm256_set1_epi16(static_cast<int16_t>(off));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t ht = r % Ht, nt = r / Ht;
+    for (int64_t wt = 0; wt < Wt; ++wt) {
+      const uint8_t* d = u + ((nt * Hq + 2 * ht) * Wq + 2 * wt) * Cp;
+      uint8_t* o = v + (r * 16 * Wt + wt) * Cp;
+      int64_t ch = 0;
+      for (; ch + 16 <= Cp; ch += 16) {
+        const auto ld = [&](int64_t i, int64_t s) {
+          return _mm256_cvtepu8_epi16(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + (i * Wq + s) * Cp + ch)));
+        };
+        __m256i a[4][4];  // B^T d
+        for (int s = 0; s < 4; ++s) {
+          const __m256i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
+          a[0][s] = _mm256_sub_epi16(d0, d2);
+          a[1][s] = _mm256_add_epi16(d1, d2);
+          a[2][s] = _mm256_sub_epi16(d2, d1);
+          a[3][s] = _mm256_sub_epi16(d1, d3);
+        }
+        const auto st = [&](int xi, __m256i x, bool offset) {
+          if (offset) x = _mm256_add_epi16(x, vo);
+          // values are bytes (0..4a): pack the 16 words' low bytes into 16 bytes
+          const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(x),
+                                             _mm256_extracti128_si256(x, 1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + xi * xs + ch), b);
+        };
+        for (int i = 0; i < 4; ++i) {
+          st(4 * i, _mm256_sub_epi16(a[i][0], a[i][2]), true);
+          st(4 * i + 1, _mm256_add_epi16(a[i][1], a[i][2]), i != 1);
+          st(4 * i + 2, _mm256_sub_epi16(a[i][2], a[i][1]), true);
+          st(4 * i + 3, _mm256_sub_epi16(a[i][1], a[i][3]), true);
+        }
+      }
+      for (; ch < Cp; ++ch) {
+        int a[4][4];
+        for (int s = 0; s < 4; ++s) {
+          const int d0 = d[s * Cp + ch], d1 = d[(Wq + s) * Cp + ch], d2 = d[(2 * Wq + s) * Cp + ch],
+                    d3 = d[(3 * Wq + s) * Cp + ch];
+          a[0][s] = d0 - d2;
+          a[1][s] = d1 + d2;
+          a[2][s] = d2 - d1;
+          a[3][s] = d1 - d3;
+        }
+        for (int i = 0; i < 4; ++i) {
+          o[4 * i * xs + ch] = static_cast<uint8_t>(a[i][0] - a[i][2] + off);
+          o[(4 * i + 1) * xs + ch] = static_cast<uint8_t>(a[i][1] + a[i][2] + (i != 1 ? off : 0));
+          o[(4 * i + 2) * xs + ch] = static_cast<uint8_t>(a[i][2] - a[i][1] + off);
+          o[(4 * i + 3) * xs + ch] = static_cast<uint8_t>(a[i][1] - a[i][3] + off);
+        }
+      }
+    }
+  }
+}
+
 // Codes of 8 floats as int32 lanes: rint(clamp(x * r, qn, qp)) + zp (max(NaN, qn) = qn).
 inline __m256i quant8(__m256 x, __m256 vr, __m256 vqn, __m256 vqp, __m256i vzp) {
   __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, vr), vqn), vqp);
@@ -409,6 +499,59 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
         w0 += M;
       }
       co0 += 16;
+    }
+  }
+}
+
+void wino_input_avx2(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off, uint8_t* v,
+                     int64_t r0, int64_t r1) {
+  wino_input_avx2_impl(u, Ht, Wt, Cp, off, v, r0, r1);
+}
+
+// Winograd F(2x2, 3x3) (see the driver): per tile row and block of 16 channels, the 16
+// positions' GEMMs on vpmaddubsw tiles, their sums kept in mb [16][Wt + 2][16] (a 4- or 2-pixel
+// tile narrower than its kind writes past its pixels); then the output transform
+// y = (A^T m A - corr) / 4 of each tile into two output rows [2 Wt][16] each, and their epilogue.
+void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
+  const ConvGeom& g = c.g;
+  const int64_t Wt = p.Wt, ws = Wt + 2;
+  static thread_local std::vector<int32_t> mb, yb;
+  if (mb.size() < static_cast<size_t>(16 * ws * 16)) mb.resize(16 * ws * 16);
+  if (yb.size() < static_cast<size_t>(4 * Wt * 16)) yb.resize(4 * Wt * 16);
+  int32_t* const y0 = yb.data();
+  int32_t* const y1 = yb.data() + 2 * Wt * 16;
+  const bool one = p.L < 2;  // maddubs1: tiles of up to 5 pixels
+  const int widest = one ? 5 : kMW;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t ht = r % p.Ht, t = (r / p.Ht) % g.To, n = r / (p.Ht * g.To);
+    for (int64_t co0 = 0; co0 < g.Co; co0 += 16) {
+      const int64_t nco = std::min<int64_t>(16, g.Co - co0);
+      for (int xi = 0; xi < 16; ++xi) {
+        const uint8_t* base = p.row(n, t * g.sT, ht, xi);
+        const int8_t* w8 = reinterpret_cast<const int8_t*>(p.w + xi * p.wxi) + co0 * p.K * 4;
+        for (int64_t w0 = 0; w0 < Wt;) {
+          const int M = Wt >= 5 ? span(Wt, w0, widest)
+                                : static_cast<int>(std::min<int64_t>(kMA, Wt - w0));
+          const uint8_t* p8[kMW];
+          for (int m = 0; m < kMW; ++m) p8[m] = base + (w0 + std::min(m, M - 1)) * p.Cp;
+          int32_t* out = mb.data() + (xi * ws + w0) * 16;
+          const bool wide = M > 2;
+          if (one)
+            (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
+                p8, p.aoff.data(), p.K, p.L, w8, 64, out);
+          else
+            (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
+             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8, 64,
+                                                         out);
+          w0 += M;
+        }
+      }
+      wino_out_avx2(mb.data(), ws, Wt, p.corr + co0, c.Coutp, y0, y1);
+      epi_avx2(c.E, y0, 16, static_cast<int>(g.Wo), co0, nco, g.Co, c.y,
+               c.out_pixel(n, t, 2 * ht, 0));
+      if (2 * ht + 1 < g.Ho)
+        epi_avx2(c.E, y1, 16, static_cast<int>(g.Wo), co0, nco, g.Co, c.y,
+                 c.out_pixel(n, t, 2 * ht + 1, 0));
     }
   }
 }

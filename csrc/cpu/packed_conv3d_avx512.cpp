@@ -318,6 +318,103 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
   }
 }
 
+// V = B^T d B + off per tile position, 32 channels at a time in int16 lanes (see the driver's
+// winograd_input for the layouts).
+void wino_input_avx512(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
+                       uint8_t* v, int64_t r0, int64_t r1) {
+  const int64_t Wq = 2 * Wt + 2, Hq = 2 * Ht + 2, xs = Wt * Cp;
+  const __m512i vo = _mm512_set1_epi16(static_cast<int16_t>(off));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t ht = r % Ht, nt = r / Ht;
+    for (int64_t wt = 0; wt < Wt; ++wt) {
+      const uint8_t* d = u + ((nt * Hq + 2 * ht) * Wq + 2 * wt) * Cp;
+      uint8_t* o = v + (r * 16 * Wt + wt) * Cp;
+      for (int64_t ch = 0; ch < Cp; ch += 32) {
+        const __mmask32 mk = Cp - ch >= 32 ? ~__mmask32(0) : (__mmask32(1) << (Cp - ch)) - 1;
+        const auto ld = [&](int64_t i, int64_t s) {
+          return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mk, d + (i * Wq + s) * Cp + ch));
+        };
+        __m512i a[4][4];  // B^T d
+        for (int s = 0; s < 4; ++s) {
+          const __m512i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
+          a[0][s] = _mm512_sub_epi16(d0, d2);
+          a[1][s] = _mm512_add_epi16(d1, d2);
+          a[2][s] = _mm512_sub_epi16(d2, d1);
+          a[3][s] = _mm512_sub_epi16(d1, d3);
+        }
+        const auto st = [&](int xi, __m512i x, bool offset) {
+          if (offset) x = _mm512_add_epi16(x, vo);
+          _mm256_mask_storeu_epi8(o + xi * xs + ch, mk, _mm512_cvtepi16_epi8(x));
+        };
+        for (int i = 0; i < 4; ++i) {
+          st(4 * i, _mm512_sub_epi16(a[i][0], a[i][2]), true);
+          st(4 * i + 1, _mm512_add_epi16(a[i][1], a[i][2]), i != 1);
+          st(4 * i + 2, _mm512_sub_epi16(a[i][2], a[i][1]), true);
+          st(4 * i + 3, _mm512_sub_epi16(a[i][1], a[i][3]), true);
+        }
+      }
+    }
+  }
+}
+
+// Winograd F(2x2, 3x3) (see the driver): per work item (tile row, group of 64 channels), the
+// 16 positions' GEMMs on the tiles above, their sums kept in mb [16][Wt][64]; then the output
+// transform y = (A^T m A - corr) / 4 of each tile into two output rows [2 Wt][64] each, and
+// the epilogue of those rows.
+void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1) {
+  const ConvGeom& g = c.g;
+  const int64_t ngrp = (c.Coutp + 63) / 64, Wt = p.Wt;
+  static thread_local std::vector<int32_t> mb, yb;
+  if (mb.size() < static_cast<size_t>(16 * Wt * 64)) mb.resize(16 * Wt * 64);
+  if (yb.size() < static_cast<size_t>(4 * Wt * 64)) yb.resize(4 * Wt * 64);
+  int32_t* const y0 = yb.data();
+  int32_t* const y1 = yb.data() + 2 * Wt * 64;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t grp = i % ngrp, r = i / ngrp;
+    const int64_t ht = r % p.Ht, t = (r / p.Ht) % g.To, n = r / (p.Ht * g.To);
+    const int64_t co0 = grp * 64, nco = std::min<int64_t>(64, g.Co - co0);
+    const int NB = static_cast<int>((nco + 15) / 16);
+    for (int xi = 0; xi < 16; ++xi) {
+      const uint8_t* base = p.row(n, t * g.sT, ht, xi);
+      const uint8_t* wv = p.w + xi * p.wxi + co0 * 4;
+      for (int64_t w0 = 0; w0 < Wt;) {
+        const int M = tile_width(Wt, w0);
+        vnni_fn(NB, M)(base + w0 * p.Cp, p.Cp, p.aoff.data(), p.K, wv, c.Coutp * 4,
+                       mb.data() + (xi * Wt + w0) * 64, true);
+        w0 += M;
+      }
+    }
+    for (int64_t wt = 0; wt < Wt; ++wt) {
+      for (int j = 0; j < NB * 16; j += 16) {
+        const int32_t* m = mb.data() + wt * 64 + j;
+        const auto ld = [&](int xi) { return _mm512_loadu_si512(m + xi * Wt * 64); };
+        __m512i a[4], b[4];  // A^T m: rows 0 and 1, per column s
+        for (int s = 0; s < 4; ++s) {
+          const __m512i m1 = ld(4 + s), m2 = ld(8 + s);
+          a[s] = _mm512_add_epi32(_mm512_add_epi32(ld(s), m1), m2);
+          b[s] = _mm512_sub_epi32(_mm512_sub_epi32(m1, m2), ld(12 + s));
+        }
+        const int32_t* cr = p.corr + co0 + j;
+        const auto fin = [&](__m512i v, int ij) {
+          return _mm512_srai_epi32(_mm512_sub_epi32(v, _mm512_loadu_si512(cr + ij * c.Coutp)), 2);
+        };
+        _mm512_storeu_si512(y0 + 2 * wt * 64 + j,
+                            fin(_mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), a[2]), 0));
+        _mm512_storeu_si512(y0 + (2 * wt + 1) * 64 + j,
+                            fin(_mm512_sub_epi32(_mm512_sub_epi32(a[1], a[2]), a[3]), 1));
+        _mm512_storeu_si512(y1 + 2 * wt * 64 + j,
+                            fin(_mm512_add_epi32(_mm512_add_epi32(b[0], b[1]), b[2]), 2));
+        _mm512_storeu_si512(y1 + (2 * wt + 1) * 64 + j,
+                            fin(_mm512_sub_epi32(_mm512_sub_epi32(b[1], b[2]), b[3]), 3));
+      }
+    }
+    epi_avx512(c.E, y0, static_cast<int>(g.Wo), co0, nco, g.Co, c.y, c.out_pixel(n, t, 2 * ht, 0));
+    if (2 * ht + 1 < g.Ho)
+      epi_avx512(c.E, y1, static_cast<int>(g.Wo), co0, nco, g.Co, c.y,
+                 c.out_pixel(n, t, 2 * ht + 1, 0));
+  }
+}
+
 }  // namespace packed_cpu
 }  // namespace qgait
 #pragma GCC pop_options

@@ -104,6 +104,23 @@ struct Avx2Plan {
   int64_t wstride = 0;
 };
 
+// ---- Winograd F(2x2, 3x3) for small codes and weights (packed_conv3d.cpp documents it) ---
+// A layer of kT x 3 x 3 taps, stride 1 and padding 1 in H and W, runs as 16 GEMMs over tiles of
+// 2 x 2 output pixels: one per position xi = 4 r + s of the tiles' transformed 4 x 4 inputs.
+struct WinoPlan {
+  int64_t Ht = 0, Wt = 0, Tv = 0;  // tile rows and columns, frames of the transformed input
+  int64_t Cp = 0, K = 0;           // channels of a tile position, reduction steps kT * Cp / 4
+  const uint8_t* v = nullptr;      // transformed codes [N][Tv][Ht][16][Wt][Cp] (u8, offset)
+  const uint8_t* w = nullptr;      // the 16 positions' weights, each laid out for the path,
+  int64_t wxi = 0;                 //   wxi bytes apart
+  const int32_t* corr = nullptr;   // [4][Coutp]: the offsets' share of the 4 outputs of a tile
+  std::vector<int64_t> aoff;       // input offset of each step, from a tile's transformed codes
+  int64_t L = 0;                   // avx2: steps of int16 sums (see avx2_chunk)
+  const uint8_t* row(int64_t n, int64_t t, int64_t ht, int64_t xi) const {
+    return v + (((n * Tv + t) * Ht + ht) * 16 + xi) * Wt * Cp;
+  }
+};
+
 // ---- packed_conv3d_avx2.cpp (CPUs with AVX2 + FMA) -----------------------------------------
 // Codes of n floats (as quant_row_scalar), and of one frame of a float input whose W axis is
 // contiguous, straight into the channels-last code buffer (Cp channels per pixel, Cp % 4 == 0).
@@ -113,6 +130,12 @@ void quant_frame_clast_avx2(const float* x, int64_t cstride, int64_t hstride, in
                             float qn, float qp, int zp);
 // Output rows [r0, r1) of [N, To, Ho], every output channel, on the plan's AVX2 kernel.
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1);
+// Winograd input transform of tile rows [r0, r1) of [N, Tv, Ht] (see winograd_input in the
+// driver), 16 channels at a time.
+void wino_input_avx2(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off, uint8_t* v,
+                     int64_t r0, int64_t r1);
+// Tile rows [r0, r1) of [N, To, Ht], every output channel, Winograd, on vpmaddubsw tiles.
+void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1);
 
 // ---- packed_conv3d_avx512.cpp (CPUs with AVX-512 F/BW/VL/DQ + VNNI) --------------------------
 // The same two input quantizers, 16 floats at a time.
@@ -123,6 +146,11 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
 // Work items [i0, i1) (output row x group of up to 64 output channels); wv: the weights laid
 // out for the VNNI tiles, aoff: the input offset of each (tap, channel group) step.
 void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1);
+// The Winograd input transform, 32 channels at a time.
+void wino_input_avx512(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
+                       uint8_t* v, int64_t r0, int64_t r1);
+// Work items [i0, i1) (tile row of [N, To, Ht] x group of up to 64 output channels), Winograd.
+void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1);
 
 }  // namespace packed_cpu
 }  // namespace qgait
