@@ -472,21 +472,6 @@ std::vector<int8_t> winograd_weights(const std::vector<int8_t>& wk, int64_t Co, 
   return u;
 }
 
-// V[n][t][ht][xi][wt][c] = (B^T d B)[xi] + off[xi] for the 4 x 4 codes d of tile (ht, wt) of
-// padded frame t, from the code buffer u [N][Tv][2 Ht + 2][2 Wt + 2][Cp] (the ISA's kernel).
-void winograd_input(Path path, const uint8_t* u, int64_t N, int64_t Tv, int64_t Ht, int64_t Wt,
-                    int64_t Cp, int off, uint8_t* v) {
-  at::parallel_for(0, N * Tv * Ht, 8, [&](int64_t b, int64_t e) {
-    if (path == Path::VNNI) wino_input_avx512(u, Ht, Wt, Cp, off, v, b, e);
-    else wino_input_avx2(u, Ht, Wt, Cp, off, v, b, e);
-  });
-}
-
-std::vector<uint8_t>& winograd_scratch() {
-  static thread_local std::vector<uint8_t> buf;
-  return buf;
-}
-
 at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int64_t in_qn,
                              int64_t in_qp, const at::Tensor& w_packed, const at::Tensor& w_scale,
                              int64_t w_bits, int64_t c_in, at::IntArrayRef stride,
@@ -649,15 +634,15 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     WinoPlan p;
     p.Ht = (g.Ho + 1) / 2;
     p.Wt = (g.Wo + 1) / 2;
+    p.u = c.xp;
     p.Tv = c.Tp;
+    p.Hq = c.Hp;
+    p.Wq = c.Wp;
     p.Cp = c.Cp;
     p.K = g.kT * c.Cp / 4;
+    p.span = (g.kT - 1) * g.dT + 1;
     const int off = static_cast<int>(2 * (hi - lo));
-    std::vector<uint8_t>& vb = winograd_scratch();
-    const size_t vsz = static_cast<size_t>(g.N * p.Tv * p.Ht * 16 * p.Wt * p.Cp);
-    if (vb.size() < vsz) vb.resize(vsz);
-    winograd_input(path, c.xp, g.N, p.Tv, p.Ht, p.Wt, p.Cp, off, vb.data());
-    p.v = vb.data();
+    p.off = off;
     p.w = wino->w8.data();
     p.wxi = g.kT * c.Cp * c.Coutp;
     // corr[ij][co] = (A^T (off . sums) A)[i][j]: what the offsets added to each output (x 4)
@@ -672,14 +657,10 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
             corr[(i * 2 + j) * c.Coutp + co] += k * wino->wsum[xi * c.Coutp + co];
         }
     p.corr = corr.data();
-    const int64_t frame = p.Ht * 16 * p.Wt * p.Cp;  // bytes of a transformed frame
-    for (int64_t kt = 0; kt < g.kT; ++kt)
-      for (int64_t k = 0; k < c.Cp / 4; ++k) p.aoff.push_back(kt * g.dT * frame + 4 * k);
     const int64_t trows = g.N * g.To * p.Ht;
     if (path == Path::VNNI) {
       last_path = "vnni-winograd";
-      parallel_dynamic(trows * ((c.Coutp + 63) / 64),
-                       [&](int64_t b, int64_t e) { wino_items_vnni(c, p, b, e); });
+      parallel_dynamic(trows, [&](int64_t b, int64_t e) { wino_items_vnni(c, p, b, e); });
     } else {
       p.L = std::min(wino_L, p.K);
       last_path = p.L >= 2 ? "avx2-maddubs-winograd" : "avx2-maddubs1-winograd";

@@ -254,61 +254,55 @@ void wino_out_avx2(const int32_t* mb, int64_t ws, int64_t Wt, const int32_t* cor
   }
 }
 
-// V = B^T d B + off per tile position, 16 channels at a time in int16 lanes (a tail of 4-12
-// channels in plain loops; see the driver's winograd_input for the layouts).
-void wino_input_avx2_impl(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
-                          uint8_t* v, int64_t r0, int64_t r1) {
-  const int64_t Wq = 2 * Wt + 2, Hq = 2 * Ht + 2, xs = Wt * Cp;
-  const __m256i vo = _mm256_set1_epi16(static_cast<int16_t>(off));
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ht = r % Ht, nt = r / Ht;
-    for (int64_t wt = 0; wt < Wt; ++wt) {
-      const uint8_t* d = u + ((nt * Hq + 2 * ht) * Wq + 2 * wt) * Cp;
-      uint8_t* o = v + (r * 16 * Wt + wt) * Cp;
-      int64_t ch = 0;
-      for (; ch + 16 <= Cp; ch += 16) {
-        const auto ld = [&](int64_t i, int64_t s) {
-          return _mm256_cvtepu8_epi16(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + (i * Wq + s) * Cp + ch)));
-        };
-        __m256i a[4][4];  // B^T d
-        for (int s = 0; s < 4; ++s) {
-          const __m256i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
-          a[0][s] = _mm256_sub_epi16(d0, d2);
-          a[1][s] = _mm256_add_epi16(d1, d2);
-          a[2][s] = _mm256_sub_epi16(d2, d1);
-          a[3][s] = _mm256_sub_epi16(d1, d3);
-        }
-        const auto st = [&](int xi, __m256i x, bool offset) {
-          if (offset) x = _mm256_add_epi16(x, vo);
-          // values are bytes (0..4a): pack the 16 words' low bytes into 16 bytes
-          const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(x),
-                                             _mm256_extracti128_si256(x, 1));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + xi * xs + ch), b);
-        };
-        for (int i = 0; i < 4; ++i) {
-          st(4 * i, _mm256_sub_epi16(a[i][0], a[i][2]), true);
-          st(4 * i + 1, _mm256_add_epi16(a[i][1], a[i][2]), i != 1);
-          st(4 * i + 2, _mm256_sub_epi16(a[i][2], a[i][1]), true);
-          st(4 * i + 3, _mm256_sub_epi16(a[i][1], a[i][3]), true);
-        }
+// V = B^T d B + off per tile position of one tile row (WinoRowFn), 32 channels at a time in
+// wrapping bytes (exact mod 256, see the AVX-512 kernel's wino_row_avx512); a tail of 4-28
+// channels in plain loops, also mod 256.
+void wino_row_avx2(const uint8_t* row, int64_t Wq, int64_t Wt, int64_t Cp, int off,
+                   uint8_t* out) {
+  const int64_t xs = Wt * Cp;
+  const __m256i vo = _mm256_set1_epi8(static_cast<char>(off));
+  for (int64_t wt = 0; wt < Wt; ++wt) {
+    const uint8_t* d = row + 2 * wt * Cp;
+    uint8_t* o = out + wt * Cp;
+    int64_t ch = 0;
+    for (; ch + 32 <= Cp; ch += 32) {
+      const auto ld = [&](int64_t i, int64_t s) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + (i * Wq + s) * Cp + ch));
+      };
+      __m256i a[4][4];  // B^T d
+      for (int s = 0; s < 4; ++s) {
+        const __m256i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
+        a[0][s] = _mm256_sub_epi8(d0, d2);
+        a[1][s] = _mm256_add_epi8(d1, d2);
+        a[2][s] = _mm256_sub_epi8(d2, d1);
+        a[3][s] = _mm256_sub_epi8(d1, d3);
       }
-      for (; ch < Cp; ++ch) {
-        int a[4][4];
-        for (int s = 0; s < 4; ++s) {
-          const int d0 = d[s * Cp + ch], d1 = d[(Wq + s) * Cp + ch], d2 = d[(2 * Wq + s) * Cp + ch],
-                    d3 = d[(3 * Wq + s) * Cp + ch];
-          a[0][s] = d0 - d2;
-          a[1][s] = d1 + d2;
-          a[2][s] = d2 - d1;
-          a[3][s] = d1 - d3;
-        }
-        for (int i = 0; i < 4; ++i) {
-          o[4 * i * xs + ch] = static_cast<uint8_t>(a[i][0] - a[i][2] + off);
-          o[(4 * i + 1) * xs + ch] = static_cast<uint8_t>(a[i][1] + a[i][2] + (i != 1 ? off : 0));
-          o[(4 * i + 2) * xs + ch] = static_cast<uint8_t>(a[i][2] - a[i][1] + off);
-          o[(4 * i + 3) * xs + ch] = static_cast<uint8_t>(a[i][1] - a[i][3] + off);
-        }
+      const auto st = [&](int xi, __m256i x, bool offset) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + xi * xs + ch),
+                            offset ? _mm256_add_epi8(x, vo) : x);
+      };
+      for (int i = 0; i < 4; ++i) {
+        st(4 * i, _mm256_sub_epi8(a[i][0], a[i][2]), true);
+        st(4 * i + 1, _mm256_add_epi8(a[i][1], a[i][2]), i != 1);
+        st(4 * i + 2, _mm256_sub_epi8(a[i][2], a[i][1]), true);
+        st(4 * i + 3, _mm256_sub_epi8(a[i][1], a[i][3]), true);
+      }
+    }
+    for (; ch < Cp; ++ch) {
+      uint8_t a[4][4];
+      for (int s = 0; s < 4; ++s) {
+        const uint8_t d0 = d[s * Cp + ch], d1 = d[(Wq + s) * Cp + ch];
+        const uint8_t d2 = d[(2 * Wq + s) * Cp + ch], d3 = d[(3 * Wq + s) * Cp + ch];
+        a[0][s] = static_cast<uint8_t>(d0 - d2);
+        a[1][s] = static_cast<uint8_t>(d1 + d2);
+        a[2][s] = static_cast<uint8_t>(d2 - d1);
+        a[3][s] = static_cast<uint8_t>(d1 - d3);
+      }
+      for (int i = 0; i < 4; ++i) {
+        o[4 * i * xs + ch] = static_cast<uint8_t>(a[i][0] - a[i][2] + off);
+        o[(4 * i + 1) * xs + ch] = static_cast<uint8_t>(a[i][1] + a[i][2] + (i != 1 ? off : 0));
+        o[(4 * i + 2) * xs + ch] = static_cast<uint8_t>(a[i][2] - a[i][1] + off);
+        o[(4 * i + 3) * xs + ch] = static_cast<uint8_t>(a[i][1] - a[i][3] + off);
       }
     }
   }
@@ -503,18 +497,14 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   }
 }
 
-void wino_input_avx2(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off, uint8_t* v,
-                     int64_t r0, int64_t r1) {
-  wino_input_avx2_impl(u, Ht, Wt, Cp, off, v, r0, r1);
-}
-
-// Winograd F(2x2, 3x3) (see the driver): per tile row and block of 16 channels, the 16
-// positions' GEMMs on vpmaddubsw tiles, their sums kept in mb [16][Wt + 2][16] (a 4- or 2-pixel
-// tile narrower than its kind writes past its pixels); then the output transform
-// y = (A^T m A - corr) / 4 of each tile into two output rows [2 Wt][16] each, and their epilogue.
+// Winograd F(2x2, 3x3) (see the driver): per output tile row (frames fastest: WinoRows), its
+// kT transformed input rows, then per block of 16 channels the 16 positions' GEMMs on
+// vpmaddubsw tiles, their sums kept in mb [16][Wt + 2][16] (a 4- or 2-pixel tile narrower than
+// its kind writes past its pixels); then the output transform y = (A^T m A - corr) / 4 of each
+// tile into two output rows [2 Wt][16] each, and their epilogue.
 void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
-  const int64_t Wt = p.Wt, ws = Wt + 2;
+  const int64_t Wt = p.Wt, ws = Wt + 2, ks = p.Cp / 4;
   static thread_local std::vector<int32_t> mb, yb;
   if (mb.size() < static_cast<size_t>(16 * ws * 16)) mb.resize(16 * ws * 16);
   if (yb.size() < static_cast<size_t>(4 * Wt * 16)) yb.resize(4 * Wt * 16);
@@ -522,26 +512,34 @@ void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   int32_t* const y1 = yb.data() + 2 * Wt * 16;
   const bool one = p.L < 2;  // maddubs1: tiles of up to 5 pixels
   const int widest = one ? 5 : kMW;
+  std::vector<int64_t> aoff(static_cast<size_t>(g.kT * ks));
+  WinoRows rows(p);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ht = r % p.Ht, t = (r / p.Ht) % g.To, n = r / (p.Ht * g.To);
+    const int64_t t = r % g.To, ht = (r / g.To) % p.Ht, n = r / (g.To * p.Ht);
+    const uint8_t* base = nullptr;
+    for (int64_t kt = 0; kt < g.kT; ++kt) {
+      const uint8_t* vr = rows.get(p, wino_row_avx2, n, t * g.sT + kt * g.dT, ht);
+      if (kt == 0) base = vr;
+      for (int64_t k = 0; k < ks; ++k) aoff[kt * ks + k] = (vr - base) + 4 * k;
+    }
     for (int64_t co0 = 0; co0 < g.Co; co0 += 16) {
       const int64_t nco = std::min<int64_t>(16, g.Co - co0);
       for (int xi = 0; xi < 16; ++xi) {
-        const uint8_t* base = p.row(n, t * g.sT, ht, xi);
+        const uint8_t* bx = base + xi * Wt * p.Cp;
         const int8_t* w8 = reinterpret_cast<const int8_t*>(p.w + xi * p.wxi) + co0 * p.K * 4;
         for (int64_t w0 = 0; w0 < Wt;) {
           const int M = Wt >= 5 ? span(Wt, w0, widest)
                                 : static_cast<int>(std::min<int64_t>(kMA, Wt - w0));
           const uint8_t* p8[kMW];
-          for (int m = 0; m < kMW; ++m) p8[m] = base + (w0 + std::min(m, M - 1)) * p.Cp;
+          for (int m = 0; m < kMW; ++m) p8[m] = bx + (w0 + std::min(m, M - 1)) * p.Cp;
           int32_t* out = mb.data() + (xi * ws + w0) * 16;
           const bool wide = M > 2;
           if (one)
             (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
-                p8, p.aoff.data(), p.K, p.L, w8, 64, out);
+                p8, aoff.data(), p.K, p.L, w8, 64, out);
           else
             (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
-             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8, 64,
+             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, aoff.data(), p.K, p.L, w8, 64,
                                                          out);
           w0 += M;
         }

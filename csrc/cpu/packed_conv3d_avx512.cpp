@@ -167,50 +167,67 @@ VnniFn vnni_fn(int NB, int M) {
   }
 }
 
-// Vectorized epilogue for M pixels x nco channels (acc rows of 64); the same fp32 operations as
-// epi_one, 16 channels at a time.
-void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nco, int64_t Co,
-                void* y, int64_t pix) {
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512 slope = _mm512_set1_ps(E.slope), r = _mm512_set1_ps(E.r_out);
-  const __m512 qn = _mm512_set1_ps(E.qn), qp = _mm512_set1_ps(E.qp);
-  for (int64_t j = 0; j < nco; j += 16) {
-    const __mmask16 mk = nco - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nco - j)) - 1);
-    const int64_t co = co0 + j;
-    const __m512i comp = _mm512_maskz_loadu_epi32(mk, E.comp + co);
-    const __m512 m1 = _mm512_maskz_loadu_ps(mk, E.m1 + co);
-    const __m512 bias = _mm512_maskz_loadu_ps(mk, E.bias + co);
-    __m512 g = zero, beta = zero;
+// The epilogue of 16 channels from co (those in mask mk): the same fp32 operations as epi_one.
+// Built once per channel block, then `store` per pixel.
+struct Epi16 {
+  const Epi& E;
+  __mmask16 mk;
+  __m512i comp;
+  __m512 m1, bias, g, beta, zero, slope, r, qn, qp;
+  Epi16(const Epi& e, int64_t co, __mmask16 mask) : E(e), mk(mask) {
+    zero = _mm512_setzero_ps();
+    slope = _mm512_set1_ps(E.slope);
+    r = _mm512_set1_ps(E.r_out);
+    qn = _mm512_set1_ps(E.qn);
+    qp = _mm512_set1_ps(E.qp);
+    comp = _mm512_maskz_loadu_epi32(mk, E.comp + co);
+    m1 = _mm512_maskz_loadu_ps(mk, E.m1 + co);
+    bias = _mm512_maskz_loadu_ps(mk, E.bias + co);
+    g = beta = zero;
     if (E.g) {
       g = _mm512_maskz_loadu_ps(mk, E.g + co);
       beta = _mm512_maskz_loadu_ps(mk, E.beta + co);
     }
-    for (int m = 0; m < M; ++m) {
-      const int64_t idx = (pix + m) * Co + co;
-      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(acc + m * 64 + j), comp);
-      if (E.mode == kOutAcc) {
-        _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + idx, mk, a);
-        continue;
-      }
-      __m512 z = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m1), bias);
-      if (E.g) z = _mm512_add_ps(_mm512_mul_ps(z, g), beta);
-      if (E.act != kActNone) {
-        const __mmask16 neg = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
-        z = E.act == kActRelu ? _mm512_mask_mov_ps(z, neg, zero)
-                              : _mm512_mask_mul_ps(z, neg, z, slope);
-      }
-      if (E.mode == kOutFloat) {
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + idx, mk, z);
-        continue;
-      }
-      __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(z, r), qn), qp);
-      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      // values are inside the 8-bit grid, so keeping the low byte is exact for int8 and uint8;
-      // narrowed in a register, then stored (vpmovdb straight to memory measured a quarter of
-      // the epilogue's time on Zen 5)
-      _mm_mask_storeu_epi8(static_cast<uint8_t*>(y) + idx, mk,
-                           _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  // acc: the accumulators before the zero-point correction; idx: y's element of channel co
+  void store(__m512i acc, void* y, int64_t idx) const {
+    const __m512i a = _mm512_sub_epi32(acc, comp);
+    if (E.mode == kOutAcc) {
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + idx, mk, a);
+      return;
     }
+    __m512 z = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), m1), bias);
+    if (E.g) z = _mm512_add_ps(_mm512_mul_ps(z, g), beta);
+    if (E.act != kActNone) {
+      const __mmask16 neg = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
+      z = E.act == kActRelu ? _mm512_mask_mov_ps(z, neg, zero)
+                            : _mm512_mask_mul_ps(z, neg, z, slope);
+    }
+    if (E.mode == kOutFloat) {
+      _mm512_mask_storeu_ps(static_cast<float*>(y) + idx, mk, z);
+      return;
+    }
+    __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(z, r), qn), qp);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // values are inside the 8-bit grid, so keeping the low byte is exact for int8 and uint8;
+    // narrowed in a register, then stored (vpmovdb straight to memory measured a quarter of
+    // the epilogue's time on Zen 5)
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(y) + idx, mk,
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+};
+
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// Vectorized epilogue for M pixels x nco channels (acc rows of 64), 16 channels at a time.
+void epi_avx512(const Epi& E, const int32_t* acc, int M, int64_t co0, int64_t nco, int64_t Co,
+                void* y, int64_t pix) {
+  for (int64_t j = 0; j < nco; j += 16) {
+    const Epi16 e(E, co0 + j, mask16(nco - j));
+    for (int m = 0; m < M; ++m)
+      e.store(_mm512_loadu_si512(acc + m * 64 + j), y, (pix + m) * Co + co0 + j);
   }
 }
 
@@ -318,100 +335,129 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
   }
 }
 
-// V = B^T d B + off per tile position, 32 channels at a time in int16 lanes (see the driver's
-// winograd_input for the layouts).
-void wino_input_avx512(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
-                       uint8_t* v, int64_t r0, int64_t r1) {
-  const int64_t Wq = 2 * Wt + 2, Hq = 2 * Ht + 2, xs = Wt * Cp;
-  const __m512i vo = _mm512_set1_epi16(static_cast<int16_t>(off));
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t ht = r % Ht, nt = r / Ht;
-    for (int64_t wt = 0; wt < Wt; ++wt) {
-      const uint8_t* d = u + ((nt * Hq + 2 * ht) * Wq + 2 * wt) * Cp;
-      uint8_t* o = v + (r * 16 * Wt + wt) * Cp;
-      for (int64_t ch = 0; ch < Cp; ch += 32) {
-        const __mmask32 mk = Cp - ch >= 32 ? ~__mmask32(0) : (__mmask32(1) << (Cp - ch)) - 1;
-        const auto ld = [&](int64_t i, int64_t s) {
-          return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mk, d + (i * Wq + s) * Cp + ch));
+namespace {
+
+// V = B^T d B + off per tile position of one tile row (WinoRowFn), 64 bytes at a time: 64
+// channels of a tile, or with 16 or 32 channels the same channels of 4 or 2 neighbouring tiles
+// (whose V lie side by side in out; a tile's own 16 or 32 channels left 3/4 or 1/2 of each
+// vector empty). In bytes, wrapping: every step is an addition or a subtraction, so arithmetic
+// mod 256 gives each result exactly once it lies in [0, 255], which V + off does (see the
+// driver), whatever the intermediate values.
+void wino_row_avx512(const uint8_t* row, int64_t Wq, int64_t Wt, int64_t Cp, int off,
+                     uint8_t* out) {
+  const int64_t xs = Wt * Cp;
+  const __m512i vo = _mm512_set1_epi8(static_cast<char>(off));
+  const int P = Cp == 16 ? 4 : Cp == 32 ? 2 : 1;  // tiles per vector
+  for (int64_t wt = 0; wt < Wt; wt += P) {
+    const int64_t np = std::min<int64_t>(P, Wt - wt);  // tiles in this vector
+    for (int64_t ch = 0; ch < Cp; ch += 64) {
+      const int64_t nb = P > 1 ? np * Cp : std::min<int64_t>(64, Cp - ch);
+      const __mmask64 mk = nb >= 64 ? ~__mmask64(0) : (__mmask64(1) << nb) - 1;
+      // column s of window row i for the vector's tiles (tiles past the row repeat the last;
+      // the store below drops them)
+      const auto ld = [&](int64_t i, int64_t s) -> __m512i {
+        const uint8_t* q = row + (i * Wq + 2 * wt + s) * Cp + ch;
+        if (P == 1) return _mm512_maskz_loadu_epi8(mk, q);
+        const auto at = [&](int64_t k) { return q + 2 * std::min(k, np - 1) * Cp; };
+        if (P == 2)
+          return _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(0)))),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at(1))), 1);
+        const auto l128 = [&](int64_t k) {
+          return _mm_loadu_si128(reinterpret_cast<const __m128i*>(at(k)));
         };
-        __m512i a[4][4];  // B^T d
-        for (int s = 0; s < 4; ++s) {
-          const __m512i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
-          a[0][s] = _mm512_sub_epi16(d0, d2);
-          a[1][s] = _mm512_add_epi16(d1, d2);
-          a[2][s] = _mm512_sub_epi16(d2, d1);
-          a[3][s] = _mm512_sub_epi16(d1, d3);
-        }
-        const auto st = [&](int xi, __m512i x, bool offset) {
-          if (offset) x = _mm512_add_epi16(x, vo);
-          _mm256_mask_storeu_epi8(o + xi * xs + ch, mk, _mm512_cvtepi16_epi8(x));
-        };
-        for (int i = 0; i < 4; ++i) {
-          st(4 * i, _mm512_sub_epi16(a[i][0], a[i][2]), true);
-          st(4 * i + 1, _mm512_add_epi16(a[i][1], a[i][2]), i != 1);
-          st(4 * i + 2, _mm512_sub_epi16(a[i][2], a[i][1]), true);
-          st(4 * i + 3, _mm512_sub_epi16(a[i][1], a[i][3]), true);
-        }
+        __m512i x = _mm512_castsi128_si512(l128(0));
+        x = _mm512_inserti32x4(x, l128(1), 1);
+        x = _mm512_inserti32x4(x, l128(2), 2);
+        return _mm512_inserti32x4(x, l128(3), 3);
+      };
+      __m512i a[4][4];  // B^T d
+      for (int s = 0; s < 4; ++s) {
+        const __m512i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
+        a[0][s] = _mm512_sub_epi8(d0, d2);
+        a[1][s] = _mm512_add_epi8(d1, d2);
+        a[2][s] = _mm512_sub_epi8(d2, d1);
+        a[3][s] = _mm512_sub_epi8(d1, d3);
+      }
+      uint8_t* o = out + wt * Cp + ch;
+      const auto st = [&](int xi, __m512i x, bool offset) {
+        _mm512_mask_storeu_epi8(o + xi * xs, mk, offset ? _mm512_add_epi8(x, vo) : x);
+      };
+      for (int i = 0; i < 4; ++i) {
+        st(4 * i, _mm512_sub_epi8(a[i][0], a[i][2]), true);
+        st(4 * i + 1, _mm512_add_epi8(a[i][1], a[i][2]), i != 1);
+        st(4 * i + 2, _mm512_sub_epi8(a[i][2], a[i][1]), true);
+        st(4 * i + 3, _mm512_sub_epi8(a[i][1], a[i][3]), true);
       }
     }
   }
 }
 
-// Winograd F(2x2, 3x3) (see the driver): per work item (tile row, group of 64 channels), the
-// 16 positions' GEMMs on the tiles above, their sums kept in mb [16][Wt][64]; then the output
-// transform y = (A^T m A - corr) / 4 of each tile into two output rows [2 Wt][64] each, and
-// the epilogue of those rows.
+}  // namespace
+
+// Winograd F(2x2, 3x3) (see the driver): per output tile row (frames fastest: WinoRows), its
+// kT transformed input rows, then per group of 64 output channels and block of up to kM tiles
+// the 16 positions' GEMMs on the tiles above, their sums kept in mb [16][kM][64] (in L1), then
+// the output transform y = (A^T m A - corr) / 4 of each tile, straight into the epilogue.
 void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1) {
   const ConvGeom& g = c.g;
-  const int64_t ngrp = (c.Coutp + 63) / 64, Wt = p.Wt;
-  static thread_local std::vector<int32_t> mb, yb;
-  if (mb.size() < static_cast<size_t>(16 * Wt * 64)) mb.resize(16 * Wt * 64);
-  if (yb.size() < static_cast<size_t>(4 * Wt * 64)) yb.resize(4 * Wt * 64);
-  int32_t* const y0 = yb.data();
-  int32_t* const y1 = yb.data() + 2 * Wt * 64;
+  const int64_t Wt = p.Wt, ks = p.Cp / 4;
+  alignas(64) int32_t mb[16 * kM * 64];
+  std::vector<int64_t> aoff(static_cast<size_t>(g.kT * ks));
+  WinoRows rows(p);
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t grp = i % ngrp, r = i / ngrp;
-    const int64_t ht = r % p.Ht, t = (r / p.Ht) % g.To, n = r / (p.Ht * g.To);
-    const int64_t co0 = grp * 64, nco = std::min<int64_t>(64, g.Co - co0);
-    const int NB = static_cast<int>((nco + 15) / 16);
-    for (int xi = 0; xi < 16; ++xi) {
-      const uint8_t* base = p.row(n, t * g.sT, ht, xi);
-      const uint8_t* wv = p.w + xi * p.wxi + co0 * 4;
+    const int64_t t = i % g.To, ht = (i / g.To) % p.Ht, n = i / (g.To * p.Ht);
+    const uint8_t* base = nullptr;
+    for (int64_t kt = 0; kt < g.kT; ++kt) {
+      const uint8_t* vr = rows.get(p, wino_row_avx512, n, t * g.sT + kt * g.dT, ht);
+      if (kt == 0) base = vr;
+      for (int64_t k = 0; k < ks; ++k) aoff[kt * ks + k] = (vr - base) + 4 * k;
+    }
+    const int64_t pix0 = c.out_pixel(n, t, 2 * ht, 0);
+    const bool row1 = 2 * ht + 1 < g.Ho;
+    for (int64_t co0 = 0; co0 < g.Co; co0 += 64) {
+      const int64_t nco = std::min<int64_t>(64, g.Co - co0);
+      const int NB = static_cast<int>((nco + 15) / 16);
       for (int64_t w0 = 0; w0 < Wt;) {
         const int M = tile_width(Wt, w0);
-        vnni_fn(NB, M)(base + w0 * p.Cp, p.Cp, p.aoff.data(), p.K, wv, c.Coutp * 4,
-                       mb.data() + (xi * Wt + w0) * 64, true);
+        for (int xi = 0; xi < 16; ++xi)
+          vnni_fn(NB, M)(base + (xi * Wt + w0) * p.Cp, p.Cp, aoff.data(), p.K,
+                         p.w + xi * p.wxi + co0 * 4, c.Coutp * 4, mb + xi * kM * 64, true);
+        for (int64_t j = 0; j < nco; j += 16) {
+          const Epi16 e(c.E, co0 + j, mask16(nco - j));
+          const int32_t* cr = p.corr + co0 + j;
+          const __m512i k00 = _mm512_loadu_si512(cr), k01 = _mm512_loadu_si512(cr + c.Coutp);
+          const __m512i k10 = _mm512_loadu_si512(cr + 2 * c.Coutp);
+          const __m512i k11 = _mm512_loadu_si512(cr + 3 * c.Coutp);
+          for (int m = 0; m < M; ++m) {
+            const int32_t* mm = mb + m * 64 + j;
+            const auto ld = [&](int xi) { return _mm512_load_si512(mm + xi * kM * 64); };
+            __m512i a[4], b[4];  // A^T m: rows 0 and 1, per column s
+            for (int s = 0; s < 4; ++s) {
+              const __m512i m1 = ld(4 + s), m2 = ld(8 + s);
+              a[s] = _mm512_add_epi32(_mm512_add_epi32(ld(s), m1), m2);
+              b[s] = _mm512_sub_epi32(_mm512_sub_epi32(m1, m2), ld(12 + s));
+            }
+            const auto fin = [](__m512i v, __m512i k) {
+              return _mm512_srai_epi32(_mm512_sub_epi32(v, k), 2);
+            };
+            const int64_t w = 2 * (w0 + m), idx = (pix0 + w) * g.Co + co0 + j;
+            const bool col1 = w + 1 < g.Wo;
+            e.store(fin(_mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), a[2]), k00), c.y, idx);
+            if (col1)
+              e.store(fin(_mm512_sub_epi32(_mm512_sub_epi32(a[1], a[2]), a[3]), k01), c.y,
+                      idx + g.Co);
+            if (!row1) continue;
+            const int64_t idx1 = idx + g.Wo * g.Co;
+            e.store(fin(_mm512_add_epi32(_mm512_add_epi32(b[0], b[1]), b[2]), k10), c.y, idx1);
+            if (col1)
+              e.store(fin(_mm512_sub_epi32(_mm512_sub_epi32(b[1], b[2]), b[3]), k11), c.y,
+                      idx1 + g.Co);
+          }
+        }
         w0 += M;
       }
     }
-    for (int64_t wt = 0; wt < Wt; ++wt) {
-      for (int j = 0; j < NB * 16; j += 16) {
-        const int32_t* m = mb.data() + wt * 64 + j;
-        const auto ld = [&](int xi) { return _mm512_loadu_si512(m + xi * Wt * 64); };
-        __m512i a[4], b[4];  // A^T m: rows 0 and 1, per column s
-        for (int s = 0; s < 4; ++s) {
-          const __m512i m1 = ld(4 + s), m2 = ld(8 + s);
-          a[s] = _mm512_add_epi32(_mm512_add_epi32(ld(s), m1), m2);
-          b[s] = _mm512_sub_epi32(_mm512_sub_epi32(m1, m2), ld(12 + s));
-        }
-        const int32_t* cr = p.corr + co0 + j;
-        const auto fin = [&](__m512i v, int ij) {
-          return _mm512_srai_epi32(_mm512_sub_epi32(v, _mm512_loadu_si512(cr + ij * c.Coutp)), 2);
-        };
-        _mm512_storeu_si512(y0 + 2 * wt * 64 + j,
-                            fin(_mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), a[2]), 0));
-        _mm512_storeu_si512(y0 + (2 * wt + 1) * 64 + j,
-                            fin(_mm512_sub_epi32(_mm512_sub_epi32(a[1], a[2]), a[3]), 1));
-        _mm512_storeu_si512(y1 + 2 * wt * 64 + j,
-                            fin(_mm512_add_epi32(_mm512_add_epi32(b[0], b[1]), b[2]), 2));
-        _mm512_storeu_si512(y1 + (2 * wt + 1) * 64 + j,
-                            fin(_mm512_sub_epi32(_mm512_sub_epi32(b[1], b[2]), b[3]), 3));
-      }
-    }
-    epi_avx512(c.E, y0, static_cast<int>(g.Wo), co0, nco, g.Co, c.y, c.out_pixel(n, t, 2 * ht, 0));
-    if (2 * ht + 1 < g.Ho)
-      epi_avx512(c.E, y1, static_cast<int>(g.Wo), co0, nco, g.Co, c.y,
-                 c.out_pixel(n, t, 2 * ht + 1, 0));
   }
 }
 

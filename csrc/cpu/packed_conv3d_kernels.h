@@ -108,16 +108,49 @@ struct Avx2Plan {
 // A layer of kT x 3 x 3 taps, stride 1 and padding 1 in H and W, runs as 16 GEMMs over tiles of
 // 2 x 2 output pixels: one per position xi = 4 r + s of the tiles' transformed 4 x 4 inputs.
 struct WinoPlan {
-  int64_t Ht = 0, Wt = 0, Tv = 0;  // tile rows and columns, frames of the transformed input
-  int64_t Cp = 0, K = 0;           // channels of a tile position, reduction steps kT * Cp / 4
-  const uint8_t* v = nullptr;      // transformed codes [N][Tv][Ht][16][Wt][Cp] (u8, offset)
+  int64_t Ht = 0, Wt = 0;          // tile rows and columns of the output
+  const uint8_t* u = nullptr;      // the code buffer [N][Tv][Hq][Wq][Cp]
+  int64_t Tv = 0, Hq = 0, Wq = 0;  // (Hq = 2 Ht + 2, Wq = 2 Wt + 2: whole tiles)
+  int64_t Cp = 0;
+  int off = 0;                     // the transformed codes' offset (2 x the code range)
+  int64_t span = 1;                // frames one output frame reads: (kT - 1) dT + 1
+  int64_t K = 0;                   // reduction steps kT * Cp / 4
   const uint8_t* w = nullptr;      // the 16 positions' weights, each laid out for the path,
   int64_t wxi = 0;                 //   wxi bytes apart
   const int32_t* corr = nullptr;   // [4][Coutp]: the offsets' share of the 4 outputs of a tile
-  std::vector<int64_t> aoff;       // input offset of each step, from a tile's transformed codes
   int64_t L = 0;                   // avx2: steps of int16 sums (see avx2_chunk)
-  const uint8_t* row(int64_t n, int64_t t, int64_t ht, int64_t xi) const {
-    return v + (((n * Tv + t) * Ht + ht) * 16 + xi) * Wt * Cp;
+};
+
+// Transforms one tile row: the 4 code rows from u_row (rows of Wq pixels x Cp) into
+// out [16][Wt][Cp], V + off per position (the ISA's kernel).
+using WinoRowFn = void (*)(const uint8_t* u_row, int64_t Wq, int64_t Wt, int64_t Cp, int off,
+                           uint8_t* out);
+
+// The transformed tile rows a thread holds: one slot per frame of a window of `span` frames
+// (slot f % span), tagged with the row it holds. Work items walk the output frames fastest, so
+// the next frame's output row finds all but one of the rows it reads already transformed, and
+// every row read is in L1 / L2 (transforming whole layers up front wrote 1-3 MB per layer,
+// read back from L3: 7% of the packed W4A4 model's time). Tags start empty per chunk of work.
+struct WinoRows {
+  uint8_t* buf = nullptr;
+  std::vector<int64_t> tag;
+  int64_t rowbytes = 0;
+  explicit WinoRows(const WinoPlan& p)
+      : tag(static_cast<size_t>(p.span), -1), rowbytes(16 * p.Wt * p.Cp) {
+    static thread_local std::vector<uint8_t> store;
+    if (store.size() < static_cast<size_t>(p.span * rowbytes))
+      store.resize(static_cast<size_t>(p.span * rowbytes));
+    buf = store.data();
+  }
+  // transformed row ht of padded frame f of sequence n
+  const uint8_t* get(const WinoPlan& p, WinoRowFn fn, int64_t n, int64_t f, int64_t ht) {
+    const int64_t slot = f % p.span, key = (n * p.Tv + f) * p.Ht + ht;
+    uint8_t* r = buf + slot * rowbytes;
+    if (tag[slot] != key) {
+      fn(p.u + ((n * p.Tv + f) * p.Hq + 2 * ht) * p.Wq * p.Cp, p.Wq, p.Wt, p.Cp, p.off, r);
+      tag[slot] = key;
+    }
+    return r;
   }
 };
 
@@ -130,11 +163,8 @@ void quant_frame_clast_avx2(const float* x, int64_t cstride, int64_t hstride, in
                             float qn, float qp, int zp);
 // Output rows [r0, r1) of [N, To, Ho], every output channel, on the plan's AVX2 kernel.
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1);
-// Winograd input transform of tile rows [r0, r1) of [N, Tv, Ht] (see winograd_input in the
-// driver), 16 channels at a time.
-void wino_input_avx2(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off, uint8_t* v,
-                     int64_t r0, int64_t r1);
-// Tile rows [r0, r1) of [N, To, Ht], every output channel, Winograd, on vpmaddubsw tiles.
+// Winograd: output tile rows [r0, r1) of [N, Ht, To] (frames fastest), every output channel,
+// on vpmaddubsw tiles.
 void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1);
 
 // ---- packed_conv3d_avx512.cpp (CPUs with AVX-512 F/BW/VL/DQ + VNNI) --------------------------
@@ -146,10 +176,7 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
 // Work items [i0, i1) (output row x group of up to 64 output channels); wv: the weights laid
 // out for the VNNI tiles, aoff: the input offset of each (tap, channel group) step.
 void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1);
-// The Winograd input transform, 32 channels at a time.
-void wino_input_avx512(const uint8_t* u, int64_t Ht, int64_t Wt, int64_t Cp, int off,
-                       uint8_t* v, int64_t r0, int64_t r1);
-// Work items [i0, i1) (tile row of [N, To, Ht] x group of up to 64 output channels), Winograd.
+// Winograd: output tile rows [i0, i1) of [N, Ht, To] (frames fastest), every output channel.
 void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1);
 
 }  // namespace packed_cpu
