@@ -254,9 +254,9 @@ void wino_out_avx2(const int32_t* mb, int64_t ws, int64_t Wt, const int32_t* cor
   }
 }
 
-// V = B^T d B + off per tile position of one tile row (WinoRowFn), 32 channels at a time in
-// wrapping bytes (exact mod 256, see the AVX-512 kernel's wino_row_avx512); a tail of 4-28
-// channels in plain loops, also mod 256.
+// V = B^T d B + off per tile position of one tile row (WinoRowFn), 32 (then 16) channels at a
+// time in wrapping bytes (exact mod 256, see the AVX-512 kernel's wino_row_avx512); a tail of
+// 4-12 channels in plain loops, also mod 256.
 void wino_row_avx2(const uint8_t* row, int64_t Wq, int64_t Wt, int64_t Cp, int off,
                    uint8_t* out) {
   const int64_t xs = Wt * Cp;
@@ -286,6 +286,30 @@ void wino_row_avx2(const uint8_t* row, int64_t Wq, int64_t Wt, int64_t Cp, int o
         st(4 * i + 1, _mm256_add_epi8(a[i][1], a[i][2]), i != 1);
         st(4 * i + 2, _mm256_sub_epi8(a[i][2], a[i][1]), true);
         st(4 * i + 3, _mm256_sub_epi8(a[i][1], a[i][3]), true);
+      }
+    }
+    for (; ch + 16 <= Cp; ch += 16) {  // the same on 16 channels (e.g. 16-channel layers)
+      const auto ld = [&](int64_t i, int64_t s) {
+        return _mm_loadu_si128(reinterpret_cast<const __m128i*>(d + (i * Wq + s) * Cp + ch));
+      };
+      __m128i a[4][4];
+      for (int s = 0; s < 4; ++s) {
+        const __m128i d0 = ld(0, s), d1 = ld(1, s), d2 = ld(2, s), d3 = ld(3, s);
+        a[0][s] = _mm_sub_epi8(d0, d2);
+        a[1][s] = _mm_add_epi8(d1, d2);
+        a[2][s] = _mm_sub_epi8(d2, d1);
+        a[3][s] = _mm_sub_epi8(d1, d3);
+      }
+      const __m128i vo16 = _mm256_castsi256_si128(vo);
+      const auto st = [&](int xi, __m128i x, bool offset) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + xi * xs + ch),
+                         offset ? _mm_add_epi8(x, vo16) : x);
+      };
+      for (int i = 0; i < 4; ++i) {
+        st(4 * i, _mm_sub_epi8(a[i][0], a[i][2]), true);
+        st(4 * i + 1, _mm_add_epi8(a[i][1], a[i][2]), i != 1);
+        st(4 * i + 2, _mm_sub_epi8(a[i][2], a[i][1]), true);
+        st(4 * i + 3, _mm_sub_epi8(a[i][1], a[i][3]), true);
       }
     }
     for (; ch < Cp; ++ch) {
