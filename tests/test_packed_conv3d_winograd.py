@@ -211,3 +211,22 @@ def test_shipped_packed_models_same_with_winograd_on_and_off(name, monkeypatch):
     feats = torch.ops.qgait._cpu_features()
     assert paths[0].endswith("-winograd") == ("w4a4" in name and "avx_vnni=1" not in feats)
     assert not paths[1].endswith("-winograd")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_winograd_rows_reused_across_frames_exact(cpu_isa, threads):
+    """Each thread keeps the transformed input rows of the last frames and reuses them for the
+    next output frame of the same tile row: sequences in a batch, temporal stride and
+    dilation, and work chunks that start mid-sequence (2 threads) must never pick up a row of
+    another frame, sequence or tile row."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(3, 8, 16, (9, 6, 5), 3, 1, 1, 1), (2, 4, 8, (11, 4, 4), 3, 2, 2, 2),
+                      (2, 16, 24, (7, 10, 3), 2, 1, 0, 3)]:
+            x, wp, ws, kw, w_int = _case(shape, "int8_4bit", seed=7)
+            got, ref, path = _run(x, wp, ws, kw, out="acc")
+            assert torch.equal(got, ref), shape
+            assert path.endswith("-winograd") == _expect_winograd(cpu_isa, x, kw, w_int), path
+    finally:
+        torch.set_num_threads(prev)
