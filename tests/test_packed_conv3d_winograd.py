@@ -2,7 +2,11 @@
 taps, stride 1 and padding 1 in H / W, with codes of range <= 63 and weights of magnitude <= 14
 run as 16 GEMMs over 2 x 2 output tiles. It is exact, so every case is compared bit for bit
 with the reference, with the path the op reports (`_packed_conv3d_cpu_path`) checked, so a
-change that silently sends these layers back to the direct path fails here too."""
+change that silently sends these layers back to the direct path fails here too. By default the
+op takes the path only for layers wide enough to gain from it (see
+test_winograd_by_default_only_where_it_measured_faster); QGAIT_WINOGRAD=1, set for every test
+here unless it says otherwise, takes it wherever it is exact, so the edge shapes below run on
+it."""
 import pytest
 import torch
 
@@ -24,6 +28,11 @@ SHAPES = [
 ]
 # input kinds on grids whose codes span at most 63
 INPUTS = ["int8_4bit", "float_4bit_signed", "uint8_4bit", "bool", "float_6bit_signed"]
+
+
+@pytest.fixture(autouse=True)
+def winograd_wherever_exact(monkeypatch):
+    monkeypatch.setenv("QGAIT_WINOGRAD", "1")
 
 
 def _ids(shapes):
@@ -188,6 +197,27 @@ def test_direct_path_where_winograd_does_not_apply(cpu_isa, what, monkeypatch):
     assert "winograd" not in path, path
 
 
+# (C_in, C_out, kT, taken with vpdpbusd, taken on the AVX2 class)
+DEFAULT_CHOICE = [(16, 32, 3, True, True), (64, 128, 1, True, True), (8, 16, 3, False, False),
+                  (16, 16, 1, False, False), (12, 64, 3, False, False), (32, 24, 3, False, False),
+                  (32, 32, 1, True, False), (16, 48, 2, True, False)]
+
+
+@pytest.mark.parametrize("ci,co,kt,vnni_taken,avx2_taken", DEFAULT_CHOICE)
+def test_winograd_by_default_only_where_it_measured_faster(cpu_isa, ci, co, kt, vnni_taken,
+                                                           avx2_taken, monkeypatch):
+    """Unset, QGAIT_WINOGRAD leaves narrow layers on the direct path, where they measured
+    faster: fewer than 32 output channels, or (vpdpbusd) fewer than 16 input channels, or
+    (AVX2 class) kT x C_in < 48. Both paths stay exact."""
+    monkeypatch.delenv("QGAIT_WINOGRAD")
+    x, wp, ws, kw, w_int = _case((1, ci, co, (3, 6, 5), kt, 1, kt // 2, 1), "int8_4bit", seed=9)
+    got, ref, path = _run(x, wp, ws, kw, out="acc")
+    assert torch.equal(got, ref)
+    vnni = cpu_isa in ("avx512", "amx") and "vnni=1" in torch.ops.qgait._cpu_features()
+    taken = vnni_taken if vnni else avx2_taken
+    assert path.endswith("-winograd") == (taken and _expect_winograd(cpu_isa, x, kw, w_int)), path
+
+
 @pytest.mark.parametrize("name", ["casiab-lite3d-w4a4-packed", "casiab-lite3d-w8a8-packed"])
 def test_shipped_packed_models_same_with_winograd_on_and_off(name, monkeypatch):
     """The shipped packed models give the same embeddings with the path on and off: W4A4's
@@ -202,15 +232,18 @@ def test_shipped_packed_models_same_with_winograd_on_and_off(name, monkeypatch):
     hook = model.stage2[0][0].register_forward_hook(
         lambda *_: paths.append(torch.ops.qgait._packed_conv3d_cpu_path()))
     outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("QGAIT_WINOGRAD", flag)
+    for flag in ("auto", "1", "0"):
+        if flag == "auto":
+            monkeypatch.delenv("QGAIT_WINOGRAD")
+        else:
+            monkeypatch.setenv("QGAIT_WINOGRAD", flag)
         with torch.no_grad():
             outs[flag] = model(x)["embeddings"]
     hook.remove()
-    assert torch.equal(outs["1"], outs["0"])
+    assert torch.equal(outs["auto"], outs["0"]) and torch.equal(outs["1"], outs["0"])
     feats = torch.ops.qgait._cpu_features()
-    assert paths[0].endswith("-winograd") == ("w4a4" in name and "avx_vnni=1" not in feats)
-    assert not paths[1].endswith("-winograd")
+    on = "w4a4" in name and "avx_vnni=1" not in feats  # stage2's 32 -> 64 3x3x3: wide enough
+    assert [p.endswith("-winograd") for p in paths] == [on, on, False], paths
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -422,16 +422,26 @@ std::shared_ptr<const WeightPrep> weight_prep(const at::Tensor& wpk, const PrepK
 // Where: 3 x 3 in H and W, stride 1, dilation 1, padding 1 (any kT, temporal stride and
 // dilation), at least 2 input channels, codes of range <= 63 (measured for integer inputs),
 // weights of magnitude <= 14; not on the scalar path or CPUs with AVX-VNNI (no way to test the
-// latter here); QGAIT_WINOGRAD=0 turns it off (the tests compare both).
+// latter here). When, by default: for at least 32 output channels and, with vpdpbusd, 16 input
+// channels; on the AVX2 class kT x C_in >= 48 (its int16 sums of V . U must be widened every
+// few steps, L = 3 for 4-bit codes and weights, against 136 on the direct path, so a short
+// reduction gains little). Narrower layers lost to the direct path, e.g. GaitLite3D width 0.5,
+// 1 thread, AVX2 class: 8 -> 16 channels (3x3x3) 1.06 ms against 0.61 ms direct, 32 -> 32
+// (1x3x3) 0.46 against 0.40; AVX-512 VNNI: 16 -> 16 (1x3x3) 0.53 against 0.52, while 16 -> 32
+// (3x3x3) took 0.40 against 0.49. QGAIT_WINOGRAD=0 turns it off, =1 on wherever it is exact
+// (the tests run both).
 constexpr int kWinoMid = 5;  // the one position whose input transform only adds (row 1, col 1)
 
 // The path of this thread's last call (`torch.ops.qgait._packed_conv3d_cpu_path()`), for
 // tests and for users asking which kernel a layer runs.
 thread_local const char* last_path = "none";
 
-bool winograd_enabled() {
+// QGAIT_WINOGRAD: 0 off, 1 wherever exact, unset (or anything else) where it measured faster.
+bool winograd_wanted(const ConvGeom& g, bool vnni) {
   const char* e = std::getenv("QGAIT_WINOGRAD");
-  return !(e && e[0] == '0');
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return true;
+  return g.Co >= 32 && (vnni ? g.C >= 16 : g.kT * g.C >= 48);
 }
 
 bool winograd_geometry(const ConvGeom& g) {
@@ -539,7 +549,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   // range of the codes decides below
   const bool wino_try = path != Path::Scalar && !cpu_has_avx_vnni() && !fold &&
                         winograd_geometry(g) && std::max(-wlo, whi) <= 14 &&
-                        winograd_enabled();
+                        winograd_wanted(g, path == Path::VNNI);
   const bool avx2_small = (path == Path::AVX2 && !cpu_has_avx_vnni() &&
                            avx2_chunk(255, wlo, whi) < 136) || wino_try;
   if (x.scalar_type() == at::kBool) {
