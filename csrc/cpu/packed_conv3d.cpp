@@ -27,6 +27,9 @@
 //                  (W8A8 with codes past 128), VEX vpdpbusd on CPUs with AVX-VNNI. Also used
 //                  by AVX-512 CPUs without VNNI.
 //   scalar         plain loops.
+// On the vnni and maddubs paths, layers of kT x 3 x 3 taps with codes of up to 6 bits and
+// weights of magnitude <= 14 (W4A4 and below) run exact Winograd F(2x2, 3x3) instead, 2.25x
+// fewer multiply-adds ("Winograd F(2x2, 3x3)" below).
 // The epilogue (rescale, bias, folded BatchNorm, activation, fp32 store or requantization to
 // the next layer's grid) uses the same fp32 operations in the same order on every path, with
 // no FMA contraction, so all paths and the reference agree bit for bit.
