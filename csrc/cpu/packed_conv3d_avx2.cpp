@@ -528,7 +528,7 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
 // tile into two output rows [2 Wt][16] each, and their epilogue.
 void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
-  const int64_t Wt = p.Wt, ws = Wt + 2, ks = p.Cp / 4;
+  const int64_t Wt = p.Wt, ws = Wt + 2;
   static thread_local std::vector<int32_t> mb, yb;
   if (mb.size() < static_cast<size_t>(16 * ws * 16)) mb.resize(16 * ws * 16);
   if (yb.size() < static_cast<size_t>(4 * Wt * 16)) yb.resize(4 * Wt * 16);
@@ -536,16 +536,11 @@ void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   int32_t* const y1 = yb.data() + 2 * Wt * 16;
   const bool one = p.L < 2;  // maddubs1: tiles of up to 5 pixels
   const int widest = one ? 5 : kMW;
-  std::vector<int64_t> aoff(static_cast<size_t>(g.kT * ks));
+  std::vector<int64_t> aoff(static_cast<size_t>(p.K));
   WinoRows rows(p);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = r % g.To, ht = (r / g.To) % p.Ht, n = r / (g.To * p.Ht);
-    const uint8_t* base = nullptr;
-    for (int64_t kt = 0; kt < g.kT; ++kt) {
-      const uint8_t* vr = rows.get(p, wino_row_avx2, n, t * g.sT + kt * g.dT, ht);
-      if (kt == 0) base = vr;
-      for (int64_t k = 0; k < ks; ++k) aoff[kt * ks + k] = (vr - base) + 4 * k;
-    }
+    const uint8_t* base = rows.window(g, p, wino_row_avx2, n, t, ht, aoff.data());
     for (int64_t co0 = 0; co0 < g.Co; co0 += 16) {
       const int64_t nco = std::min<int64_t>(16, g.Co - co0);
       for (int xi = 0; xi < 16; ++xi) {

@@ -401,18 +401,13 @@ void wino_row_avx512(const uint8_t* row, int64_t Wq, int64_t Wt, int64_t Cp, int
 // the output transform y = (A^T m A - corr) / 4 of each tile, straight into the epilogue.
 void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1) {
   const ConvGeom& g = c.g;
-  const int64_t Wt = p.Wt, ks = p.Cp / 4;
+  const int64_t Wt = p.Wt;
   alignas(64) int32_t mb[16 * kM * 64];
-  std::vector<int64_t> aoff(static_cast<size_t>(g.kT * ks));
+  std::vector<int64_t> aoff(static_cast<size_t>(p.K));
   WinoRows rows(p);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = i % g.To, ht = (i / g.To) % p.Ht, n = i / (g.To * p.Ht);
-    const uint8_t* base = nullptr;
-    for (int64_t kt = 0; kt < g.kT; ++kt) {
-      const uint8_t* vr = rows.get(p, wino_row_avx512, n, t * g.sT + kt * g.dT, ht);
-      if (kt == 0) base = vr;
-      for (int64_t k = 0; k < ks; ++k) aoff[kt * ks + k] = (vr - base) + 4 * k;
-    }
+    const uint8_t* base = rows.window(g, p, wino_row_avx512, n, t, ht, aoff.data());
     const int64_t pix0 = c.out_pixel(n, t, 2 * ht, 0);
     const bool row1 = 2 * ht + 1 < g.Ho;
     for (int64_t co0 = 0; co0 < g.Co; co0 += 64) {

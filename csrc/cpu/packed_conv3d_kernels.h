@@ -152,6 +152,20 @@ struct WinoRows {
     }
     return r;
   }
+  // The kT transformed rows output tile row (n, t, ht) reads (frames t sT + kt dT): returns
+  // the first and fills aoff (p.K steps: kt, then groups of 4 channels) with each step's
+  // offset from it.
+  const uint8_t* window(const ConvGeom& g, const WinoPlan& p, WinoRowFn fn, int64_t n,
+                        int64_t t, int64_t ht, int64_t* aoff) {
+    const int64_t ks = p.Cp / 4;
+    const uint8_t* base = nullptr;
+    for (int64_t kt = 0; kt < g.kT; ++kt) {
+      const uint8_t* r = get(p, fn, n, t * g.sT + kt * g.dT, ht);
+      if (kt == 0) base = r;
+      for (int64_t k = 0; k < ks; ++k) aoff[kt * ks + k] = (r - base) + 4 * k;
+    }
+    return base;
+  }
 };
 
 // ---- packed_conv3d_avx2.cpp (CPUs with AVX2 + FMA) -----------------------------------------
