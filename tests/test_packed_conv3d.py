@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qgait import _ext
 from qgait.ops import PackedConv3d, packed_conv3d
 from qgait.quant import pack_weight, unpack_weight
 
@@ -399,16 +400,34 @@ def test_input_layouts_over_a_dirty_buffer(cpu_isa, case, kind):
 
 
 # ---- the module -----------------------------------------------------------------------------
-def test_module_binary_float_input_and_groups():
+@pytest.mark.parametrize("strided", [False, True])
+def test_module_binary_float_input_and_groups(strided):
     m = PackedConv3d(1, 4, 3, padding=1, w_bits=4, a_bits=None)
-    x = (torch.rand(1, 1, 2, 4, 4) < 0.5).float()
+    x = (torch.rand(1, 1, 2, 4, 10) < 0.5).float()
+    if strided:  # a view the one-pass C++ check reads through .contiguous()
+        x = x[..., ::2]
     assert torch.equal(m(x), m(x.bool()))
-    for bad in (0.5, 2.0, -1.0, 255.0, 256.0, float("nan"), float("inf")):
+    for bad in (0.5, 2.0, -1.0, 255.0, 256.0, 1e-45, float("nan"), float("inf")):
         xb = x.clone()
         xb[0, 0, 1, 2, 3] = bad
         with pytest.raises(ValueError, match="qgait::packed_conv3d: .*binary"):
             m(xb)
     assert torch.equal(m(torch.where(x == 0, -0.0, x)), m(x))   # -0.0 is 0
+
+
+@pytest.mark.skipif(not _ext.has_kernel("_binary_codes", "CPU"), reason="qgait._C not built")
+def test_binary_codes_op_matches_python_check():
+    """The one-pass C++ codes and count of non-binary values (the stem's check) against the
+    torch expression, on values around 0 and 1 and the special floats."""
+    vals = torch.tensor([0.0, -0.0, 1.0, 0.5, 2.0, -1.0, 1.0000001, 0.99999994, 1e-45, 255.0,
+                         256.0, float("nan"), float("inf"), float("-inf")])
+    x = vals[torch.randint(0, len(vals), (3, 1, 5, 7, 9), generator=torch.Generator()
+                           .manual_seed(0))]
+    codes, bad = torch.ops.qgait._binary_codes(x)
+    assert codes.dtype == torch.uint8 and torch.equal(codes, (x == 1).to(torch.uint8))
+    assert bad == int(((x != 0) & (x != 1)).sum())
+    codes, bad = torch.ops.qgait._binary_codes((x == 1).float())
+    assert bad == 0
     with pytest.raises(ValueError, match="qgait::packed_conv3d: .*groups=1"):
         PackedConv3d(4, 4, 3, groups=2)
 

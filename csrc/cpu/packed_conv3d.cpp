@@ -45,6 +45,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "cpu/alloc.h"
@@ -742,8 +743,30 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
 
 std::string packed_conv3d_cpu_path() { return packed_cpu::last_path; }
 
+// The codes of a binary float input (the stem's 0 / 1 silhouette) as uint8, and how many of its
+// values are not 0 or 1 (NaN and -0.0 included: -0.0 is 0). One pass, where the Python check
+// took four (to uint8, clamp, back to float, compare: ~0.11 ms for a 30-frame 64 x 44 sequence).
+std::tuple<at::Tensor, int64_t> binary_codes_cpu(const at::Tensor& x) {
+  QGAIT_CHECK(x.scalar_type() == at::kFloat, kPackedConv, "binary codes need a float32 x, got ",
+              x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
+  const float* __restrict src = xc.const_data_ptr<float>();
+  uint8_t* __restrict dst = out.data_ptr<uint8_t>();
+  const int64_t n = xc.numel();
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = src[i];
+    const bool one = v == 1.0f;
+    bad += !(one || v == 0.0f);  // NaN: both comparisons false
+    dst[i] = static_cast<uint8_t>(one);
+  }
+  return {out, bad};
+}
+
 TORCH_LIBRARY_IMPL(qgait, CPU, m) {
   m.impl("packed_conv3d", &packed_cpu::packed_conv3d_cpu);
+  m.impl("_binary_codes", &binary_codes_cpu);
 }
 
 }  // namespace qgait
