@@ -70,11 +70,11 @@ TORCH_LIBRARY(qgait, m) {
   // act: 0 none, 1 relu, 2 leaky relu. out_mode: 0 float32, 1 requantized to out_scale on
   // [out_qn, out_qp] (int8 if out_qn < 0 else uint8), 2 the int32 accumulators.
   // The output is [N, C_out, T', H', W'] in channels_last_3d memory order.
-  // uint8 codes of a binary float input and the count of its values other than 0 / 1
-  // (PackedConv3d's silhouette stem; CPU only)
-  m.def("_binary_codes(Tensor x) -> (Tensor, int)");
   m.def("packed_conv3d(Tensor x, Tensor x_scale, int in_qn, int in_qp, Tensor w_packed,"
         " Tensor w_scale, int w_bits, int c_in, int[] stride, int[] padding, int[] dilation,"
         " Tensor? bias, Tensor? bn_scale, Tensor? bn_shift, int act, float neg_slope,"
         " int out_mode, Tensor? out_scale, int out_qn, int out_qp) -> Tensor");
+  // uint8 codes of a binary float input and the count of its values other than 0 / 1
+  // (PackedConv3d's silhouette stem; CPU only)
+  m.def("_binary_codes(Tensor x) -> (Tensor, int)");
 }
