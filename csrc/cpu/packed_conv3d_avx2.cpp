@@ -452,6 +452,25 @@ inline int span(int64_t Wo, int64_t w0, int widest) {
   const int64_t ntiles = (Wo + widest - 1) / widest, base = Wo / ntiles, wide = Wo % ntiles;
   return static_cast<int>(w0 < wide * (base + 1) ? base + 1 : base);
 }
+
+// Pixels of the tile at w0 of a row of Wo: nearly equal tiles of up to `widest` pixels (span),
+// or, in rows narrower than 5 pixels and for the 4-pixel avx_vnni tile, tiles of up to kMA.
+inline int tile_pixels(int64_t Wo, int64_t w0, int widest) {
+  return widest > kMA && Wo >= 5 ? span(Wo, w0, widest)
+                                 : static_cast<int>(std::min<int64_t>(kMA, Wo - w0));
+}
+
+// The vpmaddubsw tile of M pixels: maddubs (int16 sums over L steps), or maddubs1 (L = 1).
+inline void tile_u8(bool one, int M, const uint8_t* const* p8, const int64_t* aoff, int64_t K,
+                    int64_t L, const int8_t* w8, int64_t wstride, int32_t* out) {
+  const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
+  if (one)
+    (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(p8, aoff, K, L, w8,
+                                                                              wstride, out);
+  else
+    (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
+     : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, aoff, K, L, w8, wstride, out);
+}
 }  // namespace
 
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
@@ -479,9 +498,7 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
     for (int64_t co0 = 0; co0 < g.Co;) {
       const int64_t nco = std::min<int64_t>(16, g.Co - co0);
       for (int64_t w0 = 0; w0 < g.Wo;) {
-        const int M = widest > kMA && g.Wo >= 5
-                          ? span(g.Wo, w0, widest)
-                          : static_cast<int>(std::min<int64_t>(kMA, g.Wo - w0));
+        const int M = tile_pixels(g.Wo, w0, widest);
         const uint8_t* p8[kMW];
         const uint16_t* p16[kMW];
         for (int m = 0; m < kMW; ++m) {
@@ -490,16 +507,11 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
           p16[m] = s16.data() + off;
         }
         const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4;
-        const bool wide = M > 2;  // 3-4 pixels: the 4-wide tile, 1-2: the 2-wide one
         switch (p.kind) {
           case Avx2Kind::Maddubs:
-            (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
-             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, p.aoff.data(), p.K, p.L, w8,
-                                                         p.wstride, out);
-            break;
           case Avx2Kind::Maddubs1:
-            (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
-                p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
+            tile_u8(p.kind == Avx2Kind::Maddubs1, M, p8, p.aoff.data(), p.K, p.L, w8, p.wstride,
+                    out);
             break;
           case Avx2Kind::AvxVnni:
             tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
@@ -507,7 +519,7 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
           case Avx2Kind::Madd16:
             (M == 6   ? tile_madd16<6>
              : M == 5 ? tile_madd16<5>
-             : wide   ? tile_madd16<4>
+             : M > 2  ? tile_madd16<4>
                       : tile_madd16<2>)(p16, p.aoff.data(), p.K,
                                         static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
                                         p.wstride, out);
@@ -547,19 +559,10 @@ void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
         const uint8_t* bx = base + xi * Wt * p.Cp;
         const int8_t* w8 = reinterpret_cast<const int8_t*>(p.w + xi * p.wxi) + co0 * p.K * 4;
         for (int64_t w0 = 0; w0 < Wt;) {
-          const int M = Wt >= 5 ? span(Wt, w0, widest)
-                                : static_cast<int>(std::min<int64_t>(kMA, Wt - w0));
+          const int M = tile_pixels(Wt, w0, widest);
           const uint8_t* p8[kMW];
           for (int m = 0; m < kMW; ++m) p8[m] = bx + (w0 + std::min(m, M - 1)) * p.Cp;
-          int32_t* out = mb.data() + (xi * ws + w0) * 16;
-          const bool wide = M > 2;
-          if (one)
-            (M == 5 ? tile_maddubs1<5> : wide ? tile_maddubs1<4> : tile_maddubs1<2>)(
-                p8, aoff.data(), p.K, p.L, w8, 64, out);
-          else
-            (M == 6 ? tile_maddubs<6> : M == 5 ? tile_maddubs<5>
-             : wide ? tile_maddubs<4> : tile_maddubs<2>)(p8, aoff.data(), p.K, p.L, w8, 64,
-                                                         out);
+          tile_u8(one, M, p8, aoff.data(), p.K, p.L, w8, 64, mb.data() + (xi * ws + w0) * 16);
           w0 += M;
         }
       }
