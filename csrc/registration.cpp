@@ -77,4 +77,11 @@ TORCH_LIBRARY(qgait, m) {
   // uint8 codes of a binary float input and the count of its values other than 0 / 1
   // (PackedConv3d's silhouette stem; CPU only)
   m.def("_binary_codes(Tensor x) -> (Tensor, int)");
+  // --- code-domain inference ops of the packed models (qgait/ops/codes.py; CPU only) --------
+  // max pooling of int8 / uint8 codes (no padding, dilation 1), channels_last_3d output
+  m.def("_max_pool_codes(Tensor x, int[] kernel, int[] stride) -> Tensor");
+  // per-part FCs: x [N, C_in, P] float32 quantized to codes on [qn, qp] with a_scale, times
+  // w [P, C_out, C_in] int8 in int32, scaled by a_scale * w_scale [P * C_out] -> [N, C_out, P]
+  m.def("_part_linear_codes(Tensor x, Tensor a_scale, int qn, int qp, Tensor w, Tensor w_scale)"
+        " -> Tensor");
 }

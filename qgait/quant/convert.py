@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 
 from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantPartLinear, part_matmul
-from qgait.ops.soft_quant import soft_fake_quant
+from qgait.ops import codes as _codes
+from qgait.ops.codes import max_pool_codes
+from qgait.ops.soft_quant import quant_grid, soft_fake_quant
 from qgait.quant.packing import pack_weight, quantize_weight, storage_bits, unpack_weight
 
 _ACTS = (nn.ReLU, nn.LeakyReLU)
@@ -71,9 +73,9 @@ def _convert_sequential(seq: nn.Sequential, requantize: bool) -> int:
 class PackedMaxPool3d(nn.MaxPool3d):
     """``nn.MaxPool3d`` (no padding, no indices) that also pools int8 / uint8 codes.
 
-    torch's max_pool3d has no integer kernel. Codes are pooled on a channels-last view
-    (``[N, T, H, W, C]``) as the elementwise maximum of the window's strided slices, which is
-    exact; the output is channels_last_3d, the layout the next packed layer reads fastest.
+    torch's max_pool3d has no integer kernel; codes go through
+    :func:`qgait.ops.codes.max_pool_codes` (a C++ kernel on the CPU), which is exact. The
+    output is channels_last_3d, the layout the next packed layer reads fastest.
     """
 
     @classmethod
@@ -85,43 +87,7 @@ class PackedMaxPool3d(nn.MaxPool3d):
         if x.is_floating_point():
             return super().forward(x)
         k = _triple3(self.kernel_size)
-        s = _triple3(self.stride if self.stride is not None else self.kernel_size)
-        v = x.permute(0, 2, 3, 4, 1)  # [N, T, H, W, C], a view of a channels-last tensor
-        if s == k:
-            return _pool_tiles(v, k).permute(0, 4, 1, 2, 3).contiguous(
-                memory_format=torch.channels_last_3d)
-        out = [(x.shape[2 + i] - k[i]) // s[i] + 1 for i in range(3)]
-        # the window's elementwise maximum over strided views: C stays the contiguous axis, so
-        # each step is one vectorized pass (an amax over reshaped window axes, a reduction
-        # across strides, took longer than the convolution work the chain saves)
-        y = None
-        for a in range(k[0]):
-            for b in range(k[1]):
-                for c in range(k[2]):
-                    sl = v[:, a:a + s[0] * (out[0] - 1) + 1:s[0], b:b + s[1] * (out[1] - 1) + 1:s[1],
-                           c:c + s[2] * (out[2] - 1) + 1:s[2]]
-                    y = sl.clone() if y is None else torch.maximum(y, sl, out=y)
-        v = y
-        return v.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
-
-
-def _pool_tiles(v: torch.Tensor, k) -> torch.Tensor:
-    """Max pooling of ``v`` [N, T, H, W, C] over non-overlapping windows ``k`` (stride = kernel,
-    sizes floored): one axis at a time, the axis split into (out, k) and the k slices reduced
-    with elementwise maxima. The first slices of each pass are long contiguous runs (the
-    split axis lies outside the contiguous rest), so GaitLite3D's 1x2x2 pool takes two passes
-    at 35 us where the generic window walk takes four at 109 us (1 thread, [1, 16, 30, 32, 22])."""
-    for ax, kk in zip((1, 2, 3), k):
-        if kk == 1:
-            continue
-        n = v.shape[ax] // kk
-        v = v.narrow(ax, 0, n * kk)
-        v = v.reshape(*v.shape[:ax], n, kk, *v.shape[ax + 1:])
-        y = torch.maximum(v.select(ax + 1, 0), v.select(ax + 1, 1))
-        for j in range(2, kk):
-            torch.maximum(y, v.select(ax + 1, j), out=y)
-        v = y
-    return v
+        return max_pool_codes(x, k, _triple3(self.stride) if self.stride is not None else k)
 
 
 def _triple3(v):
@@ -190,11 +156,14 @@ class PackedPartLinear(nn.Module):
 
     The weight integers are stored packed (int8, or two int4 per byte for <= 4 bits, in
     :func:`pack_weight`'s layout with the rows ``[P * C_out]`` as output channels) with their
-    fp32 steps, and dequantized on the fly; the input is quantized with the layer's learned
-    step. The result equals the fake-quant layer's (hard mode) exactly: both multiply the
-    same integers by the same fp32 steps. This head runs once per sequence, so it is a small
-    matrix product; what it saves is storage (the per-part FCs hold most of a gait model's
-    parameters).
+    fp32 steps; the input is quantized with the layer's learned step. On the CPU without
+    autograd (inference) the codes are multiplied with the integer weights in exact int32
+    sums and scaled once (:func:`qgait.ops.codes.part_linear_codes`): the fp32 product of
+    dequantized weights read 2 MB of weights per sequence at width 1.0. Elsewhere, and when
+    gradients are wanted, the weights are dequantized and multiplied in fp32, which equals the
+    fake-quant layer (hard mode) bit for bit; the integer sums agree with it up to fp32
+    rounding. What the head saves besides is storage (the per-part FCs hold most of a gait
+    model's parameters).
     """
 
     def __init__(self, layer: SoftQuantPartLinear):
@@ -214,21 +183,34 @@ class PackedPartLinear(nn.Module):
         w = w.reshape(-1, self.in_channels).float() * self.w_scale[:, None]
         return w.reshape(self.parts, self.out_channels, self.in_channels).permute(0, 2, 1)
 
+    def int_weight(self) -> torch.Tensor:
+        """The weight integers ``[P, C_out, C_in]`` (int8)."""
+        w = unpack_weight(self.w_packed, storage_bits(self.w_bits), self.in_channels)
+        return w.reshape(self.parts, self.out_channels, self.in_channels).contiguous()
+
     def _dequantized(self, dtype) -> torch.Tensor:
         # Unpacking and scaling 0.5 M weights on every call cost 3.5-5% of a packed GaitLite3D
-        # sequence (width 1.0, paired, 1 thread): the dequantized weight is kept, not saved,
-        # and rebuilt when a buffer is replaced or written in place (load_state_dict, .to()).
+        # sequence (width 1.0, paired, 1 thread): the weight is kept (dtype None: the
+        # integers), not saved, and rebuilt when a buffer is replaced or written in place
+        # (load_state_dict, .to()).
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype)
                     for t in (self.w_packed, self.w_scale)) + (dtype,)
         cached = self.__dict__.get("_w_cache")
         if cached is None or cached[0] != key or torch.is_grad_enabled():
-            w = self.weight().to(dtype)   # its layout too: the fake-quant product, bit for bit
+            # the float weight in its layout too: the fake-quant product, bit for bit
+            w = self.int_weight() if dtype is None else self.weight().to(dtype)
             if torch.is_grad_enabled():
                 return w
             self.__dict__["_w_cache"] = cached = (key, w)
         return cached[1]
 
     def forward(self, x):
+        if (self.a_bits is not None and _codes._HAS_FC and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            qn, qp = quant_grid(self.a_bits, self.a_signed)
+            return _codes.part_linear_codes(x, self.a_scale, qn, qp, self._dequantized(None),
+                                            self.w_scale)
         if self.a_bits is not None:
             x = soft_fake_quant(x, self.a_scale, bits=self.a_bits, signed=self.a_signed)
         return part_matmul(x, self._dequantized(x.dtype))
