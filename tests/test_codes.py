@@ -147,3 +147,22 @@ def test_part_linear_codes_errors_name_the_op():
         op(x, torch.tensor(0.0), 0, 15, w, ws)
     with pytest.raises(RuntimeError, match=r"code grid \[0, 256\]"):
         op(x, s, 0, 256, w, ws)
+
+
+def test_paired_codes_ops_bench_runs():
+    """bench/paired_codes_ops.py end to end at its smallest settings (times never checked): the
+    model with the torch ops it replaced gives the same embeddings up to fp32 rounding."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "paired_codes_ops.py"
+    p = subprocess.run([sys.executable, str(script), "--checkpoint", "", "--width", "0.25",
+                        "--rounds", "1", "--reps", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for bits in ("W4A4", "W8A8"):
+        m = re.search(rf"^{bits}: before \d+\.\d+ ms, after \d+\.\d+ ms .* differ by (\S+) ",
+                      p.stdout, re.M)
+        assert m and float(m.group(1)) < 1e-5, p.stdout
