@@ -247,25 +247,29 @@ def test_every_simd_level(cpu_isa):
     torch.testing.assert_close(gz, gz_ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["randn", "binary", "nan"])
+@pytest.mark.parametrize("kind", ["randn", "binary", "nan", "signed zeros"])
 @pytest.mark.parametrize("mode", ["mean+max", "max", "mean"])
 @pytest.mark.parametrize("shape,seqL,bins", [
     ((2, 8, 5, 16, 11), None, (16, 8, 4, 2, 1)),
     ((1, 3, 7, 5, 7), [3, 4], (5, 2, 1)),          # H*W*C = 105: tails for every vector width
+    ((1, 70, 3, 6, 5), [1, 2], (6, 3, 1)),         # channels in blocks of 64 and a tail of 6
     ((1, 16, 1, 4, 3), None, (4, 1)),              # T = 1
 ])
 def test_channels_last_forward_without_copy(cpu_isa, kind, mode, shape, seqL, bins):
     """A channels-last fp32 x without grad (a packed conv's output) is pooled in place, not
     copied to NCDHW first; the result is bit-identical to the NCDHW path's."""
-    x = rand_x(shape, kind="randn" if kind == "nan" else kind, seed=7)
+    x = rand_x(shape, kind="randn" if kind in ("nan", "signed zeros") else kind, seed=7)
     if kind == "nan":
         x.view(-1)[::13] = float("nan")
+    if kind == "signed zeros":   # ties of -0.0 and +0.0: the first one kept, as torch.max
+        x = torch.where(x > 0.5, 1.0, torch.where(x > 0, 0.0, -0.0))
     xc = x.contiguous(memory_format=torch.channels_last_3d)
     assert not xc.is_contiguous()
     got = set_pool_hpp(xc, seqL, bins, mode, backend="cpu")
     want = set_pool_hpp(x, seqL, bins, mode, backend="cpu")
     assert torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
     if kind != "nan":
         _close_mean(got, set_pool_hpp_ref(x, seqL, bins, mode), torch.float32)
 
