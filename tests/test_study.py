@@ -82,3 +82,27 @@ def test_study_rerun_reuses_runs_and_evaluations(study, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt*")} == stamps
     assert again["rows"] == rep["rows"]
     assert "skipped" in capsys.readouterr().out
+
+
+def test_ptq_eval_tool(study, tmp_path, monkeypatch, capsys):
+    """tools/ptq_eval.py: the teacher quantized without training, steps set by an eval-mode
+    calibration forward (BatchNorm statistics untouched), evaluated and stored as the study's
+    variants are."""
+    from pathlib import Path
+
+    from qgait.pipeline.study import load_hits
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import ptq_eval
+
+    cfg, out, _ = study
+    res = tmp_path / "ptq.json"
+    r = ptq_eval.main(["--teacher", str(out / "fp" / "final.pt"), "--config", "demo_fast",
+                       "--data", cfg["data"]["root"], "--bits", "4", "--calib", "4",
+                       "--out", str(res)])
+    assert set(r) >= {"NM", "mean"} and all(0.0 <= v <= 100.0 for v in r.values())
+    assert json.loads(res.read_text()) == r
+    hits = load_hits(res.with_suffix(".hits.npz"))
+    assert hits is not None and set(hits["cond"]) >= {"NM"}
+    with pytest.raises(SystemExit):
+        ptq_eval.main(["--out", str(res)])      # no teacher: argparse's one-line error

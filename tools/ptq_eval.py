@@ -1,0 +1,80 @@
+"""Post-training quantization of an fp teacher, evaluated as ``qgait study`` evaluates its variants.
+
+    python tools/ptq_eval.py --teacher runs/fp_tune040/last.pt --train-ids 001 040 \
+        --test-ids 041 050 --bits 8 --out runs/tune040_w8/ptq.json
+
+The teacher's weights are quantized with the pipeline's stage config (``quantize_model``: the
+binary-input stem and the kept-8-bit layers as in training) at ``--bits`` (W = A), and the steps
+are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--calib`` training
+clips of 30 frames (LSQ weight steps, MSE activation steps): no training. The fake-quant model
+is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol); prints and writes the
+cross-view rank-1 per condition (JSON) and the per-probe outcomes beside it (``.hits.npz``, the
+study's format, for ``tools/compare_hits.py``-style paired bootstraps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", required=True, help="fp checkpoint or model file")
+    ap.add_argument("--config", default="casia_b11_qgait_w1")
+    ap.add_argument("--data", default=None, help="data root (overrides data.root)")
+    ap.add_argument("--train-ids", nargs=2, default=None, help="first and last calibration "
+                    "subject (default: the config's training subjects)")
+    ap.add_argument("--test-ids", nargs=2, default=None, help="first and last test subject "
+                    "(default: the config's)")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=32, help="calibration clips (default 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="JSON of the rank-1 table")
+    args = ap.parse_args(argv)
+
+    from qgait.evaluation import casia_b_hits, extract, model_embed_fn
+    from qgait.model_io import load_checkpoint_model
+    from qgait.pipeline.stages import quantize_model
+    from qgait.pipeline.study import _rank1, save_hits
+    from qgait.quant import set_quant_mode
+    from qgait.train import load_config
+    from qgait.train.build import load_dataset
+
+    data = {k: v for k, v in (("root", args.data), ("train_ids", args.train_ids),
+                                  ("test_ids", args.test_ids)) if v is not None}
+    cfg = load_config(args.config, {"data": data} if data else None)
+    torch.manual_seed(args.seed)
+    model, _ = load_checkpoint_model(args.teacher)
+    model.eval()
+    quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits})
+    set_quant_mode(model, k=0.0, mode="hard")
+    train = load_dataset(cfg, "train", progress=False)
+    rng = np.random.default_rng(args.seed)
+    clips = []
+    for i in rng.choice(len(train), size=min(args.calib, len(train)), replace=False):
+        T = train.n_frames(int(i))
+        t0 = int(rng.integers(0, max(1, T - 30 + 1)))
+        clips.append(torch.from_numpy(train.frames_at(int(i), np.arange(t0, t0 + 30) % T)))
+    with torch.no_grad():
+        model(torch.stack(clips).float()[:, None])   # eval mode: sets the steps only
+    test = load_dataset(cfg, "test", progress=False)
+    feats = extract(model_embed_fn(model, "cpu", None), test,
+                    max_frames=cfg["eval"]["max_frames"], progress=False)
+    hits = casia_b_hits(feats, [q.subject for q in test.seqs], [q.condition for q in test.seqs],
+                        [q.view for q in test.seqs])
+    r = _rank1(hits)
+    print(json.dumps(r))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1) + "\n")
+    save_hits(out.with_suffix(".hits.npz"), hits, {"teacher": str(args.teacher),
+                                                   "bits": args.bits, "seed": args.seed})
+    return r
+
+
+if __name__ == "__main__":
+    main()
