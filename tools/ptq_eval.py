@@ -36,10 +36,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON of the rank-1 table")
     args = ap.parse_args(argv)
 
-    from qgait.evaluation import casia_b_hits, extract, model_embed_fn
     from qgait.model_io import load_checkpoint_model
     from qgait.pipeline.stages import quantize_model
-    from qgait.pipeline.study import _rank1, save_hits
+    from qgait.pipeline.study import _rank1, model_hits, save_hits
     from qgait.quant import set_quant_mode
     from qgait.train import load_config
     from qgait.train.build import load_dataset
@@ -61,11 +60,7 @@ def main(argv=None):
         clips.append(torch.from_numpy(train.frames_at(int(i), np.arange(t0, t0 + 30) % T)))
     with torch.no_grad():
         model(torch.stack(clips).float()[:, None])   # eval mode: sets the steps only
-    test = load_dataset(cfg, "test", progress=False)
-    feats = extract(model_embed_fn(model, "cpu", None), test,
-                    max_frames=cfg["eval"]["max_frames"], progress=False)
-    hits = casia_b_hits(feats, [q.subject for q in test.seqs], [q.condition for q in test.seqs],
-                        [q.view for q in test.seqs])
+    hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     print(json.dumps(r))
     out = Path(args.out)

@@ -83,7 +83,6 @@ def load_hits(path: Path, key: dict | None = None) -> dict | None:
 
 def evaluate_hits(ckpt: Path, cfg: dict, test=None, progress: bool = True) -> dict:
     """Per-probe CASIA-B outcomes of a checkpoint (fp32, CPU), cached beside it."""
-    from qgait.evaluation import casia_b_hits, extract, model_embed_fn
     from qgait.model_io import load_checkpoint_model
     from qgait.train.build import load_dataset
 
@@ -95,12 +94,19 @@ def evaluate_hits(ckpt: Path, cfg: dict, test=None, progress: bool = True) -> di
     if hits is not None:
         return hits
     model, _ = load_checkpoint_model(ckpt)
-    feats = extract(model_embed_fn(model, "cpu", None), test,
-                    max_frames=cfg["eval"]["max_frames"], progress=progress)
-    hits = casia_b_hits(feats, [q.subject for q in test.seqs], [q.condition for q in test.seqs],
-                        [q.view for q in test.seqs])
+    hits = model_hits(model, cfg, test, progress)
     save_hits(path, hits, key)
     return hits
+
+
+def model_hits(model, cfg: dict, test, progress: bool = True) -> dict:
+    """Per-probe CASIA-B outcomes of a model in memory on the ``test`` dataset (fp32, CPU)."""
+    from qgait.evaluation import casia_b_hits, extract, model_embed_fn
+
+    feats = extract(model_embed_fn(model, "cpu", None), test,
+                    max_frames=cfg["eval"]["max_frames"], progress=progress)
+    return casia_b_hits(feats, [q.subject for q in test.seqs],
+                        [q.condition for q in test.seqs], [q.view for q in test.seqs])
 
 
 def _rank1(hits: dict) -> dict:
