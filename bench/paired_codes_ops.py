@@ -31,6 +31,7 @@ from _common import cpu_class  # noqa: E402
 
 from qgait.nn.soft_quant import part_matmul  # noqa: E402
 from qgait.ops import soft_fake_quant  # noqa: E402
+from qgait.ops.codes import _triple  # noqa: E402
 
 CV = importlib.import_module("qgait.quant.convert")
 
@@ -40,7 +41,7 @@ def _torch_pool(self, x):
     if x.is_floating_point():
         return torch.nn.MaxPool3d.forward(self, x)
     v = x.permute(0, 2, 3, 4, 1)
-    for ax, kk in zip((1, 2, 3), CV._triple3(self.kernel_size)):
+    for ax, kk in zip((1, 2, 3), _triple(self.kernel_size)):
         if kk == 1:
             continue
         n = v.shape[ax] // kk

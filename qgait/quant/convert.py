@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from qgait.nn.soft_quant import SoftQuantConv3d, SoftQuantPartLinear, part_matmul
 from qgait.ops import codes as _codes
-from qgait.ops.codes import max_pool_codes
+from qgait.ops.codes import _triple, max_pool_codes
 from qgait.ops.soft_quant import quant_grid, soft_fake_quant
 from qgait.quant.packing import pack_weight, quantize_weight, storage_bits, unpack_weight
 
@@ -86,19 +86,14 @@ class PackedMaxPool3d(nn.MaxPool3d):
     def forward(self, x):
         if x.is_floating_point():
             return super().forward(x)
-        k = _triple3(self.kernel_size)
-        return max_pool_codes(x, k, _triple3(self.stride) if self.stride is not None else k)
-
-
-def _triple3(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+        return max_pool_codes(x, self.kernel_size, self.stride)
 
 
 def _chains_integer_pool(m: nn.Module) -> bool:
     """A max pooling that commutes with requantization and can be run on codes."""
     return (isinstance(m, nn.MaxPool3d) and not m.return_indices and not m.ceil_mode
-            and all(p == 0 for p in _triple3(m.padding))
-            and all(d == 1 for d in _triple3(m.dilation)))
+            and all(p == 0 for p in _triple(m.padding))
+            and all(d == 1 for d in _triple(m.dilation)))
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:
