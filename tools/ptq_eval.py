@@ -42,6 +42,7 @@ def main(argv=None):
     from qgait.quant import set_quant_mode
     from qgait.train import load_config
     from qgait.train.build import load_dataset
+    from qgait.train.data import make_ordered_batch
 
     data = {k: v for k, v in (("root", args.data), ("train_ids", args.train_ids),
                                   ("test_ids", args.test_ids)) if v is not None}
@@ -53,13 +54,10 @@ def main(argv=None):
     set_quant_mode(model, k=0.0, mode="hard")
     train = load_dataset(cfg, "train", progress=False)
     rng = np.random.default_rng(args.seed)
-    clips = []
-    for i in rng.choice(len(train), size=min(args.calib, len(train)), replace=False):
-        T = train.n_frames(int(i))
-        t0 = int(rng.integers(0, max(1, T - 30 + 1)))
-        clips.append(torch.from_numpy(train.frames_at(int(i), np.arange(t0, t0 + 30) % T)))
+    idx = rng.choice(len(train), size=min(args.calib, len(train)), replace=False)
+    x, _ = make_ordered_batch(train, [int(i) for i in idx], 30, rng)   # as training clips are cut
     with torch.no_grad():
-        model(torch.stack(clips).float()[:, None])   # eval mode: sets the steps only
+        model(x)                                      # eval mode: sets the steps only
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     print(json.dumps(r))
