@@ -26,6 +26,10 @@ CASES = [
     (2, 1, 18, (3, 9, 11), (3, 3, 3), (1, 2, 2), 1, 1),   # the stem: stride 2 in H / W
     (1, 1, 5, (2, 4, 9), (2, 2, 4), 1, (1, 0, 2), 1),     # kW = 4: all 4 slots, no H padding
     (1, 1, 7, (2, 5, 8), (1, 3, 3), 1, 1, (1, 1, 2)),     # W dilated: not folded
+    # rows whose window lies partly or wholly in the T / H padding (the vnni path skips those
+    # taps and corrects the zero point with the valid ones' weights only)
+    (1, 8, 20, (2, 4, 6), (3, 3, 3), 1, (2, 2, 1), 1),
+    (1, 4, 6, (2, 3, 5), (1, 1, 1), 1, (1, 1, 0), 1),     # rows of padding only
 ]
 TINY = [  # for the Triton interpreter
     (1, 3, 5, (2, 3, 4), (3, 3, 3), 1, 1, 1),

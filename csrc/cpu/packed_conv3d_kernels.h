@@ -44,6 +44,11 @@ struct Ctx {
   int64_t Coutp;              // output channels rounded up to 16
   void* y;                    // output [N, To, Ho, Wo, Co]
   Epi E;
+  // vnni direct path: the code of zero (the padding's value) and the reduction weights' sums
+  // per (kt, kh) window row [kT * kH][Coutp] (over kw and channels), for rows whose window
+  // reaches into the temporal or vertical padding (their taps there are skipped)
+  int zp = 0;
+  const int32_t* ktkh = nullptr;
 
   const uint8_t* row_base(int64_t n, int64_t t, int64_t h) const {
     return xp + (((n * Tp + t * g.sT) * Hp + h * g.sH) * Wp) * Cp;
