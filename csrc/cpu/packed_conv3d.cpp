@@ -362,7 +362,7 @@ struct WeightPrep {
   std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
   std::vector<uint8_t> w8;      // Vnni / Avx2U8 layouts
   std::vector<int16_t> w16;     // Avx2I16 layout
-  std::vector<int32_t> ktkh;    // Vnni: the sums per (kt, kh) window row [kT * kH][Coutp]
+  std::vector<int32_t> ktkh;    // Base: the sums per (kt, kh) window row [kT * kH][Coutp]
   size_t size() const {
     return bytes.size() + wsum.size() * 4 + wk.size() + w8.size() + w16.size() * 2 +
            ktkh.size() * 4;
@@ -538,7 +538,17 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
         unpack_weights(e.bytes.data(), w_bits, w_packed.size(4), ntaps, g.C, g.Co,
                        e.wsum.data(), e.wlo, e.whi),
         g.Co, ktaps, fold ? g.kW : g.C, c.kc);
+    const int64_t rows = g.kT * g.kH, per_row = ktaps / rows * c.kc;  // kw taps x kc
+    e.ktkh.assign(static_cast<size_t>(rows * c.Coutp), 0);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* w = e.wk.data() + co * ktaps * c.kc + r * per_row;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < per_row; ++j) sum += w[j];
+        e.ktkh[r * c.Coutp + co] = sum;
+      }
   });
+  c.ktkh = base->ktkh.data();
   const std::vector<int32_t>& wsum = base->wsum;
   const std::vector<int8_t>& wk = base->wk;
   const int64_t wlo = base->wlo, whi = base->whi;
@@ -584,6 +594,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     }
   }
   const int zp = static_cast<int>(-lo);
+  c.zp = zp;
   const float xs = x_scale.item<float>();
   std::shared_ptr<const WeightPrep> wino;
   int64_t wino_L = 0;
@@ -686,18 +697,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   if (path == Path::VNNI) {
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
       e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
-      const int64_t rows = g.kT * g.kH, per_row = ktaps / rows * c.kc;  // kw taps x kc
-      e.ktkh.assign(static_cast<size_t>(rows * c.Coutp), 0);
-      for (int64_t co = 0; co < g.Co; ++co)
-        for (int64_t r = 0; r < rows; ++r) {
-          const int8_t* w = wk.data() + (co * ktaps * c.kc) + r * per_row;
-          int32_t sum = 0;
-          for (int64_t j = 0; j < per_row; ++j) sum += w[j];
-          e.ktkh[r * c.Coutp + co] = sum;
-        }
     });
-    c.zp = zp;
-    c.ktkh = lay->ktkh.data();
     const int64_t ksteps = c.kc / 4;
     std::vector<int64_t> aoff(static_cast<size_t>(ktaps * ksteps));
     for (int64_t t = 0; t < ktaps; ++t)

@@ -473,6 +473,9 @@ inline void tile_u8(bool one, int M, const uint8_t* const* p8, const int64_t* ao
 }
 }  // namespace
 
+// A row whose window reaches into the temporal or vertical padding walks only its valid window
+// rows (runs of steps, one per valid kt), each run's sums added up here, and corrects its zero
+// point with those rows' weights only (Ctx::row_comp); see items_vnni.
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
   static thread_local std::vector<uint16_t> s16;
@@ -481,8 +484,11 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
     s16.resize(static_cast<size_t>(nrows * rowlen + 4));
   std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
+  std::vector<int32_t> comp(static_cast<size_t>(c.Coutp));
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (first step, steps) of a border row
   alignas(32) int32_t out[kMW * 16];
-  const int64_t astep = g.sW * c.Cp;
+  alignas(32) int32_t part[kMW * 16];
+  const int64_t astep = g.sW * c.Cp, row_steps = p.K / nrows;
   // the widest tile of the kernel: 6 pixels (12 accumulators, every ymm register), 5 for
   // maddubs1 (whose ones take a register), 4 for avx_vnni (intrinsics)
   const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : p.kind == Avx2Kind::AvxVnni ? kMA : kMW;
@@ -495,6 +501,19 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
           rows[kt * g.kH + kh] = base + (kt * g.dT * c.Hp + kh * g.dH) * rowlen;
       widen_rows(rows.data(), nrows, rowlen, s16.data());
     }
+    int64_t kt0, kt1, kh0, kh1;
+    valid_taps(t, g.sT, g.dT, g.pT, g.T, g.kT, kt0, kt1);
+    valid_taps(h, g.sH, g.dH, g.pH, g.H, g.kH, kh0, kh1);
+    const bool whole = kt0 == 0 && kt1 == g.kT && kh0 == 0 && kh1 == g.kH;
+    Epi E = c.E;
+    if (!whole) {
+      runs.clear();
+      for (int64_t kt = kt0; kt < kt1; ++kt)
+        if (kh1 > kh0)
+          runs.emplace_back((kt * g.kH + kh0) * row_steps, (kh1 - kh0) * row_steps);
+      c.row_comp(kt0, kt1, kh0, kh1, 0, g.Co, comp.data());
+      E.comp = comp.data();
+    }
     for (int64_t co0 = 0; co0 < g.Co;) {
       const int64_t nco = std::min<int64_t>(16, g.Co - co0);
       for (int64_t w0 = 0; w0 < g.Wo;) {
@@ -506,26 +525,40 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
           p8[m] = base + off;
           p16[m] = s16.data() + off;
         }
-        const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4;
-        switch (p.kind) {
-          case Avx2Kind::Maddubs:
-          case Avx2Kind::Maddubs1:
-            tile_u8(p.kind == Avx2Kind::Maddubs1, M, p8, p.aoff.data(), p.K, p.L, w8, p.wstride,
-                    out);
-            break;
-          case Avx2Kind::AvxVnni:
-            tile_avxvnni(p8, p.aoff.data(), p.K, p.L, w8, p.wstride, out);
-            break;
-          case Avx2Kind::Madd16:
-            (M == 6   ? tile_madd16<6>
-             : M == 5 ? tile_madd16<5>
-             : M > 2  ? tile_madd16<4>
-                      : tile_madd16<2>)(p16, p.aoff.data(), p.K,
-                                        static_cast<const int16_t*>(p.w) + co0 * p.K * 2,
-                                        p.wstride, out);
-            break;
+        // steps [s0, s0 + K) of this tile into dst
+        const auto walk = [&](int64_t s0, int64_t K, int32_t* dst) {
+          const int64_t* ao = p.aoff.data() + s0;
+          const int8_t* w8 = static_cast<const int8_t*>(p.w) + co0 * p.K * 4 + s0 * p.wstride;
+          switch (p.kind) {
+            case Avx2Kind::Maddubs:
+            case Avx2Kind::Maddubs1:
+              tile_u8(p.kind == Avx2Kind::Maddubs1, M, p8, ao, K, std::min(p.L, K), w8,
+                      p.wstride, dst);
+              break;
+            case Avx2Kind::AvxVnni:
+              tile_avxvnni(p8, ao, K, p.L, w8, p.wstride, dst);
+              break;
+            case Avx2Kind::Madd16:
+              (M == 6   ? tile_madd16<6>
+               : M == 5 ? tile_madd16<5>
+               : M > 2  ? tile_madd16<4>
+                        : tile_madd16<2>)(p16, ao, K,
+                                          static_cast<const int16_t*>(p.w) + co0 * p.K * 2 +
+                                              s0 * p.wstride,
+                                          p.wstride, dst);
+              break;
+          }
+        };
+        if (whole) {
+          walk(0, p.K, out);
+        } else {
+          std::fill(out, out + kMW * 16, 0);
+          for (const auto& [s0, ns] : runs) {
+            walk(s0, ns, part);
+            for (int j = 0; j < M * 16; ++j) out[j] += part[j];
+          }
         }
-        epi_avx2(c.E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
+        epi_avx2(E, out, 16, M, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, w0));
         w0 += M;
       }
       co0 += 16;

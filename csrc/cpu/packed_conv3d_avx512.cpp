@@ -304,16 +304,6 @@ inline int tile_width(int64_t Wo, int64_t w0) {
 
 }  // namespace
 
-// The window rows [lo, hi) of a kernel axis (k taps, dilation d) that read inside the input
-// (extent n, padding p) for output index o with stride s: the taps whose padded index
-// o s + j d lies in [p, p + n).
-inline void valid_taps(int64_t o, int64_t s, int64_t d, int64_t p, int64_t n, int64_t k,
-                       int64_t& lo, int64_t& hi) {
-  lo = 0, hi = k;
-  while (lo < k && o * s + lo * d < p) ++lo;
-  while (hi > lo && o * s + (hi - 1) * d >= p + n) --hi;
-}
-
 // Work item = (output row, group of up to 64 output channels). The taps are walked in blocks
 // whose weights (taps x Cp x 64 bytes) fit in L1 next to the input rows; each block runs over
 // the whole output row, whose partial sums wait in a row accumulator [Wo][64] (also in L1).
@@ -376,12 +366,7 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
       epi_avx512(c.E, rowacc.data(), g.Wo, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, 0));
       continue;
     }
-    for (int64_t co = co0; co < co0 + nco; ++co) {
-      int32_t sum = 0;
-      for (int64_t kt = kt0; kt < kt1; ++kt)
-        for (int64_t kh = kh0; kh < kh1; ++kh) sum += c.ktkh[(kt * g.kH + kh) * c.Coutp + co];
-      comp[co] = c.zp * sum;
-    }
+    c.row_comp(kt0, kt1, kh0, kh1, co0, nco, comp.data());
     Epi e = c.E;
     e.comp = comp.data();
     epi_avx512(e, rowacc.data(), g.Wo, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, 0));

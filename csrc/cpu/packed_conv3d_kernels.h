@@ -44,11 +44,23 @@ struct Ctx {
   int64_t Coutp;              // output channels rounded up to 16
   void* y;                    // output [N, To, Ho, Wo, Co]
   Epi E;
-  // vnni direct path: the code of zero (the padding's value) and the reduction weights' sums
-  // per (kt, kh) window row [kT * kH][Coutp] (over kw and channels), for rows whose window
-  // reaches into the temporal or vertical padding (their taps there are skipped)
+  // the code of zero (the padding's value) and the reduction weights' sums per (kt, kh)
+  // window row [kT * kH][Coutp] (over kw and channels): the direct paths skip the taps of a
+  // row that fall in the temporal or vertical padding, and correct its zero point with these
   int zp = 0;
   const int32_t* ktkh = nullptr;
+
+  // zp x the sums of the window rows [kt0, kt1) x [kh0, kh1) for channels [co0, co0 + nco)
+  // into comp (indexed by channel): the zero-point correction of a row that skips the others
+  void row_comp(int64_t kt0, int64_t kt1, int64_t kh0, int64_t kh1, int64_t co0, int64_t nco,
+                int32_t* comp) const {
+    for (int64_t co = co0; co < co0 + nco; ++co) {
+      int32_t sum = 0;
+      for (int64_t kt = kt0; kt < kt1; ++kt)
+        for (int64_t kh = kh0; kh < kh1; ++kh) sum += ktkh[(kt * g.kH + kh) * Coutp + co];
+      comp[co] = zp * sum;
+    }
+  }
 
   const uint8_t* row_base(int64_t n, int64_t t, int64_t h) const {
     return xp + (((n * Tp + t * g.sT) * Hp + h * g.sH) * Wp) * Cp;
@@ -57,6 +69,16 @@ struct Ctx {
     return ((n * g.To + t) * g.Ho + h) * g.Wo + w;
   }
 };
+
+// The window rows [lo, hi) of a kernel axis (k taps, dilation d) that read inside the input
+// (extent n, padding p) for output index o with stride s: the taps whose padded index
+// o s + j d lies in [p, p + n).
+inline void valid_taps(int64_t o, int64_t s, int64_t d, int64_t p, int64_t n, int64_t k,
+                       int64_t& lo, int64_t& hi) {
+  lo = 0, hi = k;
+  while (lo < k && o * s + lo * d < p) ++lo;
+  while (hi > lo && o * s + (hi - 1) * d >= p + n) --hi;
+}
 
 // ---- epilogue, scalar (used by the avx2 and scalar paths) ---------------------------------
 inline void epi_one(const Epi& E, int64_t co, int32_t a, void* y, int64_t idx) {
