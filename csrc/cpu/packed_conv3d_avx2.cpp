@@ -508,9 +508,8 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
     Epi E = c.E;
     if (!whole) {
       runs.clear();
-      for (int64_t kt = kt0; kt < kt1; ++kt)
-        if (kh1 > kh0)
-          runs.emplace_back((kt * g.kH + kh0) * row_steps, (kh1 - kh0) * row_steps);
+      for (int64_t kt = kt0; kh1 > kh0 && kt < kt1; ++kt)
+        runs.emplace_back((kt * g.kH + kh0) * row_steps, (kh1 - kh0) * row_steps);
       c.row_comp(kt0, kt1, kh0, kh1, 0, g.Co, comp.data());
       E.comp = comp.data();
     }

@@ -168,9 +168,9 @@ VnniFn vnni_fn(int NB, int M) {
 }
 
 // The epilogue of 16 channels from co (those in mask mk): the same fp32 operations as epi_one.
-// Built once per channel block, then `store` per pixel.
-// The mode, activation and BatchNorm switches are copied into the struct: read through E they
-// were reloaded at every pixel (the stores to y may alias E as far as g++ knows).
+// Built once per channel block, then `store` per pixel. The mode, activation and BatchNorm
+// switches are copied into the struct: read through E they were reloaded at every pixel (the
+// stores to y may alias E as far as g++ knows).
 struct Epi16 {
   const Epi& E;
   __mmask16 mk;
@@ -206,7 +206,7 @@ struct Epi16 {
     if (act != kActNone) {
       const __mmask16 neg = _mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ);
       z = act == kActRelu ? _mm512_mask_mov_ps(z, neg, zero)
-                            : _mm512_mask_mul_ps(z, neg, z, slope);
+                          : _mm512_mask_mul_ps(z, neg, z, slope);
     }
     if (mode == kOutFloat) {
       _mm512_mask_storeu_ps(static_cast<float*>(y) + idx, mk, z);
@@ -360,15 +360,13 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
       first = false;
     }
     if (first) std::fill(rowacc.begin(), rowacc.end(), 0);  // the window is all padding
+    Epi e = c.E;
+    if (!whole) {
+      c.row_comp(kt0, kt1, kh0, kh1, co0, nco, comp.data());
+      e.comp = comp.data();
+    }
     // the whole row at once: each 16-channel block's constants are loaded once per row, not
     // once per tile
-    if (whole) {
-      epi_avx512(c.E, rowacc.data(), g.Wo, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, 0));
-      continue;
-    }
-    c.row_comp(kt0, kt1, kh0, kh1, co0, nco, comp.data());
-    Epi e = c.E;
-    e.comp = comp.data();
     epi_avx512(e, rowacc.data(), g.Wo, co0, nco, g.Co, c.y, c.out_pixel(n, t, h, 0));
   }
 }
