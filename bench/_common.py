@@ -56,6 +56,28 @@ def int8_peak_lib():
     return lib
 
 
+def avx2_steps_lib():
+    """bench/peak/avx2_steps.cpp as a shared library (``avx2_steps(kind, macs)``,
+    ``avx2_step_macs(kind)``), or the reason it cannot be had."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        return "no C++ compiler"
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak", "avx2_steps.cpp")
+    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libavx2_steps.so")
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", src, "-o", out],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"building avx2_steps.cpp failed: {r.stderr.strip()[:200]}"
+    lib = ctypes.CDLL(out)
+    if not lib.has_avx2():
+        return "this CPU has no AVX2"
+    lib.avx2_steps.restype = ctypes.c_int64
+    lib.avx2_steps.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.avx2_step_macs.restype = ctypes.c_int64
+    lib.avx2_step_macs.argtypes = [ctypes.c_int]
+    return lib
+
+
 def machine_info() -> dict:
     import qgait
 
