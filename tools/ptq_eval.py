@@ -6,7 +6,8 @@
 The teacher's weights are quantized with the pipeline's stage config (``quantize_model``: the
 binary-input stem and the kept-8-bit layers as in training) at ``--bits`` (W = A), and the steps
 are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--calib`` training
-clips of 30 frames (LSQ weight steps, MSE activation steps): no training. The fake-quant model
+clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--weights-only`` leaves
+every activation float (the two quantizers' costs apart). The fake-quant model
 is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol); prints and writes the
 cross-view rank-1 per condition (JSON) and the per-probe outcomes beside it (``.hits.npz``, the
 study's format, for ``tools/compare_hits.py``-style paired bootstraps).
@@ -32,6 +33,8 @@ def main(argv=None):
                     "(default: the config's)")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--calib", type=int, default=32, help="calibration clips (default 32)")
+    ap.add_argument("--weights-only", action="store_true", help="quantize the weights only "
+                    "(activations stay float everywhere): separates the two quantizers' costs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON of the rank-1 table")
     args = ap.parse_args(argv)
@@ -50,7 +53,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint_model(args.teacher)
     model.eval()
-    quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits})
+    q = {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits}
+    if args.weights_only:       # the kept-8-bit layers too: no activation quantizer anywhere
+        q.update(a_bits=None, keep_8bit=[])
+    quantize_model(model, q)
     set_quant_mode(model, k=0.0, mode="hard")
     train = load_dataset(cfg, "train", progress=False)
     rng = np.random.default_rng(args.seed)
@@ -65,7 +71,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1) + "\n")
     save_hits(out.with_suffix(".hits.npz"), hits, {"teacher": str(args.teacher),
-                                                   "bits": args.bits, "seed": args.seed})
+                                                   "bits": args.bits, "seed": args.seed,
+                                                   "weights_only": args.weights_only})
     return r
 
 
