@@ -106,3 +106,35 @@ def test_ptq_eval_tool(study, tmp_path, monkeypatch, capsys):
     assert hits is not None and set(hits["cond"]) >= {"NM"}
     with pytest.raises(SystemExit):
         ptq_eval.main(["--out", str(res)])      # no teacher: argparse's one-line error
+
+
+def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
+    """--weights-only: every quantized layer keeps its weight quantizer and none quantizes its
+    input (the kept-8-bit layers included); without it the same layers quantize their inputs."""
+    from pathlib import Path
+
+    import qgait.pipeline.stages as stages
+    from qgait.nn.soft_quant import _SoftQuantMixin
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import ptq_eval
+
+    models = []
+    real = stages.quantize_model
+
+    def spy(model, q):
+        models.append(model)
+        return real(model, q)
+
+    monkeypatch.setattr(stages, "quantize_model", spy)
+    cfg, out, _ = study
+    for flag in ([], ["--weights-only"]):
+        ptq_eval.main(["--teacher", str(out / "fp" / "final.pt"), "--config", "demo_fast",
+                       "--data", cfg["data"]["root"], "--bits", "4", "--calib", "2",
+                       "--out", str(tmp_path / f"ptq{len(flag)}.json"), *flag])
+    full, wonly = ({f: (m.w_bits, m.a_bits) for f, m in model.named_modules()
+                    if isinstance(m, _SoftQuantMixin)} for model in models)
+    assert full.keys() == wonly.keys() and len(full) > 2
+    assert all(a is None for _, a in wonly.values())
+    assert sum(a is not None for _, a in full.values()) >= len(full) - 1   # all but the stem
+    assert {f: w for f, (w, _) in wonly.items()} == {f: w for f, (w, _) in full.items()}

@@ -53,10 +53,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint_model(args.teacher)
     model.eval()
-    q = {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits}
-    if args.weights_only:       # the kept-8-bit layers too: no activation quantizer anywhere
-        q.update(a_bits=None, keep_8bit=[])
-    quantize_model(model, q)
+    quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits})
+    if args.weights_only:   # the same weight quantizers (kept-8-bit layers at 8), inputs float
+        from qgait.nn.soft_quant import _SoftQuantMixin
+        for m in model.modules():
+            if isinstance(m, _SoftQuantMixin):
+                m.a_bits = None
     set_quant_mode(model, k=0.0, mode="hard")
     train = load_dataset(cfg, "train", progress=False)
     rng = np.random.default_rng(args.seed)
