@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qgait
-from qgait.nn.soft_quant import lsq_weight_init, mse_act_init
+from qgait.nn.soft_quant import lsq_weight_init, mse_act_init, mse_weight_init
 from qgait.ops import SoftQuantConv2d, SoftQuantConv3d, SoftQuantLinear, soft_fake_quant
 from qgait.ops.soft_quant import quant_grid
 
@@ -73,6 +73,32 @@ def test_init_rules():
     def err(s):
         return (torch.clamp(torch.round(x / s), 0, 15) * s - x).pow(2).sum()
     assert err(sm) < err(naive)
+
+
+def test_mse_weight_init():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 3.0, 6)[:, None, None, None]
+    w[2, 0, 0, 0] = 25.0                                   # one heavy-tailed row
+    for bits in (8, 4, 2):
+        qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        rows = w.reshape(6, -1)
+
+        def err(s):
+            return (torch.clamp(torch.round(rows / s[:, None]), qn, qp) * s[:, None]
+                    - rows).pow(2).sum(1)
+        s = mse_weight_init(w, bits)
+        assert s.shape == (6,) and (s > 0).all()
+        # per row, the best of the 64 candidates (brute force) and no worse than LSQ's step
+        amax = rows.abs().amax(1)
+        for c in range(6):
+            cands = [(a / 64) * amax[c] / qp for a in range(1, 65)]
+            errs = [float(err(torch.full((6,), float(x)))[c]) for x in cands]
+            assert float(err(s)[c]) == pytest.approx(min(errs), rel=1e-6)
+        assert (err(s) <= err(lsq_weight_init(w, bits)) * (1 + 1e-6)).all()
+    # at 8 bits LSQ's step leaves most of the grid unused on gaussian rows; the MSE step uses it
+    g = torch.randn(16, 288)
+    used = lambda s: (g / s[:, None]).abs().amax(1).round()   # noqa: E731
+    assert (used(lsq_weight_init(g, 8)) < 40).all() and (used(mse_weight_init(g, 8)) > 90).all()
 
 
 def test_conv2d_and_linear():

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from qgait.pipeline.study import format_report, run_study, study_report, variant_name
 from qgait.train import load_config
@@ -110,7 +111,8 @@ def test_ptq_eval_tool(study, tmp_path, monkeypatch, capsys):
 
 def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
     """--weights-only: every quantized layer keeps its weight quantizer and none quantizes its
-    input (the kept-8-bit layers included); without it the same layers quantize their inputs."""
+    input (the kept-8-bit layers included); without it the same layers quantize their inputs.
+    --w-init mse: the weight steps are mse_weight_init's."""
     from pathlib import Path
 
     import qgait.pipeline.stages as stages
@@ -128,12 +130,19 @@ def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "quantize_model", spy)
     cfg, out, _ = study
-    for flag in ([], ["--weights-only"]):
+    for flag in ([], ["--weights-only"], ["--w-init", "mse"]):
         ptq_eval.main(["--teacher", str(out / "fp" / "final.pt"), "--config", "demo_fast",
                        "--data", cfg["data"]["root"], "--bits", "4", "--calib", "2",
                        "--out", str(tmp_path / f"ptq{len(flag)}.json"), *flag])
     full, wonly = ({f: (m.w_bits, m.a_bits) for f, m in model.named_modules()
-                    if isinstance(m, _SoftQuantMixin)} for model in models)
+                    if isinstance(m, _SoftQuantMixin)} for model in models[:2])
+    # --w-init mse: every weight row's step is the least-squares one, not LSQ's
+    from qgait.nn.soft_quant import lsq_weight_init, mse_weight_init
+    layers = [m for m in models[2].modules() if isinstance(m, _SoftQuantMixin)]
+    for m in layers:
+        torch.testing.assert_close(m.w_scale.detach(), mse_weight_init(m.weight_rows(), m.w_bits))
+    assert any(not torch.allclose(m.w_scale, lsq_weight_init(m.weight_rows(), m.w_bits))
+               for m in layers)
     assert full.keys() == wonly.keys() and len(full) > 2
     assert all(a is None for _, a in wonly.values())
     assert sum(a is not None for _, a in full.values()) >= len(full) - 1   # all but the stem

@@ -6,11 +6,12 @@
 The teacher's weights are quantized with the pipeline's stage config (``quantize_model``: the
 binary-input stem and the kept-8-bit layers as in training) at ``--bits`` (W = A), and the steps
 are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--calib`` training
-clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--weights-only`` leaves
-every activation float (the two quantizers' costs apart). The fake-quant model
-is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol); prints and writes the
-cross-view rank-1 per condition (JSON) and the per-probe outcomes beside it (``.hits.npz``, the
-study's format, for ``tools/compare_hits.py``-style paired bootstraps).
+clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--w-init mse``
+sets each weight row's step by least squared rounding error instead of LSQ's rule;
+``--weights-only`` leaves every activation float (the two quantizers' costs apart). The
+fake-quant model is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol);
+prints and writes the cross-view rank-1 per condition (JSON) and the per-probe outcomes beside
+it (``.hits.npz``, the study's format, for ``tools/compare_hits.py``-style paired bootstraps).
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main(argv=None):
                     "(default: the config's)")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--calib", type=int, default=32, help="calibration clips (default 32)")
+    ap.add_argument("--w-init", choices=["lsq", "mse"], default="lsq",
+                    help="weight steps: LSQ's 2 mean|w| / sqrt(qp) (the recipe's), or per channel "
+                         "the step of least squared rounding error (mse_weight_init)")
     ap.add_argument("--weights-only", action="store_true", help="quantize the weights only "
                     "(activations stay float everywhere): separates the two quantizers' costs")
     ap.add_argument("--seed", type=int, default=0)
@@ -66,6 +70,11 @@ def main(argv=None):
     x, _ = make_ordered_batch(train, [int(i) for i in idx], 30, rng)   # as training clips are cut
     with torch.no_grad():
         model(x)                                      # eval mode: sets the steps only
+    if args.w_init == "mse":
+        from qgait.nn.soft_quant import _SoftQuantMixin, mse_weight_init
+        for m in model.modules():
+            if isinstance(m, _SoftQuantMixin):
+                m.w_scale.data.copy_(mse_weight_init(m.weight_rows(), m.w_bits))
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     print(json.dumps(r))
@@ -74,7 +83,8 @@ def main(argv=None):
     out.write_text(json.dumps(r, indent=1) + "\n")
     save_hits(out.with_suffix(".hits.npz"), hits, {"teacher": str(args.teacher),
                                                    "bits": args.bits, "seed": args.seed,
-                                                   "weights_only": args.weights_only})
+                                                   "weights_only": args.weights_only,
+                                                   "w_init": args.w_init})
     return r
 
 
