@@ -36,19 +36,27 @@ def cpu_class() -> str:
 
 
 @functools.cache
-def int8_peak_lib():
-    """bench/peak/int8_peak.cpp as a shared library (``int8_peak(macs, threads)``), or the
-    reason it cannot be had."""
+def _peak_lib(name: str, flags=()):
+    """bench/peak/NAME.cpp built with the system compiler and loaded, or the reason it cannot
+    be had."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         return "no C++ compiler"
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak", "int8_peak.cpp")
-    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libint8_peak.so")
-    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-pthread", src, "-o", out],
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak", f"{name}.cpp")
+    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), f"lib{name}.so")
+    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", *flags, src, "-o", out],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        return f"building int8_peak.cpp failed: {r.stderr.strip()[:200]}"
-    lib = ctypes.CDLL(out)
+        return f"building {name}.cpp failed: {r.stderr.strip()[:200]}"
+    return ctypes.CDLL(out)
+
+
+def int8_peak_lib():
+    """bench/peak/int8_peak.cpp as a shared library (``int8_peak(macs, threads)``), or the
+    reason it cannot be had."""
+    lib = _peak_lib("int8_peak", ("-pthread",))
+    if isinstance(lib, str):
+        return lib
     if not lib.has_vnni():
         return "this CPU has no AVX-512 VNNI"
     lib.int8_peak.restype = None
@@ -59,16 +67,9 @@ def int8_peak_lib():
 def avx2_steps_lib():
     """bench/peak/avx2_steps.cpp as a shared library (``avx2_steps(kind, macs)``,
     ``avx2_step_macs(kind)``), or the reason it cannot be had."""
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None:
-        return "no C++ compiler"
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak", "avx2_steps.cpp")
-    out = os.path.join(tempfile.mkdtemp(prefix="qgait_peak_"), "libavx2_steps.so")
-    r = subprocess.run([cxx, "-O2", "-shared", "-fPIC", src, "-o", out],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        return f"building avx2_steps.cpp failed: {r.stderr.strip()[:200]}"
-    lib = ctypes.CDLL(out)
+    lib = _peak_lib("avx2_steps")
+    if isinstance(lib, str):
+        return lib
     if not lib.has_avx2():
         return "this CPU has no AVX2"
     lib.avx2_steps.restype = ctypes.c_int64
