@@ -167,10 +167,46 @@ def test_set_quant_mode_and_state_dict_round_trip(tmp_path):
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(w_bits=1), "w_bits"), (dict(w_bits=9), "w_bits"), (dict(w_bits=4.0), "w_bits"),
     (dict(a_bits=0), "a_bits"), (dict(k=-1), "k"), (dict(mode="fuzzy"), "mode"),
+    (dict(w_init="max"), "w_init"),
 ])
 def test_quant_config_validates(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         qgait.QuantConfig(**kwargs)
+
+
+def test_w_init_reaches_every_layer():
+    # QuantConfig(w_init=...) -> each swapped layer's first batch sets its weight steps by that
+    # rule (the per-part FCs by their (part, channel) rows); lsq stays the default
+    from qgait.models import GaitLite3D
+    from qgait.nn.soft_quant import _SoftQuantMixin
+    x = torch.rand(2, 1, 6, 64, 44).round()
+    for init, rule in (("lsq", lsq_weight_init), ("mse", mse_weight_init)):
+        torch.manual_seed(0)
+        m = GaitLite3D(num_classes=3, width=0.25).eval()
+        cfg = qgait.QuantConfig(w_bits=8, a_bits=8) if init == "lsq" else \
+            qgait.QuantConfig(w_bits=8, a_bits=8, w_init=init)
+        qgait.quantize_(m, cfg)
+        with torch.no_grad():
+            m(x)
+        layers = [q for q in m.modules() if isinstance(q, _SoftQuantMixin)]
+        assert len(layers) > 3 and all(q.w_init == init for q in layers)
+        for q in layers:
+            torch.testing.assert_close(q.w_scale.detach(), rule(q.weight_rows(), 8))
+    with pytest.raises(ValueError, match="w_init"):
+        SoftQuantConv3d(1, 2, 3, w_init="max")
+
+
+def test_quantize_model_passes_w_init():
+    # the training stages' quant.w_init reaches the kept-8-bit and binary-input layers too
+    from qgait.models import GaitLite3D
+    from qgait.nn.soft_quant import _SoftQuantMixin
+    from qgait.pipeline.stages import quantize_model
+    from qgait.train.config import DEFAULTS
+    q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse"}
+    m = quantize_model(GaitLite3D(num_classes=3, width=0.25), q)
+    inits = {f: l.w_init for f, l in m.named_modules() if isinstance(l, _SoftQuantMixin)}
+    assert inits and set(inits.values()) == {"mse"} and "stem.0" in inits and "fc" in inits
+    assert DEFAULTS["quant"]["w_init"] == "lsq"
 
 
 def test_bad_module_arguments():
@@ -204,3 +240,12 @@ def test_quant_grid():
     assert quant_grid(8, True) == (-128, 127)
     assert quant_grid(4, False) == (0, 15)
     assert quant_grid(2, True) == (-2, 1)
+
+
+def test_config_checks_w_init():
+    from qgait.errors import ConfigError
+    from qgait.train import load_config
+    assert load_config("casia_b11_qgait_w1", {"quant": {"w_init": "mse"}})["quant"]["w_init"] \
+        == "mse"
+    with pytest.raises(ConfigError, match=r"quant\.w_init = 'max'"):
+        load_config("casia_b11_qgait_w1", {"quant": {"w_init": "max"}})

@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--calib", type=int, default=32, help="calibration clips (default 32)")
     ap.add_argument("--w-init", choices=["lsq", "mse"], default="lsq",
                     help="weight steps: LSQ's 2 mean|w| / sqrt(qp) (the recipe's), or per channel "
-                         "the step of least squared rounding error (mse_weight_init)")
+                         "the step of least squared rounding error (quant.w_init)")
     ap.add_argument("--weights-only", action="store_true", help="quantize the weights only "
                     "(activations stay float everywhere): separates the two quantizers' costs")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,7 +57,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint_model(args.teacher)
     model.eval()
-    quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits})
+    quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits,
+                           "w_init": args.w_init})
     if args.weights_only:   # the same weight quantizers (kept-8-bit layers at 8), inputs float
         from qgait.nn.soft_quant import _SoftQuantMixin
         for m in model.modules():
@@ -70,11 +71,6 @@ def main(argv=None):
     x, _ = make_ordered_batch(train, [int(i) for i in idx], 30, rng)   # as training clips are cut
     with torch.no_grad():
         model(x)                                      # eval mode: sets the steps only
-    if args.w_init == "mse":
-        from qgait.nn.soft_quant import _SoftQuantMixin, mse_weight_init
-        for m in model.modules():
-            if isinstance(m, _SoftQuantMixin):
-                m.w_scale.data.copy_(mse_weight_init(m.weight_rows(), m.w_bits))
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     print(json.dumps(r))

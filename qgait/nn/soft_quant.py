@@ -4,9 +4,12 @@
 Each layer fake-quantizes its weight (per output channel, signed grid) and its input
 (per tensor; unsigned grid when the first batch it sees is non-negative, e.g. after a ReLU,
 signed otherwise) with :func:`qgait.ops.soft_fake_quant`, then runs the float op. Steps are
-learned (LSQ) and initialised from the first batch: weights with LSQ's ``2 mean|w| / sqrt(qp)``,
-activations with a search for the step that minimises the quantization MSE. ``a_bits=None``
-leaves the input untouched (a binary silhouette needs no quantizer).
+learned (LSQ) and initialised from the first batch: weights with LSQ's ``2 mean|w| / sqrt(qp)``
+(``w_init="lsq"``, the default) or per channel with the step of least squared rounding error
+(``w_init="mse"``: at 6-8 bits LSQ's rule uses a fraction of the grid, see
+:func:`mse_weight_init`), activations with a search for the step that minimises the
+quantization MSE. ``a_bits=None`` leaves the input untouched (a binary silhouette needs no
+quantizer).
 
 ``k`` and ``mode`` select QGait's stage: ``k=0`` is the straight-through estimator (stage 1),
 ``k>0`` the soft quantizer's tanh-shaped gradient (stage 2); ``mode="soft"`` also uses the
@@ -29,8 +32,13 @@ _MODES = ("hard", "soft")
 _MIN_STEP = 1e-8
 
 
-def _check_quant_args(name, w_bits, a_bits, k, mode):
+_W_INITS = ("lsq", "mse")
+
+
+def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq"):
     quant_grid(w_bits, True)
+    if w_init not in _W_INITS:
+        raise ValueError(f"{name}: w_init must be 'lsq' or 'mse', got {w_init!r}")
     if a_bits is not None:
         quant_grid(a_bits, False)
     if not isinstance(k, (int, float)) or isinstance(k, bool) or k < 0:
@@ -99,9 +107,10 @@ def mse_act_init(x: torch.Tensor, bits: int, signed: bool, n_grid: int = 64,
 class _SoftQuantMixin:
     """State and behaviour shared by the quantized layers."""
 
-    def _setup_quant(self, out_channels, w_bits, a_bits, k, mode):
-        _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode)
+    def _setup_quant(self, out_channels, w_bits, a_bits, k, mode, w_init="lsq"):
+        _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode, w_init)
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
+        self.w_init = w_init  # how init_steps sets the weight steps: lsq_weight_init / mse_...
         self.w_scale = nn.Parameter(torch.ones(out_channels))
         self.a_scale = nn.Parameter(torch.ones(()))
         # Activations use the signed grid when the first batch had negative values. Kept as a
@@ -127,7 +136,8 @@ class _SoftQuantMixin:
         are agreed across ranks (mean step, signed if any rank saw negatives) so that the
         replicas stay identical.
         """
-        self.w_scale.copy_(lsq_weight_init(self.weight_rows(), self.w_bits))
+        init = mse_weight_init if getattr(self, "w_init", "lsq") == "mse" else lsq_weight_init
+        self.w_scale.copy_(init(self.weight_rows(), self.w_bits))
         if self.a_bits is not None:
             neg = (x.detach().min() < 0).float().reshape(1)
             dist = torch.distributed
@@ -191,10 +201,10 @@ class _SoftQuantConvNd(_SoftQuantMixin):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
-        self._setup_quant(out_channels, w_bits, a_bits, k, mode)
+        self._setup_quant(out_channels, w_bits, a_bits, k, mode, w_init)
 
     def forward(self, x):
         self._prepare(x)
@@ -242,9 +252,9 @@ class SoftQuantLinear(_SoftQuantMixin, nn.Linear):
     """``nn.Linear`` counterpart: weight [out, in] quantized per output row."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._setup_quant(out_features, w_bits, a_bits, k, mode)
+        self._setup_quant(out_features, w_bits, a_bits, k, mode, w_init)
 
     def forward(self, x):
         self._prepare(x)
@@ -277,14 +287,14 @@ class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     """
 
     def __init__(self, parts, in_channels, out_channels, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
         super().__init__()
         self.parts, self.in_channels, self.out_channels = parts, in_channels, out_channels
         self.weight = nn.Parameter(torch.empty(parts, in_channels, out_channels, device=device,
                                                dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
         self.bias = None
-        self._setup_quant(parts * out_channels, w_bits, a_bits, k, mode)
+        self._setup_quant(parts * out_channels, w_bits, a_bits, k, mode, w_init)
 
     def weight_rows(self):
         # [P, Cin, Cout] -> [P * Cout, Cin]: one row (and one step) per part and output channel

@@ -85,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
         "mode": "hard",                # soft stage forward: "hard" (QGait) or "soft" (sigma)
         "idc_weight": 1.0, "idc_beta": 1.0,
         "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
+        "w_init": "lsq",               # weight steps from LSQ's rule, or "mse" (QuantConfig)
     },
     # qgait pipeline: per-stage overrides and the variants to build (qgait/pipeline/run.py)
     "pipeline": {"fp": {}, "qat": {}, "soft": {}, "variants": ["w8a8", "w4a4"]},
@@ -96,6 +97,7 @@ _CHOICES = {
     ("data", "sampling"): ("ordered", "unordered"),
     ("optim", "name"): ("sgd", "adamw"),
     ("sched", "name"): ("cosine", "step", "constant"),
+    ("quant", "w_init"): ("lsq", "mse"),
     ("train", "amp"): ("auto", "none", "bf16", "fp16"),
     ("train", "channels_last"): ("auto", True, False),
 }
