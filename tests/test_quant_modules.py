@@ -245,6 +245,9 @@ def test_quant_grid():
 def test_config_checks_w_init():
     from qgait.errors import ConfigError
     from qgait.train import load_config
+    from qgait.nn.soft_quant import W_INITS
+    from qgait.train.config import _CHOICES
+    assert _CHOICES[("quant", "w_init")] == W_INITS
     assert load_config("casia_b11_qgait_w1", {"quant": {"w_init": "mse"}})["quant"]["w_init"] \
         == "mse"
     with pytest.raises(ConfigError, match=r"quant\.w_init = 'max'"):

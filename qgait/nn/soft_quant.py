@@ -32,12 +32,12 @@ _MODES = ("hard", "soft")
 _MIN_STEP = 1e-8
 
 
-_W_INITS = ("lsq", "mse")
+W_INITS = ("lsq", "mse")  # weight-step rules: lsq_weight_init, mse_weight_init
 
 
 def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq"):
     quant_grid(w_bits, True)
-    if w_init not in _W_INITS:
+    if w_init not in W_INITS:
         raise ValueError(f"{name}: w_init must be 'lsq' or 'mse', got {w_init!r}")
     if a_bits is not None:
         quant_grid(a_bits, False)
@@ -67,16 +67,13 @@ def mse_weight_init(w: torch.Tensor, bits: int, n_grid: int = 64) -> torch.Tenso
     qn, qp = quant_grid(bits, True)
     rows = w.detach().float().reshape(w.shape[0], -1)
     amax = rows.abs().amax(dim=1).clamp_min(1e-8)
-    best, best_err = amax / qp, None
+    best, best_err = amax / qp, torch.full_like(amax, float("inf"))
     for a in torch.linspace(1.0 / n_grid, 1.0, n_grid).tolist():
         step = a * amax / qp
         err = (torch.clamp(torch.round(rows / step[:, None]), qn, qp) * step[:, None]
                - rows).pow(2).sum(dim=1)
-        if best_err is None:
-            best, best_err = step, err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, step, best), torch.where(better, err, best_err)
+        better = err < best_err
+        best, best_err = torch.where(better, step, best), torch.where(better, err, best_err)
     return best
 
 
@@ -136,6 +133,7 @@ class _SoftQuantMixin:
         are agreed across ranks (mean step, signed if any rank saw negatives) so that the
         replicas stay identical.
         """
+        # (getattr: a layer unpickled from an older qgait has no w_init)
         init = mse_weight_init if getattr(self, "w_init", "lsq") == "mse" else lsq_weight_init
         self.w_scale.copy_(init(self.weight_rows(), self.w_bits))
         if self.a_bits is not None:

@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, SoftQuantConv2d, SoftQuantConv3d,
-                                 SoftQuantLinear)
+from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, W_INITS, SoftQuantConv2d,
+                                 SoftQuantConv3d, SoftQuantLinear)
 
 _SWAP = {nn.Conv3d: SoftQuantConv3d, nn.Conv2d: SoftQuantConv2d, nn.Linear: SoftQuantLinear}
 
@@ -61,7 +61,7 @@ class QuantConfig:
                              f"stage 1), got {self.k!r}")
         if self.mode not in ("hard", "soft"):
             raise ValueError(f"QuantConfig: mode must be 'hard' or 'soft', got {self.mode!r}")
-        if self.w_init not in ("lsq", "mse"):
+        if self.w_init not in W_INITS:
             raise ValueError(f"QuantConfig: w_init must be 'lsq' or 'mse', got {self.w_init!r}")
 
     def kwargs(self) -> dict:

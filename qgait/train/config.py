@@ -97,7 +97,7 @@ _CHOICES = {
     ("data", "sampling"): ("ordered", "unordered"),
     ("optim", "name"): ("sgd", "adamw"),
     ("sched", "name"): ("cosine", "step", "constant"),
-    ("quant", "w_init"): ("lsq", "mse"),
+    ("quant", "w_init"): ("lsq", "mse"),   # qgait.nn.soft_quant.W_INITS (kept torch-free)
     ("train", "amp"): ("auto", "none", "bf16", "fp16"),
     ("train", "channels_last"): ("auto", True, False),
 }
