@@ -54,14 +54,14 @@ def step_rates(lib, rounds: int, macs: float = 3e9) -> dict:
 
 def layer_rates(names, rounds: int) -> list:
     """[(layer, label, multiply-adds per second, path)] for qgait and torch.ao, one thread."""
-    from bench_packed_conv3d import _layer, _qgait, _torch_ao
+    from bench_packed_conv3d import CASES, _layer, _qgait, _torch_ao
 
     torch.set_num_threads(1)
     rows = []
     with torch.no_grad():
         for name in names:
             runs = []
-            for case, wb, ab in (("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A4", 4, 4)):
+            for case, (wb, ab) in CASES.items():
                 x, w_int, w_scale, bias, macs = _layer(name, wb)
                 runs.append((f"qgait {case}", _qgait(wb, "f32io", x, w_int, w_scale, bias, ab)[0],
                              macs))
