@@ -76,6 +76,7 @@ def avx2_steps_lib():
     lib.avx2_steps.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.avx2_step_macs.restype = ctypes.c_int64
     lib.avx2_step_macs.argtypes = [ctypes.c_int]
+    lib.avx2_step_kinds.restype = ctypes.c_int
     return lib
 
 

@@ -93,6 +93,9 @@ def main(argv=None):
     lib = avx2_steps_lib()
     if isinstance(lib, str):
         sys.exit(f"avx2_ceiling: {lib}")
+    if lib.avx2_step_kinds() != len(KINDS):
+        sys.exit(f"avx2_ceiling: bench/peak/avx2_steps.cpp has {lib.avx2_step_kinds()} step "
+                 f"kinds, this script names {len(KINDS)}: update KINDS")
     print(f"CPU class: {cpu_class()}")
     print(f"load average {os.getloadavg()[0]:.1f}; one thread, CPU time, median of {args.rounds}")
     rates = step_rates(lib, args.rounds)

@@ -29,8 +29,10 @@ def _lib():
 def test_avx2_steps_counts():
     lib = _lib()
     # multiply-adds per step: 12 vpmaddubsw of 32 (kinds 0, 1, 3), 10 for the 5-pixel GEMM step
+    assert lib.avx2_step_kinds() == 4
     assert [lib.avx2_step_macs(k) for k in range(4)] == [384, 384, 320, 384]
     assert lib.avx2_step_macs(4) == 0 and lib.avx2_steps(4, 1000) == 0
+    assert lib.avx2_step_macs(-1) == 0 and lib.avx2_steps(-1, 1000) == 0
     for kind in range(4):
         n = lib.avx2_steps(kind, 100_000)
         # whole walks of 100 steps, at least the multiply-adds asked for

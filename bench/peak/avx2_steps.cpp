@@ -89,17 +89,20 @@ __attribute__((target("avx2"), noinline)) void run(int kind, int64_t walks) {
 }
 
 constexpr int64_t kMacs[] = {12 * 32, 12 * 32, 10 * 32, 12 * 32};
+constexpr int kKinds = sizeof(kMacs) / sizeof(kMacs[0]);
 
 }  // namespace
 
-extern "C" int avx2_step_kinds() { return 4; }
+extern "C" int avx2_step_kinds() { return kKinds; }
 
 // Multiply-adds one step of `kind` does (0 for an unknown kind).
-extern "C" int64_t avx2_step_macs(int kind) { return kind >= 0 && kind < 4 ? kMacs[kind] : 0; }
+extern "C" int64_t avx2_step_macs(int kind) {
+  return kind >= 0 && kind < kKinds ? kMacs[kind] : 0;
+}
 
 // Runs at least `macs` multiply-adds of `kind` on the calling thread; returns the number run.
 extern "C" int64_t avx2_steps(int kind, int64_t macs) {
-  if (kind < 0 || kind >= 4) return 0;
+  if (avx2_step_macs(kind) == 0) return 0;
   const int64_t walks = macs / (kMacs[kind] * kWalk) + 1;
   run(kind, walks);
   return walks * kWalk * kMacs[kind];
