@@ -178,7 +178,7 @@ def test_w_init_reaches_every_layer():
     # QuantConfig(w_init=...) -> each swapped layer's first batch sets its weight steps by that
     # rule (the per-part FCs by their (part, channel) rows); lsq stays the default
     from qgait.models import GaitLite3D
-    from qgait.nn.soft_quant import _SoftQuantMixin
+    from qgait.nn.soft_quant import SOFT_QUANT_MODULES
     x = torch.rand(2, 1, 6, 64, 44).round()
     for init, rule in (("lsq", lsq_weight_init), ("mse", mse_weight_init)):
         torch.manual_seed(0)
@@ -188,7 +188,7 @@ def test_w_init_reaches_every_layer():
         qgait.quantize_(m, cfg)
         with torch.no_grad():
             m(x)
-        layers = [q for q in m.modules() if isinstance(q, _SoftQuantMixin)]
+        layers = [q for q in m.modules() if isinstance(q, SOFT_QUANT_MODULES)]
         assert len(layers) > 3 and all(q.w_init == init for q in layers)
         for q in layers:
             torch.testing.assert_close(q.w_scale.detach(), rule(q.weight_rows(), 8))
@@ -199,12 +199,12 @@ def test_w_init_reaches_every_layer():
 def test_quantize_model_passes_w_init():
     # the training stages' quant.w_init reaches the kept-8-bit and binary-input layers too
     from qgait.models import GaitLite3D
-    from qgait.nn.soft_quant import _SoftQuantMixin
+    from qgait.nn.soft_quant import SOFT_QUANT_MODULES
     from qgait.pipeline.stages import quantize_model
     from qgait.train.config import DEFAULTS
     q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse"}
     m = quantize_model(GaitLite3D(num_classes=3, width=0.25), q)
-    inits = {f: l.w_init for f, l in m.named_modules() if isinstance(l, _SoftQuantMixin)}
+    inits = {f: l.w_init for f, l in m.named_modules() if isinstance(l, SOFT_QUANT_MODULES)}
     assert inits and set(inits.values()) == {"mse"} and "stem.0" in inits and "fc" in inits
     assert DEFAULTS["quant"]["w_init"] == "lsq"
 

@@ -116,7 +116,7 @@ def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
     from pathlib import Path
 
     import qgait.pipeline.stages as stages
-    from qgait.nn.soft_quant import _SoftQuantMixin
+    from qgait.nn.soft_quant import SOFT_QUANT_MODULES
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
     import ptq_eval
@@ -135,10 +135,10 @@ def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
                        "--data", cfg["data"]["root"], "--bits", "4", "--calib", "2",
                        "--out", str(tmp_path / f"ptq{len(flag)}.json"), *flag])
     full, wonly = ({f: (m.w_bits, m.a_bits) for f, m in model.named_modules()
-                    if isinstance(m, _SoftQuantMixin)} for model in models[:2])
+                    if isinstance(m, SOFT_QUANT_MODULES)} for model in models[:2])
     # --w-init mse: every weight row's step is the least-squares one, not LSQ's
     from qgait.nn.soft_quant import lsq_weight_init, mse_weight_init
-    layers = [m for m in models[2].modules() if isinstance(m, _SoftQuantMixin)]
+    layers = [m for m in models[2].modules() if isinstance(m, SOFT_QUANT_MODULES)]
     for m in layers:
         torch.testing.assert_close(m.w_scale.detach(), mse_weight_init(m.weight_rows(), m.w_bits))
     assert any(not torch.allclose(m.w_scale, lsq_weight_init(m.weight_rows(), m.w_bits))

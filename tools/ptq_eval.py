@@ -60,9 +60,9 @@ def main(argv=None):
     quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits,
                            "w_init": args.w_init})
     if args.weights_only:   # the same weight quantizers (kept-8-bit layers at 8), inputs float
-        from qgait.nn.soft_quant import _SoftQuantMixin
+        from qgait.nn.soft_quant import SOFT_QUANT_MODULES
         for m in model.modules():
-            if isinstance(m, _SoftQuantMixin):
+            if isinstance(m, SOFT_QUANT_MODULES):
                 m.a_bits = None
     set_quant_mode(model, k=0.0, mode="hard")
     train = load_dataset(cfg, "train", progress=False)
