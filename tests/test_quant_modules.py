@@ -167,7 +167,7 @@ def test_set_quant_mode_and_state_dict_round_trip(tmp_path):
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(w_bits=1), "w_bits"), (dict(w_bits=9), "w_bits"), (dict(w_bits=4.0), "w_bits"),
     (dict(a_bits=0), "a_bits"), (dict(k=-1), "k"), (dict(mode="fuzzy"), "mode"),
-    (dict(w_init="max"), "w_init"),
+    (dict(w_init="max"), "w_init"), (dict(a_init="lsq"), "a_init"),
 ])
 def test_quant_config_validates(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -196,17 +196,53 @@ def test_w_init_reaches_every_layer():
         SoftQuantConv3d(1, 2, 3, w_init="max")
 
 
+def test_a_init_reaches_every_layer():
+    # QuantConfig(a_init="max") -> each quantized input's step is its first batch's max|x| / qp
+    # (mse_act_init's candidates are fractions of it, so never larger); mse stays the default
+    from qgait.models import GaitLite3D
+    from qgait.nn.soft_quant import SOFT_QUANT_MODULES, max_act_init, mse_act_init
+    x = torch.rand(2, 1, 6, 64, 44).round()
+    steps = {}
+    for init, rule in (("mse", mse_act_init), ("max", max_act_init)):
+        torch.manual_seed(0)
+        m = GaitLite3D(num_classes=3, width=0.25).eval()
+        qgait.quantize_(m, qgait.QuantConfig(w_bits=8, a_bits=8, a_init=init)
+                        if init == "max" else qgait.QuantConfig(w_bits=8, a_bits=8))
+        seen = {}
+
+        def keep_first(f):
+            def hook(mod, args):                    # returns None: the input is unchanged
+                seen.setdefault(f, args[0].clone())
+            return hook
+        for f, q in m.named_modules():
+            if isinstance(q, SOFT_QUANT_MODULES):
+                q.register_forward_pre_hook(keep_first(f))
+        with torch.no_grad():
+            m(x)
+        layers = {f: q for f, q in m.named_modules() if isinstance(q, SOFT_QUANT_MODULES)}
+        assert len(layers) > 3 and all(q.a_init == init for q in layers.values())
+        for f, q in layers.items():
+            torch.testing.assert_close(q.a_scale.detach(), rule(seen[f], 8, q.a_signed))
+        steps[init] = {f: float(q.a_scale) for f, q in layers.items()}
+    assert all(steps["mse"][f] <= steps["max"][f] * (1 + 1e-6) for f in steps["mse"])
+    assert any(steps["mse"][f] < 0.9 * steps["max"][f] for f in steps["mse"])
+    with pytest.raises(ValueError, match="a_init"):
+        SoftQuantConv3d(1, 2, 3, a_init="lsq")
+
+
 def test_quantize_model_passes_w_init():
     # the training stages' quant.w_init reaches the kept-8-bit and binary-input layers too
     from qgait.models import GaitLite3D
     from qgait.nn.soft_quant import SOFT_QUANT_MODULES
     from qgait.pipeline.stages import quantize_model
     from qgait.train.config import DEFAULTS
-    q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse"}
+    q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse", "a_init": "max"}
     m = quantize_model(GaitLite3D(num_classes=3, width=0.25), q)
-    inits = {f: l.w_init for f, l in m.named_modules() if isinstance(l, SOFT_QUANT_MODULES)}
-    assert inits and set(inits.values()) == {"mse"} and "stem.0" in inits and "fc" in inits
-    assert DEFAULTS["quant"]["w_init"] == "lsq"
+    inits = {f: (l.w_init, l.a_init) for f, l in m.named_modules()
+             if isinstance(l, SOFT_QUANT_MODULES)}
+    assert inits and set(inits.values()) == {("mse", "max")} and "stem.0" in inits \
+        and "fc" in inits
+    assert (DEFAULTS["quant"]["w_init"], DEFAULTS["quant"]["a_init"]) == ("lsq", "mse")
 
 
 def test_bad_module_arguments():
@@ -245,9 +281,11 @@ def test_quant_grid():
 def test_config_checks_w_init():
     from qgait.errors import ConfigError
     from qgait.train import load_config
-    from qgait.nn.soft_quant import W_INITS
+    from qgait.nn.soft_quant import A_INITS, W_INITS
     from qgait.train.config import _CHOICES
-    assert _CHOICES[("quant", "w_init")] == W_INITS
+    assert _CHOICES[("quant", "w_init")] == W_INITS and _CHOICES[("quant", "a_init")] == A_INITS
+    with pytest.raises(ConfigError, match=r"quant\.a_init = 'lsq'"):
+        load_config("casia_b11_qgait_w1", {"quant": {"a_init": "lsq"}})
     assert load_config("casia_b11_qgait_w1", {"quant": {"w_init": "mse"}})["quant"]["w_init"] \
         == "mse"
     with pytest.raises(ConfigError, match=r"quant\.w_init = 'max'"):

@@ -8,7 +8,9 @@ learned (LSQ) and initialised from the first batch: weights with LSQ's ``2 mean|
 (``w_init="lsq"``, the default) or per channel with the step of least squared rounding error
 (``w_init="mse"``: at 6-8 bits LSQ's rule uses a fraction of the grid, see
 :func:`mse_weight_init`), activations with a search for the step that minimises the
-quantization MSE. ``a_bits=None`` leaves the input untouched (a binary silhouette needs no
+quantization MSE (``a_init="mse"``, the default) or with the batch's largest magnitude, no
+clipping (``a_init="max"``: at 8 bits the MSE step clips what later layers need, see
+:func:`max_act_init`). ``a_bits=None`` leaves the input untouched (a binary silhouette needs no
 quantizer).
 
 ``k`` and ``mode`` select QGait's stage: ``k=0`` is the straight-through estimator (stage 1),
@@ -33,12 +35,15 @@ _MIN_STEP = 1e-8
 
 
 W_INITS = ("lsq", "mse")  # weight-step rules: lsq_weight_init, mse_weight_init
+A_INITS = ("mse", "max")  # activation-step rules: mse_act_init, max_act_init
 
 
-def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq"):
+def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq", a_init="mse"):
     quant_grid(w_bits, True)
     if w_init not in W_INITS:
         raise ValueError(f"{name}: w_init must be 'lsq' or 'mse', got {w_init!r}")
+    if a_init not in A_INITS:
+        raise ValueError(f"{name}: a_init must be 'mse' or 'max', got {a_init!r}")
     if a_bits is not None:
         quant_grid(a_bits, False)
     if not isinstance(k, (int, float)) or isinstance(k, bool) or k < 0:
@@ -101,13 +106,26 @@ def mse_act_init(x: torch.Tensor, bits: int, signed: bool, n_grid: int = 64,
     return best.reshape(())
 
 
+@torch.no_grad()
+def max_act_init(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Per-tensor step ``max|x| / qp``: the grid spans the batch's range, nothing is clipped.
+
+    At 8 bits the MSE step (:func:`mse_act_init`) trades the few largest activations for a finer
+    grid; on GaitLite3D's LeakyReLU inputs that moved the embeddings more than rounding does
+    (docs/results.md). At 2-4 bits clipping pays and the MSE step is the better rule.
+    """
+    _, qp = quant_grid(bits, signed)
+    return (x.detach().float().abs().max().clamp_min(1e-8) / qp).reshape(())
+
+
 class _SoftQuantMixin:
     """State and behaviour shared by the quantized layers."""
 
-    def _setup_quant(self, out_channels, w_bits, a_bits, k, mode, w_init="lsq"):
-        _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode, w_init)
+    def _setup_quant(self, out_channels, w_bits, a_bits, k, mode, w_init="lsq", a_init="mse"):
+        _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode, w_init, a_init)
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
         self.w_init = w_init  # how init_steps sets the weight steps: lsq_weight_init / mse_...
+        self.a_init = a_init  # and the activation step: mse_act_init / max_act_init
         self.w_scale = nn.Parameter(torch.ones(out_channels))
         self.a_scale = nn.Parameter(torch.ones(()))
         # Activations use the signed grid when the first batch had negative values. Kept as a
@@ -133,8 +151,9 @@ class _SoftQuantMixin:
         are agreed across ranks (mean step, signed if any rank saw negatives) so that the
         replicas stay identical.
         """
-        # (getattr: a layer unpickled from an older qgait has no w_init)
+        # (getattr: a layer unpickled from an older qgait has no w_init / a_init)
         init = mse_weight_init if getattr(self, "w_init", "lsq") == "mse" else lsq_weight_init
+        a_init = max_act_init if getattr(self, "a_init", "mse") == "max" else mse_act_init
         self.w_scale.copy_(init(self.weight_rows(), self.w_bits))
         if self.a_bits is not None:
             neg = (x.detach().min() < 0).float().reshape(1)
@@ -145,7 +164,7 @@ class _SoftQuantMixin:
             signed = bool(neg.item() > 0)
             self._a_signed = signed
             self.a_signed_flag.fill_(int(signed))
-            self.a_scale.copy_(mse_act_init(x, self.a_bits, signed))
+            self.a_scale.copy_(a_init(x, self.a_bits, signed))
             if ddp:
                 dist.all_reduce(self.a_scale.data)
                 self.a_scale.data /= dist.get_world_size()
@@ -199,10 +218,11 @@ class _SoftQuantConvNd(_SoftQuantMixin):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
+                 a_init="mse"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
-        self._setup_quant(out_channels, w_bits, a_bits, k, mode, w_init)
+        self._setup_quant(out_channels, w_bits, a_bits, k, mode, w_init, a_init)
 
     def forward(self, x):
         self._prepare(x)
@@ -250,9 +270,10 @@ class SoftQuantLinear(_SoftQuantMixin, nn.Linear):
     """``nn.Linear`` counterpart: weight [out, in] quantized per output row."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
+                 a_init="mse"):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._setup_quant(out_features, w_bits, a_bits, k, mode, w_init)
+        self._setup_quant(out_features, w_bits, a_bits, k, mode, w_init, a_init)
 
     def forward(self, x):
         self._prepare(x)
@@ -285,14 +306,15 @@ class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     """
 
     def __init__(self, parts, in_channels, out_channels, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
+                 a_init="mse"):
         super().__init__()
         self.parts, self.in_channels, self.out_channels = parts, in_channels, out_channels
         self.weight = nn.Parameter(torch.empty(parts, in_channels, out_channels, device=device,
                                                dtype=dtype))
         nn.init.xavier_uniform_(self.weight)
         self.bias = None
-        self._setup_quant(parts * out_channels, w_bits, a_bits, k, mode, w_init)
+        self._setup_quant(parts * out_channels, w_bits, a_bits, k, mode, w_init, a_init)
 
     def weight_rows(self):
         # [P, Cin, Cout] -> [P * Cout, Cin]: one row (and one step) per part and output channel

@@ -3,7 +3,8 @@
 * ``qat`` (stage 1): the fp model is quantized with ``quantize_`` (weights per output channel,
   signed; activations per tensor; the binary input left alone; ``quant.keep_8bit`` layers at
   W8A8, the rest at ``W{w_bits}A{a_bits}``), steps are initialised from the first batch (weight
-  steps by ``quant.w_init``: LSQ's rule or least squared rounding error), and it
+  steps by ``quant.w_init``: LSQ's rule or least squared rounding error; activation steps by
+  ``quant.a_init``: least squared error or the batch's largest magnitude), and it
   trains with the straight-through quantizer (k = 0) and the task losses.
 * ``soft`` (stage 2): the same quantized model, its temperature following a linear schedule
   ``k0 -> k1`` over the stage, trained with the task losses plus ``idc_weight * L_idc`` against
@@ -33,14 +34,14 @@ def quantize_model(model: nn.Module, q: dict) -> nn.Module:
     """Applies the stage's quantization config (see module docstring) in place."""
     binary, keep = list(q["binary_input"]), list(q["keep_8bit"])
     w8 = lambda fqn: 8 if _matches(fqn, keep) else q["w_bits"]  # noqa: E731
-    init = q.get("w_init", "lsq")
+    init = {"w_init": q.get("w_init", "lsq"), "a_init": q.get("a_init", "mse")}
     for fqn, _ in list(model.named_modules()):
         if fqn in binary:
-            quantize_(model, QuantConfig(w_bits=w8(fqn), a_bits=None, w_init=init),
+            quantize_(model, QuantConfig(w_bits=w8(fqn), a_bits=None, **init),
                       filter_fn=lambda m, f, name=fqn: f == name)
-    quantize_(model, QuantConfig(w_bits=8, a_bits=8, w_init=init),
+    quantize_(model, QuantConfig(w_bits=8, a_bits=8, **init),
               filter_fn=lambda m, f: _matches(f, keep))
-    quantize_(model, QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], w_init=init))
+    quantize_(model, QuantConfig(w_bits=q["w_bits"], a_bits=q["a_bits"], **init))
     return model
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, W_INITS, SoftQuantConv2d,
+from qgait.nn.soft_quant import (A_INITS, SOFT_QUANT_MODULES, W_INITS, SoftQuantConv2d,
                                  SoftQuantConv3d, SoftQuantLinear)
 
 _SWAP = {nn.Conv3d: SoftQuantConv3d, nn.Conv2d: SoftQuantConv2d, nn.Linear: SoftQuantLinear}
@@ -38,6 +38,9 @@ class QuantConfig:
         w_init: how the first batch sets the weight steps: "lsq" (LSQ's ``2 mean|w| /
             sqrt(qp)``) or "mse" (per channel, least squared rounding error; better at 6-8
             bits, where LSQ's step leaves most of the grid unused).
+        a_init: how the first batch sets the activation steps: "mse" (least squared error,
+            clipping the largest values) or "max" (the batch's largest magnitude, no
+            clipping; better at 8 bits, where clipping costs more than rounding).
     """
 
     w_bits: int = 8
@@ -45,6 +48,7 @@ class QuantConfig:
     k: float = 0.0
     mode: str = "hard"
     w_init: str = "lsq"
+    a_init: str = "mse"
 
     def __post_init__(self):
         if not isinstance(self.w_bits, int) or isinstance(self.w_bits, bool) \
@@ -63,10 +67,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: mode must be 'hard' or 'soft', got {self.mode!r}")
         if self.w_init not in W_INITS:
             raise ValueError(f"QuantConfig: w_init must be 'lsq' or 'mse', got {self.w_init!r}")
+        if self.a_init not in A_INITS:
+            raise ValueError(f"QuantConfig: a_init must be 'mse' or 'max', got {self.a_init!r}")
 
     def kwargs(self) -> dict:
         return {"w_bits": self.w_bits, "a_bits": self.a_bits, "k": float(self.k),
-                "mode": self.mode, "w_init": self.w_init}
+                "mode": self.mode, "w_init": self.w_init, "a_init": self.a_init}
 
 
 def _default_filter(module: nn.Module, fqn: str) -> bool:
