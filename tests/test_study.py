@@ -147,3 +147,63 @@ def test_ptq_eval_weights_only(study, tmp_path, monkeypatch):
     assert all(a is None for _, a in wonly.values())
     assert sum(a is not None for _, a in full.values()) >= len(full) - 1   # all but the stem
     assert {f: w for f, (w, _) in wonly.items()} == {f: w for f, (w, _) in full.items()}
+
+
+def test_ptq_eval_a_init_fidelity_and_save(study, tmp_path, monkeypatch):
+    """--a-init max: every quantized input's step is its calibration batch's max|x| / qp (never
+    below the MSE rule's, whose candidates are fractions of it); --fidelity-ids: the
+    embeddings' relative difference from the teacher's on those subjects, smaller at 8 bits
+    than at 2; --save: a model file that embeds as the calibrated model does."""
+    from pathlib import Path
+
+    import qgait.pipeline.stages as stages
+    from qgait.model_io import load_model
+    from qgait.nn.soft_quant import SOFT_QUANT_MODULES, max_act_init
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import ptq_eval
+
+    models, inputs = [], {}
+    real = stages.quantize_model
+
+    def keep_first(key):                            # the first batch a layer sees sets its step
+        def hook(mod, args):
+            inputs.setdefault(key, args[0].clone())  # (returns None: the input is unchanged)
+        return hook
+
+    def spy(model, q):
+        models.append(real(model, q))
+        for f, m in model.named_modules():
+            if isinstance(m, SOFT_QUANT_MODULES):
+                m.register_forward_pre_hook(keep_first((len(models), f)))
+        return models[-1]
+
+    monkeypatch.setattr(stages, "quantize_model", spy)
+    cfg, out, _ = study
+    base = ["--teacher", str(out / "fp" / "final.pt"), "--config", "demo_fast", "--data",
+            cfg["data"]["root"], "--calib", "2", "--fidelity-ids", *cfg["data"]["test_ids"]]
+    saved = tmp_path / "w8.qgm"
+    r8 = ptq_eval.main([*base, "--bits", "8", "--a-init", "max", "--save", str(saved),
+                        "--out", str(tmp_path / "w8.json")])
+    r8mse = ptq_eval.main([*base, "--bits", "8", "--out", str(tmp_path / "w8mse.json")])
+    r2 = ptq_eval.main([*base, "--bits", "2", "--out", str(tmp_path / "w2.json")])
+    quantized = [(f, m) for f, m in models[0].named_modules()
+                 if isinstance(m, SOFT_QUANT_MODULES) and m.a_bits is not None]
+    assert quantized
+    for f, m in quantized:
+        assert m.a_init == "max"
+        torch.testing.assert_close(m.a_scale.detach(),
+                                   max_act_init(inputs[(1, f)], m.a_bits, m.a_signed))
+        mse = dict(models[1].named_modules())[f]
+        assert mse.a_init == "mse" and float(mse.a_scale) <= float(m.a_scale) * (1 + 1e-6)
+    for r in (r8, r8mse, r2):
+        fid = r["fidelity"]
+        assert fid["sequences"] > 0 and 0.0 <= fid["rel_mean"] <= fid["rel_p99"]
+    assert r8["fidelity"]["rel_mean"] < r2["fidelity"]["rel_mean"]
+    # the saved file is the calibrated fake-quant model
+    loaded, info = load_model(saved)
+    assert info["meta"]["ptq"]["a_init"] == "max"
+    x = torch.rand(1, 1, 12, 64, 44).round()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x)["embeddings"],
+                                   models[0].eval()(x)["embeddings"])

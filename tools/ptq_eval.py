@@ -7,15 +7,26 @@ The teacher's weights are quantized with the pipeline's stage config (``quantize
 binary-input stem and the kept-8-bit layers as in training) at ``--bits`` (W = A), and the steps
 are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--calib`` training
 clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--w-init mse``
-sets each weight row's step by least squared rounding error instead of LSQ's rule;
+sets each weight row's step by least squared rounding error instead of LSQ's rule, ``--a-init
+max`` each activation step by the calibration batch's largest magnitude (no clipping);
 ``--weights-only`` leaves every activation float (the two quantizers' costs apart). The
 fake-quant model is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol);
 prints and writes the cross-view rank-1 per condition (JSON) and the per-probe outcomes beside
 it (``.hits.npz``, the study's format, for ``tools/compare_hits.py``-style paired bootstraps).
+
+``--fidelity-ids A B`` also embeds subjects A..B with the teacher and the quantized model and
+reports the mean (and 99th percentile) relative difference of the embeddings, ``|e_q - e| /
+|e|``: a criterion that needs no held-out identities, so quantization choices can be made on
+training subjects and the test subjects kept for the report (docs/results.md). ``--save F``
+writes the calibrated fake-quant model as a model file (``qgait convert`` packs it).
+
+    python tools/ptq_eval.py --teacher runs/casia_b11_fp_w1_full/last.pt --bits 8 \
+        --w-init mse --a-init max --fidelity-ids 041 050 --out runs/b11_w8/ptq_max.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -37,13 +48,21 @@ def main(argv=None):
     ap.add_argument("--w-init", choices=["lsq", "mse"], default="lsq",
                     help="weight steps: LSQ's 2 mean|w| / sqrt(qp) (the recipe's), or per channel "
                          "the step of least squared rounding error (quant.w_init)")
+    ap.add_argument("--a-init", choices=["mse", "max"], default="mse",
+                    help="activation steps: least squared error (clips the largest values), or "
+                         "the calibration batch's largest magnitude (quant.a_init)")
+    ap.add_argument("--fidelity-ids", nargs=2, default=None, metavar=("FIRST", "LAST"),
+                    help="also report the embeddings' relative difference from the teacher's on "
+                         "these subjects (e.g. training subjects: no test identity needed)")
+    ap.add_argument("--save", default=None, help="write the calibrated fake-quant model here")
     ap.add_argument("--weights-only", action="store_true", help="quantize the weights only "
                     "(activations stay float everywhere): separates the two quantizers' costs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON of the rank-1 table")
     args = ap.parse_args(argv)
 
-    from qgait.model_io import load_checkpoint_model
+    from qgait.evaluation import extract, model_embed_fn
+    from qgait.model_io import load_checkpoint_model, save_model
     from qgait.pipeline.stages import quantize_model
     from qgait.pipeline.study import _rank1, model_hits, save_hits
     from qgait.quant import set_quant_mode
@@ -57,8 +76,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, _ = load_checkpoint_model(args.teacher)
     model.eval()
+    teacher = copy.deepcopy(model)
     quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits,
-                           "w_init": args.w_init})
+                           "w_init": args.w_init, "a_init": args.a_init})
     if args.weights_only:   # the same weight quantizers (kept-8-bit layers at 8), inputs float
         from qgait.nn.soft_quant import SOFT_QUANT_MODULES
         for m in model.modules():
@@ -73,6 +93,14 @@ def main(argv=None):
         model(x)                                      # eval mode: sets the steps only
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
+    if args.fidelity_ids:
+        fcfg = load_config(args.config, {"data": {**data, "test_ids": list(args.fidelity_ids)}})
+        fset, mf = load_dataset(fcfg, "test", progress=False), cfg["eval"]["max_frames"]
+        ref, emb = (extract(model_embed_fn(m, "cpu", None), fset, max_frames=mf, progress=False)
+                    for m in (teacher, model))
+        rel = (emb - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+        r["fidelity"] = {"subjects": list(args.fidelity_ids), "sequences": len(fset),
+                         "rel_mean": float(rel.mean()), "rel_p99": float(rel.quantile(0.99))}
     print(json.dumps(r))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +108,13 @@ def main(argv=None):
     save_hits(out.with_suffix(".hits.npz"), hits, {"teacher": str(args.teacher),
                                                    "bits": args.bits, "seed": args.seed,
                                                    "weights_only": args.weights_only,
-                                                   "w_init": args.w_init})
+                                                   "w_init": args.w_init,
+                                                   "a_init": args.a_init})
+    if args.save:
+        save_model(model, args.save, {"ptq": {"teacher": str(args.teacher), "bits": args.bits,
+                                              "calib": args.calib, "seed": args.seed,
+                                              "w_init": args.w_init, "a_init": args.a_init}},
+                   config=cfg)
     return r
 
 
