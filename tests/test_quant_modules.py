@@ -197,17 +197,20 @@ def test_w_init_reaches_every_layer():
 
 
 def test_a_init_reaches_every_layer():
-    # QuantConfig(a_init="max") -> each quantized input's step is its first batch's max|x| / qp
-    # (mse_act_init's candidates are fractions of it, so never larger); mse stays the default
+    # QuantConfig(a_init=...) -> each quantized input's step is its first batch's by that rule:
+    # max|x| / qp (mse_act_init's candidates are fractions of it, so never larger) or the
+    # 99.995th percentile (in between on these layers); mse stays the default
     from qgait.models import GaitLite3D
-    from qgait.nn.soft_quant import SOFT_QUANT_MODULES, max_act_init, mse_act_init
+    from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, max_act_init, mse_act_init,
+                                     percentile_act_init)
     x = torch.rand(2, 1, 6, 64, 44).round()
     steps = {}
-    for init, rule in (("mse", mse_act_init), ("max", max_act_init)):
+    for init, rule in (("mse", mse_act_init), ("max", max_act_init),
+                       ("pct", percentile_act_init)):
         torch.manual_seed(0)
         m = GaitLite3D(num_classes=3, width=0.25).eval()
         qgait.quantize_(m, qgait.QuantConfig(w_bits=8, a_bits=8, a_init=init)
-                        if init == "max" else qgait.QuantConfig(w_bits=8, a_bits=8))
+                        if init != "mse" else qgait.QuantConfig(w_bits=8, a_bits=8))
         seen = {}
 
         def keep_first(f):
@@ -223,11 +226,27 @@ def test_a_init_reaches_every_layer():
         assert len(layers) > 3 and all(q.a_init == init for q in layers.values())
         for f, q in layers.items():
             torch.testing.assert_close(q.a_scale.detach(), rule(seen[f], 8, q.a_signed))
-        steps[init] = {f: float(q.a_scale) for f, q in layers.items()}
+        steps[init] = {f: q.a_scale.item() for f, q in layers.items()}
     assert all(steps["mse"][f] <= steps["max"][f] * (1 + 1e-6) for f in steps["mse"])
+    assert all(steps["pct"][f] <= steps["max"][f] * (1 + 1e-6) for f in steps["mse"])
     assert any(steps["mse"][f] < 0.9 * steps["max"][f] for f in steps["mse"])
+    assert any(steps["pct"][f] < steps["max"][f] for f in steps["mse"])
     with pytest.raises(ValueError, match="a_init"):
         SoftQuantConv3d(1, 2, 3, a_init="lsq")
+
+
+def test_percentile_act_init():
+    # the q-th percentile of |x| over the grid's positive end, on a subsample when x is large;
+    # q = 100 is max_act_init
+    from qgait.nn.soft_quant import max_act_init, percentile_act_init
+    x = -torch.arange(1, 10001, dtype=torch.float32)      # |x| = 1..10000
+    torch.testing.assert_close(percentile_act_init(x, 8, True, q=50.0),
+                               torch.quantile(x.abs(), 0.5) / 127)
+    torch.testing.assert_close(percentile_act_init(x, 4, False, q=100.0), max_act_init(x, 4, False))
+    big = percentile_act_init(x, 8, False, q=99.0, max_samples=1000)   # every 11th element
+    assert abs(float(big) * 255 - 9900) < 15
+    with pytest.raises(ValueError, match="q must be"):
+        percentile_act_init(x, 8, True, q=0.0)
 
 
 def test_quantize_model_passes_w_init():
@@ -236,11 +255,11 @@ def test_quantize_model_passes_w_init():
     from qgait.nn.soft_quant import SOFT_QUANT_MODULES
     from qgait.pipeline.stages import quantize_model
     from qgait.train.config import DEFAULTS
-    q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse", "a_init": "max"}
+    q = {**DEFAULTS["quant"], "w_bits": 4, "a_bits": 4, "w_init": "mse", "a_init": "pct"}
     m = quantize_model(GaitLite3D(num_classes=3, width=0.25), q)
     inits = {f: (l.w_init, l.a_init) for f, l in m.named_modules()
              if isinstance(l, SOFT_QUANT_MODULES)}
-    assert inits and set(inits.values()) == {("mse", "max")} and "stem.0" in inits \
+    assert inits and set(inits.values()) == {("mse", "pct")} and "stem.0" in inits \
         and "fc" in inits
     assert (DEFAULTS["quant"]["w_init"], DEFAULTS["quant"]["a_init"]) == ("lsq", "mse")
 

@@ -8,7 +8,8 @@ binary-input stem and the kept-8-bit layers as in training) at ``--bits`` (W = A
 are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--calib`` training
 clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--w-init mse``
 sets each weight row's step by least squared rounding error instead of LSQ's rule, ``--a-init
-max`` each activation step by the calibration batch's largest magnitude (no clipping);
+max`` / ``pct`` each activation step by the calibration batch's largest magnitude / 99.995th
+percentile of magnitudes instead of the least-squares clip;
 ``--weights-only`` leaves every activation float (the two quantizers' costs apart). The
 fake-quant model is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol);
 prints and writes the cross-view rank-1 per condition (JSON) and the per-probe outcomes beside
@@ -21,7 +22,7 @@ training subjects and the test subjects kept for the report (docs/results.md). `
 writes the calibrated fake-quant model as a model file (``qgait convert`` packs it).
 
     python tools/ptq_eval.py --teacher runs/casia_b11_fp_w1_full/last.pt --bits 8 \
-        --w-init mse --a-init max --fidelity-ids 041 050 --out runs/b11_w8/ptq_max.json
+        --w-init mse --a-init pct --fidelity-ids 041 050 --out runs/b11_w8/ptq_pct.json
 """
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ def main(argv=None):
     ap.add_argument("--w-init", choices=["lsq", "mse"], default="lsq",
                     help="weight steps: LSQ's 2 mean|w| / sqrt(qp) (the recipe's), or per channel "
                          "the step of least squared rounding error (quant.w_init)")
-    ap.add_argument("--a-init", choices=["mse", "max"], default="mse",
-                    help="activation steps: least squared error (clips the largest values), or "
-                         "the calibration batch's largest magnitude (quant.a_init)")
+    ap.add_argument("--a-init", choices=["mse", "max", "pct"], default="mse",
+                    help="activation steps: least squared error (clips the largest values), the "
+                         "calibration batch's largest magnitude, or its 99.995th percentile "
+                         "(quant.a_init)")
     ap.add_argument("--fidelity-ids", nargs=2, default=None, metavar=("FIRST", "LAST"),
                     help="also report the embeddings' relative difference from the teacher's on "
                          "these subjects (e.g. training subjects: no test identity needed)")

@@ -8,10 +8,10 @@ learned (LSQ) and initialised from the first batch: weights with LSQ's ``2 mean|
 (``w_init="lsq"``, the default) or per channel with the step of least squared rounding error
 (``w_init="mse"``: at 6-8 bits LSQ's rule uses a fraction of the grid, see
 :func:`mse_weight_init`), activations with a search for the step that minimises the
-quantization MSE (``a_init="mse"``, the default) or with the batch's largest magnitude, no
-clipping (``a_init="max"``: at 8 bits the MSE step clips what later layers need, see
-:func:`max_act_init`). ``a_bits=None`` leaves the input untouched (a binary silhouette needs no
-quantizer).
+quantization MSE (``a_init="mse"``, the default), with the batch's largest magnitude, no
+clipping (``a_init="max"``), or with its 99.995th percentile of magnitudes (``a_init="pct"``:
+at 8 bits the MSE step clips what later layers need, see :func:`percentile_act_init`).
+``a_bits=None`` leaves the input untouched (a binary silhouette needs no quantizer).
 
 ``k`` and ``mode`` select QGait's stage: ``k=0`` is the straight-through estimator (stage 1),
 ``k>0`` the soft quantizer's tanh-shaped gradient (stage 2); ``mode="soft"`` also uses the
@@ -35,7 +35,8 @@ _MIN_STEP = 1e-8
 
 
 W_INITS = ("lsq", "mse")  # weight-step rules: lsq_weight_init, mse_weight_init
-A_INITS = ("mse", "max")  # activation-step rules: mse_act_init, max_act_init
+A_INITS = ("mse", "max", "pct")  # activation-step rules: mse_, max_, percentile_act_init
+ACT_PERCENTILE = 99.995   # a_init="pct": chosen on training subjects (percentile_act_init)
 
 
 def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq", a_init="mse"):
@@ -43,7 +44,7 @@ def _check_quant_args(name, w_bits, a_bits, k, mode, w_init="lsq", a_init="mse")
     if w_init not in W_INITS:
         raise ValueError(f"{name}: w_init must be 'lsq' or 'mse', got {w_init!r}")
     if a_init not in A_INITS:
-        raise ValueError(f"{name}: a_init must be 'mse' or 'max', got {a_init!r}")
+        raise ValueError(f"{name}: a_init must be one of {A_INITS}, got {a_init!r}")
     if a_bits is not None:
         quant_grid(a_bits, False)
     if not isinstance(k, (int, float)) or isinstance(k, bool) or k < 0:
@@ -108,14 +109,31 @@ def mse_act_init(x: torch.Tensor, bits: int, signed: bool, n_grid: int = 64,
 
 @torch.no_grad()
 def max_act_init(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Per-tensor step ``max|x| / qp``: the grid spans the batch's range, nothing is clipped.
-
-    At 8 bits the MSE step (:func:`mse_act_init`) trades the few largest activations for a finer
-    grid; on GaitLite3D's LeakyReLU inputs that moved the embeddings more than rounding does
-    (docs/results.md). At 2-4 bits clipping pays and the MSE step is the better rule.
-    """
+    """Per-tensor step ``max|x| / qp``: the grid spans the batch's range, nothing is clipped."""
     _, qp = quant_grid(bits, signed)
     return (x.detach().float().abs().max().clamp_min(1e-8) / qp).reshape(())
+
+
+@torch.no_grad()
+def percentile_act_init(x: torch.Tensor, bits: int, signed: bool,
+                        q: float = ACT_PERCENTILE, max_samples: int = 1 << 22) -> torch.Tensor:
+    """Per-tensor step ``P_q(|x|) / qp``: the values above the q-th percentile of magnitudes
+    are clipped (a fixed-stride subsample of at most ``max_samples`` elements).
+
+    At 8 bits the MSE step (:func:`mse_act_init`) clips far more: it trades the largest
+    activations for a finer grid, and on GaitLite3D's LeakyReLU inputs those moved the
+    embeddings more than the rounding it saves; ``max|x|`` (:func:`max_act_init`) wastes range
+    on single outliers. The default q was chosen between them by the embeddings' distance to
+    the fp model's on training subjects (docs/results.md). At 2-4 bits clipping pays and the
+    MSE step is the better rule.
+    """
+    if not 0.0 < q <= 100.0:
+        raise ValueError(f"percentile_act_init: q must be in (0, 100], got {q!r}")
+    _, qp = quant_grid(bits, signed)
+    flat = x.detach().float().abs().reshape(-1)
+    if flat.numel() > max_samples:
+        flat = flat[:: flat.numel() // max_samples + 1]
+    return (torch.quantile(flat, q / 100.0).clamp_min(1e-8) / qp).reshape(())
 
 
 class _SoftQuantMixin:
@@ -125,7 +143,7 @@ class _SoftQuantMixin:
         _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode, w_init, a_init)
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
         self.w_init = w_init  # how init_steps sets the weight steps: lsq_weight_init / mse_...
-        self.a_init = a_init  # and the activation step: mse_act_init / max_act_init
+        self.a_init = a_init  # and the activation step: mse_ / max_ / percentile_act_init
         self.w_scale = nn.Parameter(torch.ones(out_channels))
         self.a_scale = nn.Parameter(torch.ones(()))
         # Activations use the signed grid when the first batch had negative values. Kept as a
@@ -153,7 +171,8 @@ class _SoftQuantMixin:
         """
         # (getattr: a layer unpickled from an older qgait has no w_init / a_init)
         init = mse_weight_init if getattr(self, "w_init", "lsq") == "mse" else lsq_weight_init
-        a_init = max_act_init if getattr(self, "a_init", "mse") == "max" else mse_act_init
+        a_init = {"max": max_act_init, "pct": percentile_act_init}.get(
+            getattr(self, "a_init", "mse"), mse_act_init)
         self.w_scale.copy_(init(self.weight_rows(), self.w_bits))
         if self.a_bits is not None:
             neg = (x.detach().min() < 0).float().reshape(1)

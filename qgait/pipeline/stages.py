@@ -4,7 +4,7 @@
   signed; activations per tensor; the binary input left alone; ``quant.keep_8bit`` layers at
   W8A8, the rest at ``W{w_bits}A{a_bits}``), steps are initialised from the first batch (weight
   steps by ``quant.w_init``: LSQ's rule or least squared rounding error; activation steps by
-  ``quant.a_init``: least squared error or the batch's largest magnitude), and it
+  ``quant.a_init``: least squared error, the batch's largest magnitude or a percentile), and it
   trains with the straight-through quantizer (k = 0) and the task losses.
 * ``soft`` (stage 2): the same quantized model, its temperature following a linear schedule
   ``k0 -> k1`` over the stage, trained with the task losses plus ``idc_weight * L_idc`` against

@@ -86,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "idc_weight": 1.0, "idc_beta": 1.0,
         "step_lr_mult": 0.1,           # learning-rate multiplier of the quantizer steps
         "w_init": "lsq",               # weight steps from LSQ's rule, or "mse" (QuantConfig)
-        "a_init": "mse",               # activation steps: least squared error, or "max"
+        "a_init": "mse",               # activation steps: least squared error, "max" or "pct"
     },
     # qgait pipeline: per-stage overrides and the variants to build (qgait/pipeline/run.py)
     "pipeline": {"fp": {}, "qat": {}, "soft": {}, "variants": ["w8a8", "w4a4"]},
@@ -99,7 +99,7 @@ _CHOICES = {
     ("optim", "name"): ("sgd", "adamw"),
     ("sched", "name"): ("cosine", "step", "constant"),
     ("quant", "w_init"): ("lsq", "mse"),   # qgait.nn.soft_quant.W_INITS (kept torch-free)
-    ("quant", "a_init"): ("mse", "max"),   # qgait.nn.soft_quant.A_INITS
+    ("quant", "a_init"): ("mse", "max", "pct"),   # qgait.nn.soft_quant.A_INITS
     ("train", "amp"): ("auto", "none", "bf16", "fp16"),
     ("train", "channels_last"): ("auto", True, False),
 }
