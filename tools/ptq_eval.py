@@ -9,7 +9,8 @@ are set by one forward, in eval mode (BatchNorm statistics untouched), of ``--ca
 clips of 30 frames (LSQ weight steps, MSE activation steps): no training. ``--w-init mse``
 sets each weight row's step by least squared rounding error instead of LSQ's rule, ``--a-init
 max`` / ``pct`` each activation step by the calibration batch's largest magnitude / 99.995th
-percentile of magnitudes instead of the least-squares clip;
+percentile of magnitudes instead of the least-squares clip (``--a-percentile Q``: another
+percentile, for a sweep);
 ``--weights-only`` leaves every activation float (the two quantizers' costs apart). The
 fake-quant model is then evaluated on the test subjects (the 11 x 11 CASIA-B protocol);
 prints and writes the cross-view rank-1 per condition (JSON) and the per-probe outcomes beside
@@ -53,6 +54,8 @@ def main(argv=None):
                     help="activation steps: least squared error (clips the largest values), the "
                          "calibration batch's largest magnitude, or its 99.995th percentile "
                          "(quant.a_init)")
+    ap.add_argument("--a-percentile", type=float, default=None, metavar="Q",
+                    help="with --a-init pct: the percentile (default soft_quant.ACT_PERCENTILE)")
     ap.add_argument("--fidelity-ids", nargs=2, default=None, metavar=("FIRST", "LAST"),
                     help="also report the embeddings' relative difference from the teacher's on "
                          "these subjects (e.g. training subjects: no test identity needed)")
@@ -62,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="JSON of the rank-1 table")
     args = ap.parse_args(argv)
+    if args.a_percentile is not None and (args.a_init != "pct"
+                                          or not 0.0 < args.a_percentile <= 100.0):
+        ap.error("--a-percentile needs --a-init pct and a value in (0, 100]")
 
     from qgait.evaluation import extract, model_embed_fn
     from qgait.model_io import load_checkpoint_model, save_model
@@ -91,8 +97,15 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(len(train), size=min(args.calib, len(train)), replace=False)
     x, _ = make_ordered_batch(train, [int(i) for i in idx], 30, rng)   # as training clips are cut
-    with torch.no_grad():
-        model(x)                                      # eval mode: sets the steps only
+    import qgait.nn.soft_quant as soft_quant
+    default_pct = soft_quant.ACT_PERCENTILE
+    if args.a_percentile is not None:                 # read by percentile_act_init
+        soft_quant.ACT_PERCENTILE = args.a_percentile
+    try:
+        with torch.no_grad():
+            model(x)                                  # eval mode: sets the steps only
+    finally:
+        soft_quant.ACT_PERCENTILE = default_pct
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     if args.fidelity_ids:
@@ -111,11 +124,13 @@ def main(argv=None):
                                                    "bits": args.bits, "seed": args.seed,
                                                    "weights_only": args.weights_only,
                                                    "w_init": args.w_init,
-                                                   "a_init": args.a_init})
+                                                   "a_init": args.a_init,
+                                                   "a_percentile": args.a_percentile})
     if args.save:
         save_model(model, args.save, {"ptq": {"teacher": str(args.teacher), "bits": args.bits,
                                               "calib": args.calib, "seed": args.seed,
-                                              "w_init": args.w_init, "a_init": args.a_init}},
+                                              "w_init": args.w_init, "a_init": args.a_init,
+                                              "a_percentile": args.a_percentile}},
                    config=cfg)
     return r
 

@@ -115,10 +115,11 @@ def max_act_init(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def percentile_act_init(x: torch.Tensor, bits: int, signed: bool,
-                        q: float = ACT_PERCENTILE, max_samples: int = 1 << 22) -> torch.Tensor:
+def percentile_act_init(x: torch.Tensor, bits: int, signed: bool, q: float | None = None,
+                        max_samples: int = 1 << 22) -> torch.Tensor:
     """Per-tensor step ``P_q(|x|) / qp``: the values above the q-th percentile of magnitudes
-    are clipped (a fixed-stride subsample of at most ``max_samples`` elements).
+    are clipped (a fixed-stride subsample of at most ``max_samples`` elements); ``q=None`` reads
+    the module's ``ACT_PERCENTILE`` at call time (what ``a_init="pct"`` uses).
 
     At 8 bits the MSE step (:func:`mse_act_init`) clips far more: it trades the largest
     activations for a finer grid, and on GaitLite3D's LeakyReLU inputs those moved the
@@ -127,6 +128,7 @@ def percentile_act_init(x: torch.Tensor, bits: int, signed: bool,
     the fp model's on training subjects (docs/results.md). At 2-4 bits clipping pays and the
     MSE step is the better rule.
     """
+    q = ACT_PERCENTILE if q is None else q
     if not 0.0 < q <= 100.0:
         raise ValueError(f"percentile_act_init: q must be in (0, 100], got {q!r}")
     _, qp = quant_grid(bits, signed)
