@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qgait.nn.soft_quant import A_INITS, W_INITS
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,10 +49,10 @@ def main(argv=None):
                     "(default: the config's)")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--calib", type=int, default=32, help="calibration clips (default 32)")
-    ap.add_argument("--w-init", choices=["lsq", "mse"], default="lsq",
+    ap.add_argument("--w-init", choices=W_INITS, default="lsq",
                     help="weight steps: LSQ's 2 mean|w| / sqrt(qp) (the recipe's), or per channel "
                          "the step of least squared rounding error (quant.w_init)")
-    ap.add_argument("--a-init", choices=["mse", "max", "pct"], default="mse",
+    ap.add_argument("--a-init", choices=A_INITS, default="mse",
                     help="activation steps: least squared error (clips the largest values), the "
                          "calibration batch's largest magnitude, or its 99.995th percentile "
                          "(quant.a_init)")

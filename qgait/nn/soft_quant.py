@@ -239,8 +239,7 @@ class _SoftQuantConvNd(_SoftQuantMixin):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
-                 a_init="mse"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq", a_init="mse"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         self._setup_quant(out_channels, w_bits, a_bits, k, mode, w_init, a_init)
@@ -291,8 +290,7 @@ class SoftQuantLinear(_SoftQuantMixin, nn.Linear):
     """``nn.Linear`` counterpart: weight [out, in] quantized per output row."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
-                 a_init="mse"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq", a_init="mse"):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._setup_quant(out_features, w_bits, a_bits, k, mode, w_init, a_init)
 
@@ -327,8 +325,7 @@ class SoftQuantPartLinear(_SoftQuantMixin, nn.Module):
     """
 
     def __init__(self, parts, in_channels, out_channels, device=None, dtype=None, *,
-                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq",
-                 a_init="mse"):
+                 w_bits=8, a_bits=8, k=0.0, mode="hard", w_init="lsq", a_init="mse"):
         super().__init__()
         self.parts, self.in_channels, self.out_channels = parts, in_channels, out_channels
         self.weight = nn.Parameter(torch.empty(parts, in_channels, out_channels, device=device,
