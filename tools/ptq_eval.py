@@ -122,18 +122,12 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1) + "\n")
-    save_hits(out.with_suffix(".hits.npz"), hits, {"teacher": str(args.teacher),
-                                                   "bits": args.bits, "seed": args.seed,
-                                                   "weights_only": args.weights_only,
-                                                   "w_init": args.w_init,
-                                                   "a_init": args.a_init,
-                                                   "a_percentile": args.a_percentile})
+    setting = {"teacher": str(args.teacher), "bits": args.bits, "calib": args.calib,
+               "seed": args.seed, "weights_only": args.weights_only, "w_init": args.w_init,
+               "a_init": args.a_init, "a_percentile": args.a_percentile}
+    save_hits(out.with_suffix(".hits.npz"), hits, setting)
     if args.save:
-        save_model(model, args.save, {"ptq": {"teacher": str(args.teacher), "bits": args.bits,
-                                              "calib": args.calib, "seed": args.seed,
-                                              "w_init": args.w_init, "a_init": args.a_init,
-                                              "a_percentile": args.a_percentile}},
-                   config=cfg)
+        save_model(model, args.save, {"ptq": setting}, config=cfg)
     return r
 
 

@@ -34,8 +34,6 @@ _MODES = ("hard", "soft")
 _MIN_STEP = 1e-8
 
 
-W_INITS = ("lsq", "mse")  # weight-step rules: lsq_weight_init, mse_weight_init
-A_INITS = ("mse", "max", "pct")  # activation-step rules: mse_, max_, percentile_act_init
 ACT_PERCENTILE = 99.995   # a_init="pct": chosen on training subjects (percentile_act_init)
 
 
@@ -83,6 +81,12 @@ def mse_weight_init(w: torch.Tensor, bits: int, n_grid: int = 64) -> torch.Tenso
     return best
 
 
+def _flat_sample(x: torch.Tensor, max_samples: int) -> torch.Tensor:
+    """``x`` flattened to float, every k-th element when it has more than ``max_samples``."""
+    flat = x.detach().float().reshape(-1)
+    return flat[:: flat.numel() // max_samples + 1] if flat.numel() > max_samples else flat
+
+
 @torch.no_grad()
 def mse_act_init(x: torch.Tensor, bits: int, signed: bool, n_grid: int = 64,
                  max_samples: int = 1 << 20) -> torch.Tensor:
@@ -92,9 +96,7 @@ def mse_act_init(x: torch.Tensor, bits: int, signed: bool, n_grid: int = 64,
     at most ``max_samples`` elements keeps it cheap on large activations.
     """
     qn, qp = quant_grid(bits, signed)
-    flat = x.detach().float().reshape(-1)
-    if flat.numel() > max_samples:
-        flat = flat[:: flat.numel() // max_samples + 1]
+    flat = _flat_sample(x, max_samples)
     amax = flat.abs().max().clamp_min(1e-8)
     alphas = torch.linspace(1.0 / n_grid, 1.0, n_grid, device=flat.device)
     steps = alphas * amax / qp
@@ -132,10 +134,14 @@ def percentile_act_init(x: torch.Tensor, bits: int, signed: bool, q: float | Non
     if not 0.0 < q <= 100.0:
         raise ValueError(f"percentile_act_init: q must be in (0, 100], got {q!r}")
     _, qp = quant_grid(bits, signed)
-    flat = x.detach().float().abs().reshape(-1)
-    if flat.numel() > max_samples:
-        flat = flat[:: flat.numel() // max_samples + 1]
+    flat = _flat_sample(x, max_samples).abs()
     return (torch.quantile(flat, q / 100.0).clamp_min(1e-8) / qp).reshape(())
+
+
+# The step rules by name (QuantConfig's w_init / a_init)
+_W_RULES = {"lsq": lsq_weight_init, "mse": mse_weight_init}
+_A_RULES = {"mse": mse_act_init, "max": max_act_init, "pct": percentile_act_init}
+W_INITS, A_INITS = tuple(_W_RULES), tuple(_A_RULES)
 
 
 class _SoftQuantMixin:
@@ -172,10 +178,9 @@ class _SoftQuantMixin:
         replicas stay identical.
         """
         # (getattr: a layer unpickled from an older qgait has no w_init / a_init)
-        init = mse_weight_init if getattr(self, "w_init", "lsq") == "mse" else lsq_weight_init
-        a_init = {"max": max_act_init, "pct": percentile_act_init}.get(
-            getattr(self, "a_init", "mse"), mse_act_init)
-        self.w_scale.copy_(init(self.weight_rows(), self.w_bits))
+        a_init = _A_RULES[getattr(self, "a_init", "mse")]
+        self.w_scale.copy_(_W_RULES[getattr(self, "w_init", "lsq")](self.weight_rows(),
+                                                                    self.w_bits))
         if self.a_bits is not None:
             neg = (x.detach().min() < 0).float().reshape(1)
             dist = torch.distributed
