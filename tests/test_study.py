@@ -206,15 +206,26 @@ def test_ptq_eval_a_init_fidelity_and_save(study, tmp_path, monkeypatch):
         torch.testing.assert_close(m.a_scale.detach(),
                                    max_act_init(inputs[(1, f)], m.a_bits, m.a_signed))
         mse = dict(models[1].named_modules())[f]
-        assert mse.a_init == "mse" and float(mse.a_scale) <= float(m.a_scale) * (1 + 1e-6)
+        assert mse.a_init == "mse"
+        assert float(mse.a_scale.detach()) <= float(m.a_scale.detach()) * (1 + 1e-6)
     for r in (r8, r8mse, r2):
         fid = r["fidelity"]
         assert fid["sequences"] > 0 and 0.0 <= fid["rel_mean"] <= fid["rel_p99"]
     assert r8["fidelity"]["rel_mean"] < r2["fidelity"]["rel_mean"]
     # the saved file is the calibrated fake-quant model
     loaded, info = load_model(saved)
-    assert info["meta"]["ptq"]["a_init"] == "max"
+    assert info["meta"]["ptq"]["a_init"] == "max" and not info["meta"]["ptq"]["packed"]
     x = torch.rand(1, 1, 12, 64, 44).round()
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(x)["embeddings"],
-                                   models[0].eval()(x)["embeddings"])
+        want = models[0].eval()(x)["embeddings"]
+        torch.testing.assert_close(loaded.eval()(x)["embeddings"], want)
+    # --packed: the same calibration (same seed), converted, evaluated and saved as integers
+    packed = tmp_path / "w8p.qgm"
+    rp = ptq_eval.main([*base, "--bits", "8", "--a-init", "max", "--packed", "--save",
+                        str(packed), "--out", str(tmp_path / "w8p.json")])
+    loaded, info = load_model(packed)
+    assert info["kind"] == "packed" and info["meta"]["ptq"]["packed"]
+    with torch.no_grad():
+        got = loaded(x)["embeddings"]
+    assert float((got - want).norm() / want.norm()) < 2e-2   # integer vs fp32 rounding
+    assert abs(rp["fidelity"]["rel_mean"] - r8["fidelity"]["rel_mean"]) < 2e-2

@@ -20,7 +20,8 @@ it (``.hits.npz``, the study's format, for ``tools/compare_hits.py``-style paire
 reports the mean (and 99th percentile) relative difference of the embeddings, ``|e_q - e| /
 |e|``: a criterion that needs no held-out identities, so quantization choices can be made on
 training subjects and the test subjects kept for the report (docs/results.md). ``--save F``
-writes the calibrated fake-quant model as a model file (``qgait convert`` packs it).
+writes the calibrated fake-quant model as a model file (``qgait convert`` packs it);
+``--packed`` evaluates, compares and saves the model converted to packed integer layers instead.
 
     python tools/ptq_eval.py --teacher runs/casia_b11_fp_w1_full/last.pt --bits 8 \
         --w-init mse --a-init pct --fidelity-ids 041 050 --out runs/b11_w8/ptq_pct.json
@@ -61,7 +62,10 @@ def main(argv=None):
     ap.add_argument("--fidelity-ids", nargs=2, default=None, metavar=("FIRST", "LAST"),
                     help="also report the embeddings' relative difference from the teacher's on "
                          "these subjects (e.g. training subjects: no test identity needed)")
-    ap.add_argument("--save", default=None, help="write the calibrated fake-quant model here")
+    ap.add_argument("--save", default=None, help="write the calibrated fake-quant model here "
+                    "(with --packed: the packed model)")
+    ap.add_argument("--packed", action="store_true", help="evaluate (and save) the calibrated "
+                    "model converted to packed integer layers (qgait.quant.convert)")
     ap.add_argument("--weights-only", action="store_true", help="quantize the weights only "
                     "(activations stay float everywhere): separates the two quantizers' costs")
     ap.add_argument("--seed", type=int, default=0)
@@ -108,6 +112,9 @@ def main(argv=None):
             model(x)                                  # eval mode: sets the steps only
     finally:
         soft_quant.ACT_PERCENTILE = default_pct
+    if args.packed:
+        from qgait.quant import convert
+        model = convert(model)
     hits = model_hits(model, cfg, load_dataset(cfg, "test", progress=False), progress=False)
     r = _rank1(hits)
     if args.fidelity_ids:
@@ -123,8 +130,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1) + "\n")
     setting = {"teacher": str(args.teacher), "bits": args.bits, "calib": args.calib,
-               "seed": args.seed, "weights_only": args.weights_only, "w_init": args.w_init,
-               "a_init": args.a_init, "a_percentile": args.a_percentile}
+               "calib_ids": cfg["data"]["train_ids"], "seed": args.seed,
+               "weights_only": args.weights_only, "w_init": args.w_init, "a_init": args.a_init,
+               "a_percentile": args.a_percentile, "packed": args.packed}
     save_hits(out.with_suffix(".hits.npz"), hits, setting)
     if args.save:
         save_model(model, args.save, {"ptq": setting}, config=cfg)
