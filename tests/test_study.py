@@ -229,3 +229,46 @@ def test_ptq_eval_a_init_fidelity_and_save(study, tmp_path, monkeypatch):
         got = loaded(x)["embeddings"]
     assert float((got - want).norm() / want.norm()) < 2e-2   # integer vs fp32 rounding
     assert abs(rp["fidelity"]["rel_mean"] - r8["fidelity"]["rel_mean"]) < 2e-2
+
+
+def test_release_zoo_adds_the_post_training_model_with_its_card(study, tmp_path, monkeypatch):
+    """tools/release_zoo.py --ptq: a ptq_eval --save file and its packed conversion join a zoo,
+    each verified (checksum, safe load, reference embedding), with a card whose dev-split table
+    is the mean of the dev runs given and the command lines that made them."""
+    from pathlib import Path
+
+    from qgait import zoo
+    from qgait.model_io import load_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import ptq_eval
+    import release_zoo
+
+    cfg, out, _ = study
+    base = ["--teacher", str(out / "fp" / "final.pt"), "--config", "demo_fast", "--data",
+            cfg["data"]["root"], "--calib", "2", "--bits", "8", "--w-init", "mse",
+            "--a-init", "pct"]
+    rel = tmp_path / "rel.qgm"
+    ptq_eval.main([*base, "--save", str(rel), "--out", str(tmp_path / "rel.json")])
+    dev = [ptq_eval.main([*base, "--seed", str(s), "--out", str(tmp_path / f"d{s}.json")])
+           for s in (0, 1)]
+    ptq_eval.main([*base, "--packed", "--out", str(tmp_path / "dp.json")])
+    zdir = tmp_path / "zoo"
+    hits = ",".join(str(tmp_path / f"d{s}.hits.npz") for s in (0, 1))
+    args = ["--ptq", str(rel), "--ptq-dev", hits, "--zoo-dir", str(zdir)]
+    release_zoo.main([*args, "--ptq-dev-packed", str(tmp_path / "dp.hits.npz")])
+    names = ["casiab-lite3d-w8a8-ptq", "casiab-lite3d-w8a8-ptq-packed"]
+    assert zoo.list_models(zdir) == names
+    for name in names:
+        assert zoo.verify(name, zoo_dir=zdir)["max_rel_diff"] <= zoo.REF_RTOL
+        card = zoo.card(name, zoo_dir=zdir)
+        nm = np.mean([d["NM"] for d in dev])
+        assert f"| post-training W8A8, fake-quant (2 calibration batches, mean +- std) | " \
+               f"{nm:.1f} +- " in card
+        assert "| packed - FP [95%] |" in card and "--a-init pct --seed 1 --out " in card
+        assert f"--packed --out {tmp_path / 'dp.json'}" in card
+        assert f"--save {rel} --out {rel.with_suffix('.json')}" in card
+    model, info = load_model(zdir / f"{names[1]}.qgm")
+    assert info["kind"] == "packed" and info["meta"]["ptq"]["a_init"] == "pct"
+    with pytest.raises(SystemExit, match="not a fake-quant model"):   # a packed file is refused
+        release_zoo.main(["--ptq", str(zdir / f"{names[1]}.qgm"), "--ptq-dev", hits])

@@ -76,34 +76,40 @@ def _fmt_latency(lat: dict, capped: dict) -> str:
     return "\n".join(lines)
 
 
-def card(name: str, kind: str, variant: str, file_bytes: int, model, lat: dict,
-         capped: dict, dev: dict, commands: dict, meta: dict) -> str:
-    from qgait.pipeline.demo import inference_nbytes
+def _what(kind: str, variant: str) -> str:
     bits = variant.upper() if variant != "fp" else "FP32"
-    what = {"fp": "full-precision teacher (fp32)",
+    return {"fp": "full-precision teacher (fp32)",
             "fakequant": f"{bits} fake-quant model (QGait two-stage + IDC; fp32 weights on the "
                          "integer grid, for fine-tuning, export-onnx or convert)",
             "packed": f"{bits} packed integer model (QGait two-stage + IDC, converted: "
                       "integer convolutions, for CPU inference)"}[kind]
+
+
+def _dev_text(variant: str, dev: dict) -> str:
+    """The card's development-split table of a trained variant, from the dev report's rows."""
+    bits = variant.upper() if variant != "fp" else "FP32"
     row = dev.get(variant) or {}
-    dev_lines = ["| condition | NM | BG | CL |", "| --- | --- | --- | --- |"]
+    lines = ["| condition | NM | BG | CL |", "| --- | --- | --- | --- |"]
     if row:
         label = "FP32, fp32" if variant == "fp" else f"{bits} packed integers"
-        dev_lines.append(f"| rank-1, {label} | {row['NM']:.1f} | {row['BG']:.1f} | "
-                         f"{row['CL']:.1f} |")
+        lines.append(f"| rank-1, {label} | {row['NM']:.1f} | {row['BG']:.1f} | {row['CL']:.1f} |")
         fp = dev.get("fp")
         if fp and variant != "fp":
-            dev_lines.append(f"| teacher FP32 (same split) | {fp['NM']:.1f} | {fp['BG']:.1f} | "
-                             f"{fp['CL']:.1f} |")
+            lines.append(f"| teacher FP32 (same split) | {fp['NM']:.1f} | {fp['BG']:.1f} | "
+                         f"{fp['CL']:.1f} |")
+    text = "\n".join(lines) + "\n"
     cmp = row.get("fakequant_vs_packed")
-    agree = ""
     if cmp:
-        agree = (f"\nOn the dev split the packed model and its fake-quant model agree to a relative "
-                 f"embedding difference of {cmp['max_rel_diff']:.1e} at most "
+        text += (f"\nOn the dev split the packed model and its fake-quant model agree to a "
+                 f"relative embedding difference of {cmp['max_rel_diff']:.1e} at most "
                  f"({cmp['mean_rel_diff']:.1e} on average over {cmp['sequences']:,d} sequences); "
                  f"{cmp['probe_outcomes_changed']} probe outcomes differ.\n")
-    cmd = "\n".join(commands[k] for k in ("teacher", "quant", "release", "dev")
-                    if k in commands)
+    return text
+
+
+def card(name: str, what: str, file_bytes: int, model, lat: dict, capped: dict,
+         dev_text: str, cmd: str, meta: dict) -> str:
+    from qgait.pipeline.demo import inference_nbytes
     return f"""# zoo:{name}
 
 GaitLite3D, width 1.0, {what}. Trained by qgait on CASIA-B (11 views).
@@ -130,8 +136,7 @@ The release model was trained on all 74 shared subjects, so it has no held-out s
 own here: CASIA-B's standard test subjects 075-124 were not available to the project, and are
 evaluated independently. The numbers below are the **same recipe trained on 001-050** ({DEV_NOTE}):
 
-{chr(10).join(dev_lines)}
-{agree}
+{dev_text}
 These are below published CASIA-B models (GaitSet 95.8 / 90.0 / 75.4 on 075-124, a different
 test set): this model was trained for {meta['steps']}, on a 2-core CPU, not for 40k-120k iterations
 on GPUs; see docs/results.md for its curve and what limits it.
@@ -190,12 +195,12 @@ def _params(model) -> int:
 
 
 def build(args) -> None:
-    from qgait import zoo
     from qgait.model_io import file_sha256, load_checkpoint_model, read_header, save_model
     from qgait.quant import convert
 
     dev = _dev_rows(Path(args.dev_report))
     commands = recipe_commands(Path(args.fp), Path(args.quant), Path(args.dev_report), dev)
+    cmd = "\n".join(commands[k] for k in ("teacher", "quant", "release", "dev") if k in commands)
     sources = {"fp": Path(args.fp)}
     for v in VARIANTS:
         sources[v] = Path(args.quant) / v / "soft" / "final.pt"
@@ -220,15 +225,150 @@ def build(args) -> None:
                     "train_ids": cfg["data"]["train_ids"], "variant": variant, "steps": steps}
             f = work / f"{name}.qgm"
             save_model(m, f, meta, config=cfg)
-            lat, capped = latency(f), capped_latency(f)
-            text = card(name, kind, variant, f.stat().st_size, m, lat, capped, dev,
-                        commands, dict(meta, fp_parameters=fp_params))
-            c = work / f"{name}.md"
-            c.write_text(text)
-            e = zoo.add(name, f, c, args.zoo_dir)
-            print(f"added zoo:{name}: {e['kind']}, {e['bytes']:,d} bytes, "
-                  f"{lat.get('ms_1_threads')} ms (1 thread), capped AVX2 "
-                  f"{capped.get('ms_1_threads')} ms", flush=True)
+            _add(name, f, m, _what(kind, variant), _dev_text(variant, dev), cmd,
+                 dict(meta, fp_parameters=fp_params), args.zoo_dir)
+
+
+def _add(name: str, f: Path, model, what: str, dev_text: str, cmd: str, meta: dict,
+         zoo_dir) -> None:
+    """Times the model file ``f``, writes its card beside it and adds both to the zoo."""
+    from qgait import zoo
+    lat, capped = latency(f), capped_latency(f)
+    c = f.with_suffix(".md")
+    c.write_text(card(name, what, f.stat().st_size, model, lat, capped, dev_text, cmd, meta))
+    e = zoo.add(name, f, c, zoo_dir)
+    print(f"added zoo:{name}: {e['kind']}, {e['bytes']:,d} bytes, "
+          f"{lat.get('ms_1_threads')} ms (1 thread), capped AVX2 "
+          f"{capped.get('ms_1_threads')} ms", flush=True)
+
+
+W_RULE = {"lsq": "LSQ weight steps", "mse": "least-squares weight steps per output channel"}
+A_RULE = {"mse": "least-squares activation steps", "max": "largest-magnitude activation steps",
+          "pct": "{q:g}th-percentile activation steps"}
+
+
+def ptq_command(setting: dict, out: Path, save: Path | None = None) -> str:
+    """The ``tools/ptq_eval.py`` command line that made a recorded setting."""
+    s = setting
+    cmd = [f"python tools/ptq_eval.py --teacher {s['teacher']}"]
+    if s.get("calib_ids"):
+        cmd.append("--train-ids {} {}".format(*s["calib_ids"]))
+    cmd.append(f"--bits {s['bits']} --calib {s['calib']} --w-init {s['w_init']} "
+               f"--a-init {s['a_init']}")
+    if s.get("a_percentile") is not None:
+        cmd.append(f"--a-percentile {s['a_percentile']:g}")
+    cmd += [f"--seed {s['seed']}"] + ["--weights-only"] * bool(s.get("weights_only")) + \
+        ["--packed"] * bool(s.get("packed"))
+    if save is not None:
+        cmd.append(f"--save {save}")
+    return " ".join(cmd + [f"--out {out}"])
+
+
+def _hits_runs(spec: str) -> list[tuple[Path, dict, dict]]:
+    """(path, ptq_eval setting, hits) of each comma-separated hits file of tools/ptq_eval.py."""
+    import numpy as np
+
+    from qgait.pipeline.study import load_hits
+    runs = []
+    for p in map(Path, spec.split(",")):
+        hits = load_hits(p)
+        if hits is None:
+            raise SystemExit(f"release_zoo: {p}: no such hits file (tools/ptq_eval.py writes "
+                             "it beside its --out JSON)")
+        with np.load(p, allow_pickle=False) as z:
+            runs.append((p, json.loads(str(z["meta"]))["key"], hits))
+    return runs
+
+
+def _ptq_dev_text(dev: list, packed: list, n_boot: int = 10000) -> tuple[str, list[str]]:
+    """The PTQ card's development-split table (rank-1 mean +- std over calibration batches,
+    the teacher, paired-bootstrap differences) and the commands that made its runs."""
+    import numpy as np
+
+    from qgait.evaluation.bootstrap import paired_bootstrap
+    from qgait.pipeline.study import _rank1, load_hits
+    teacher = Path(dev[0][1]["teacher"])
+    fp_path = teacher.with_name(teacher.name + ".hits.npz")
+    fp = load_hits(fp_path)
+    if fp is None:
+        raise SystemExit(f"release_zoo: {fp_path}: the dev teacher's hits are missing (`qgait "
+                         f"study` writes them; or tools/ptq_eval.py on {teacher} at 32 bits)")
+    conds = ("NM", "BG", "CL", "mean")
+    lines = ["| rank-1 (%) | " + " | ".join(conds) + " |", "|" + " --- |" * (len(conds) + 1)]
+
+    def row(label, runs):
+        r = np.array([[_rank1(h)[c] for c in conds] for _, _, h in runs])
+        cells = [f"{m:.1f}" + (f" +- {sd:.1f}" if len(runs) > 1 else "")
+                 for m, sd in zip(r.mean(0), r.std(0, ddof=1) if len(runs) > 1 else r[0])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def diff(label, runs):
+        b = paired_bootstrap([h for _, _, h in runs], [fp], n_boot=n_boot)
+        lines.append(f"| {label} | " + " | ".join(
+            f"{b[c]['diff']:+.1f} [{b[c]['lo']:+.1f}, {b[c]['hi']:+.1f}]" for c in conds) + " |")
+
+    n = len(dev)
+    row(f"post-training W8A8, fake-quant ({n} calibration batches, mean +- std)", dev)
+    if packed:
+        row(f"the same, packed integers (calibration batch{'es' * (len(packed) > 1)} "
+            f"{', '.join(str(s['seed']) for _, s, _ in packed)})", packed)
+    row("teacher FP32 (same split)", [(fp_path, {}, fp)])
+    diff("fake-quant - FP [95%]", dev)
+    if packed:
+        diff("packed - FP [95%]", packed)
+    cmds = [ptq_command(s, p.with_name(p.name.replace(".hits.npz", ".json")))
+            for p, s, _ in dev + packed]
+    group = ",".join(str(p) for p, _, _ in dev)
+    cmds.append(f"python tools/compare_hits.py {group} {fp_path}")
+    return "\n".join(lines) + "\n", cmds
+
+
+def build_ptq(args) -> None:
+    """The post-training model (``--ptq``, a file of tools/ptq_eval.py --save) and its packed
+    conversion, as ``zoo:casiab-lite3d-w8a8-ptq[-packed]``."""
+    from qgait.model_io import file_sha256, load_model, read_header, save_model
+    from qgait.nn.soft_quant import ACT_PERCENTILE
+    from qgait.quant import convert
+
+    src = Path(args.ptq)
+    head = read_header(src)
+    s = head["meta"].get("ptq")
+    if not s or s.get("packed") or head["kind"] != "fakequant":
+        raise SystemExit(f"release_zoo: {src}: not a fake-quant model of `tools/ptq_eval.py "
+                         "--save` (its header has no 'ptq' setting, or it is packed)")
+    teacher = read_header(Path(s["teacher"]))
+    t_meta, t_cfg = teacher.get("meta") or {}, teacher["config"]
+    t_steps = t_meta.get("steps") or f"{t_cfg['train']['iterations']:,d} iterations"
+    t_ids = t_meta.get("train_ids") or t_cfg["data"]["train_ids"]
+    variant = f"w{s['bits']}a{s['bits']}"
+    rules = (f"{W_RULE[s['w_init']]}, "
+             f"{A_RULE[s['a_init']].format(q=s.get('a_percentile') or ACT_PERCENTILE)}")
+    steps = (f"the teacher's {t_steps} ({s['teacher']}), then post-training "
+             f"quantization, no training: {rules}, set by one eval-mode forward of {s['calib']} "
+             f"30-frame clips of subjects {'-'.join(s['calib_ids'])}")
+    dev_text, dev_cmds = _ptq_dev_text(_hits_runs(args.ptq_dev),
+                                       _hits_runs(args.ptq_dev_packed)
+                                       if args.ptq_dev_packed else [])
+    release = (f"python tools/release_zoo.py --ptq {src} --ptq-dev {args.ptq_dev}"
+               + (f" --ptq-dev-packed {args.ptq_dev_packed}" if args.ptq_dev_packed else ""))
+    cmd = "\n".join([f"# the teacher: zoo:{PREFIX}-fp (its card gives its recipe)",
+                     ptq_command(s, src.with_suffix(".json"), src), release,
+                     "# the development-split numbers (the same steps on the teacher trained "
+                     "on 001-050):", *dev_cmds])
+    model, _ = load_model(src)
+    fp_params = sum(p.numel() for p in load_model(Path(s["teacher"]))[0].parameters())
+    work = Path(tempfile.mkdtemp(prefix="qgait-release-"))
+    for kind, m in (("fakequant", model), ("packed", convert(copy.deepcopy(model)))):
+        name = f"{PREFIX}-{variant}-ptq" + ("-packed" if kind == "packed" else "")
+        what = (f"{variant.upper()} {'packed integer' if kind == 'packed' else 'fake-quant'} "
+                "model, post-training quantization of the teacher zoo:casiab-lite3d-fp (no "
+                "training; " + ("integer convolutions, for CPU inference)" if kind == "packed"
+                                else "fp32 weights, for export-onnx or convert)"))
+        meta = {"source": str(src), "source_sha256": file_sha256(src), "train_ids": t_ids,
+                "variant": variant, "steps": steps, "ptq": s}
+        f = work / f"{name}.qgm"
+        save_model(m, f, meta, config=head["config"])
+        _add(name, f, m, what, dev_text, cmd, dict(meta, fp_parameters=fp_params), args.zoo_dir)
 
 
 def main(argv=None) -> int:
@@ -237,10 +377,20 @@ def main(argv=None) -> int:
     ap.add_argument("--fp", help="the release teacher's checkpoint")
     ap.add_argument("--quant", help="the release pipeline's output folder (w8a8/, w4a4/)")
     ap.add_argument("--dev-report", help="report.json of the same recipe on the dev split")
+    ap.add_argument("--ptq", help="instead: a post-training model of tools/ptq_eval.py --save "
+                    "(on the release teacher), added with its packed conversion")
+    ap.add_argument("--ptq-dev", help="with --ptq: the hits files (comma-separated, one per "
+                    "calibration batch) of the same steps on the dev-split teacher")
+    ap.add_argument("--ptq-dev-packed", help="with --ptq: hits files of the same, --packed")
     ap.add_argument("--zoo-dir", default=None, help="default: the package's qgait/zoo")
     args = ap.parse_args(argv)
     if args.latency:
         print(json.dumps(latency(args.latency)))
+        return 0
+    if args.ptq:
+        if not args.ptq_dev:
+            ap.error("--ptq needs --ptq-dev (the dev-split runs its card reports)")
+        build_ptq(args)
         return 0
     if not (args.fp and args.quant and args.dev_report):
         ap.error("--fp, --quant and --dev-report are needed")
