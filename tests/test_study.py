@@ -271,4 +271,6 @@ def test_release_zoo_adds_the_post_training_model_with_its_card(study, tmp_path,
     model, info = load_model(zdir / f"{names[1]}.qgm")
     assert info["kind"] == "packed" and info["meta"]["ptq"]["a_init"] == "pct"
     with pytest.raises(SystemExit, match="not a fake-quant model"):   # a packed file is refused
-        release_zoo.main(["--ptq", str(zdir / f"{names[1]}.qgm"), "--ptq-dev", hits])
+        release_zoo.main(["--ptq", str(zdir / f"{names[1]}.qgm"), "--ptq-dev", hits,
+                          "--zoo-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()

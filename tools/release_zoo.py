@@ -120,7 +120,7 @@ GaitLite3D, width 1.0, {what}. Trained by qgait on CASIA-B (11 views).
 | input | binary silhouettes [N, 1, T, 64, 44] (OpenGait's 64 x 64 crops less 10 columns each side), 0 / 1 |
 | file | {name}.qgm, {file_bytes:,d} bytes, qgait model file (tensors + JSON, read with `weights_only=True`) |
 | trained on | CASIA-B subjects 001-074 (all 11 views, nm / bg / cl), {meta['steps']} |
-| method | {METHOD} |
+| method | {meta.get('method', METHOD)} |
 
 ## Use
 
@@ -253,8 +253,10 @@ def ptq_command(setting: dict, out: Path, save: Path | None = None) -> str:
     cmd = [f"python tools/ptq_eval.py --teacher {s['teacher']}"]
     if s.get("calib_ids"):
         cmd.append("--train-ids {} {}".format(*s["calib_ids"]))
-    cmd.append(f"--bits {s['bits']} --calib {s['calib']} --w-init {s['w_init']} "
-               f"--a-init {s['a_init']}")
+    cmd.append(f"--bits {s['bits']}")
+    if "calib" in s:      # (recorded since session 18; older runs used ptq_eval's default)
+        cmd.append(f"--calib {s['calib']}")
+    cmd.append(f"--w-init {s['w_init']} --a-init {s['a_init']}")
     if s.get("a_percentile") is not None:
         cmd.append(f"--a-percentile {s['a_percentile']:g}")
     cmd += [f"--seed {s['seed']}"] + ["--weights-only"] * bool(s.get("weights_only")) + \
@@ -365,7 +367,9 @@ def build_ptq(args) -> None:
                 "training; " + ("integer convolutions, for CPU inference)" if kind == "packed"
                                 else "fp32 weights, for export-onnx or convert)"))
         meta = {"source": str(src), "source_sha256": file_sha256(src), "train_ids": t_ids,
-                "variant": variant, "steps": steps, "ptq": s}
+                "variant": variant, "steps": steps, "ptq": s,
+                "method": "post-training quantization with qgait's quantizers (hard rounding, "
+                          "no training); the teacher is trained without quantization"}
         f = work / f"{name}.qgm"
         save_model(m, f, meta, config=head["config"])
         _add(name, f, m, what, dev_text, cmd, dict(meta, fp_parameters=fp_params), args.zoo_dir)
