@@ -11,6 +11,12 @@ subprocess), writes a model card with the recipe, the commands, the data and its
 development-split numbers of the same recipe trained on 001-050 (``--dev-report``: the report of
 ``qgait pipeline --report`` on that split), and adds each with :func:`qgait.zoo.add`.
 
+``python tools/release_zoo.py --ptq FILE --ptq-dev HITS[,HITS...]`` adds a post-training model
+instead (``FILE``: ``tools/ptq_eval.py --save`` on the release teacher) and its packed
+conversion, ``zoo:casiab-lite3d-w8a8-ptq[-packed]``; their card's development-split table comes
+from the hits files of the same steps on the dev-split teacher (one per calibration batch;
+``--ptq-dev-packed``: those of ``ptq_eval --packed``).
+
 ``python tools/release_zoo.py --latency FILE`` prints one model file's latency as JSON (what the
 capped subprocess runs).
 """
@@ -358,7 +364,7 @@ def build_ptq(args) -> None:
                      "# the development-split numbers (the same steps on the teacher trained "
                      "on 001-050):", *dev_cmds])
     model, _ = load_model(src)
-    fp_params = sum(p.numel() for p in load_model(Path(s["teacher"]))[0].parameters())
+    fp_params = _params(load_model(Path(s["teacher"]))[0].drop_classifier())
     work = Path(tempfile.mkdtemp(prefix="qgait-release-"))
     for kind, m in (("fakequant", model), ("packed", convert(copy.deepcopy(model)))):
         name = f"{PREFIX}-{variant}-ptq" + ("-packed" if kind == "packed" else "")
