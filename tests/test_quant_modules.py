@@ -203,10 +203,9 @@ def test_a_init_reaches_every_layer():
     from qgait.models import GaitLite3D
     from qgait.nn.soft_quant import (SOFT_QUANT_MODULES, max_act_init, mse_act_init,
                                      percentile_act_init)
-    x = torch.rand(2, 1, 6, 64, 44).round()
-    steps = {}
-    for init, rule in (("mse", mse_act_init), ("max", max_act_init),
-                       ("pct", percentile_act_init)):
+    x = torch.rand(2, 1, 6, 64, 44, generator=torch.Generator().manual_seed(0)).round()
+    rules = {"mse": mse_act_init, "max": max_act_init, "pct": percentile_act_init}
+    for init, rule in rules.items():
         torch.manual_seed(0)
         m = GaitLite3D(num_classes=3, width=0.25).eval()
         qgait.quantize_(m, qgait.QuantConfig(w_bits=8, a_bits=8, a_init=init)
@@ -226,11 +225,14 @@ def test_a_init_reaches_every_layer():
         assert len(layers) > 3 and all(q.a_init == init for q in layers.values())
         for f, q in layers.items():
             torch.testing.assert_close(q.a_scale.detach(), rule(seen[f], 8, q.a_signed))
-        steps[init] = {f: q.a_scale.item() for f, q in layers.items()}
-    assert all(steps["mse"][f] <= steps["max"][f] * (1 + 1e-6) for f in steps["mse"])
-    assert all(steps["pct"][f] <= steps["max"][f] * (1 + 1e-6) for f in steps["mse"])
-    assert any(steps["mse"][f] < 0.9 * steps["max"][f] for f in steps["mse"])
-    assert any(steps["pct"][f] < steps["max"][f] for f in steps["mse"])
+    # the rules' order, on the same inputs (each run's later layers see other inputs, as the
+    # earlier layers quantize by other rules)
+    steps = {n: {f: float(r(seen[f], 8, q.a_signed)) for f, q in layers.items()}
+             for n, r in rules.items()}
+    assert all(steps["mse"][f] <= steps["max"][f] * (1 + 1e-6) for f in layers)
+    assert all(steps["pct"][f] <= steps["max"][f] * (1 + 1e-6) for f in layers)
+    assert any(steps["mse"][f] < 0.95 * steps["max"][f] for f in layers)   # it clips
+    assert any(steps["pct"][f] < steps["max"][f] for f in layers)
     with pytest.raises(ValueError, match="a_init"):
         SoftQuantConv3d(1, 2, 3, a_init="lsq")
 
