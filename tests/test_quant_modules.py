@@ -249,6 +249,14 @@ def test_percentile_act_init():
     assert abs(float(big) * 255 - 9900) < 15
     with pytest.raises(ValueError, match="q must be"):
         percentile_act_init(x, 8, True, q=0.0)
+    # a layer's own percentile (a sweep's), else the module's default
+    layer = SoftQuantConv3d(1, 2, 1, a_init="pct")
+    xs = torch.randn(1, 1, 4, 8, 8)
+    layer.init_steps(xs)
+    torch.testing.assert_close(layer.a_scale.detach(), percentile_act_init(xs, 8, True))
+    layer.a_percentile = 50.0
+    layer.init_steps(xs)
+    torch.testing.assert_close(layer.a_scale.detach(), percentile_act_init(xs, 8, True, q=50.0))
 
 
 def test_quantize_model_passes_w_init():

@@ -187,14 +187,11 @@ def test_ptq_eval_a_init_fidelity_and_save(study, tmp_path, monkeypatch):
                         "--out", str(tmp_path / "w8.json")])
     r8mse = ptq_eval.main([*base, "--bits", "8", "--out", str(tmp_path / "w8mse.json")])
     r2 = ptq_eval.main([*base, "--bits", "2", "--out", str(tmp_path / "w2.json")])
-    import qgait.nn.soft_quant as soft_quant
-    default_pct = soft_quant.ACT_PERCENTILE
     ptq_eval.main([*base, "--bits", "8", "--a-init", "pct", "--a-percentile", "100", "--out",
                    str(tmp_path / "p100.json")])     # the 100th percentile is the max rule
-    assert soft_quant.ACT_PERCENTILE == default_pct   # restored after the calibration
     for f, m in dict(models[3].named_modules()).items():
         if isinstance(m, SOFT_QUANT_MODULES) and m.a_bits is not None:
-            assert m.a_init == "pct"
+            assert m.a_init == "pct" and m.a_percentile == 100.0
             torch.testing.assert_close(m.a_scale, dict(models[0].named_modules())[f].a_scale)
     with pytest.raises(SystemExit):                   # a percentile without the pct rule
         ptq_eval.main([*base, "--bits", "8", "--a-percentile", "99", "--out", "x.json"])

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qgait.nn.soft_quant import A_INITS, W_INITS
+from qgait.nn.soft_quant import A_INITS, SOFT_QUANT_MODULES, W_INITS
 
 
 def main(argv=None):
@@ -94,7 +94,6 @@ def main(argv=None):
     quantize_model(model, {**cfg["quant"], "w_bits": args.bits, "a_bits": args.bits,
                            "w_init": args.w_init, "a_init": args.a_init})
     if args.weights_only:   # the same weight quantizers (kept-8-bit layers at 8), inputs float
-        from qgait.nn.soft_quant import SOFT_QUANT_MODULES
         for m in model.modules():
             if isinstance(m, SOFT_QUANT_MODULES):
                 m.a_bits = None
@@ -103,15 +102,12 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(len(train), size=min(args.calib, len(train)), replace=False)
     x, _ = make_ordered_batch(train, [int(i) for i in idx], 30, rng)   # as training clips are cut
-    import qgait.nn.soft_quant as soft_quant
-    default_pct = soft_quant.ACT_PERCENTILE
-    if args.a_percentile is not None:                 # read by percentile_act_init
-        soft_quant.ACT_PERCENTILE = args.a_percentile
-    try:
-        with torch.no_grad():
-            model(x)                                  # eval mode: sets the steps only
-    finally:
-        soft_quant.ACT_PERCENTILE = default_pct
+    if args.a_percentile is not None:                 # each layer's percentile_act_init
+        for m in model.modules():
+            if isinstance(m, SOFT_QUANT_MODULES):
+                m.a_percentile = args.a_percentile
+    with torch.no_grad():
+        model(x)                                      # eval mode: sets the steps only
     if args.packed:
         from qgait.quant import convert
         model = convert(model)

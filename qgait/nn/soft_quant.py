@@ -147,6 +147,10 @@ W_INITS, A_INITS = tuple(_W_RULES), tuple(_A_RULES)
 class _SoftQuantMixin:
     """State and behaviour shared by the quantized layers."""
 
+    # a_init="pct": this layer's percentile; None = the module's ACT_PERCENTILE (a sweep, e.g.
+    # tools/ptq_eval.py --a-percentile, sets it per layer before the first forward)
+    a_percentile: float | None = None
+
     def _setup_quant(self, out_channels, w_bits, a_bits, k, mode, w_init="lsq", a_init="mse"):
         _check_quant_args(type(self).__name__, w_bits, a_bits, k, mode, w_init, a_init)
         self.w_bits, self.a_bits, self.k, self.mode = int(w_bits), a_bits, float(k), mode
@@ -190,7 +194,8 @@ class _SoftQuantMixin:
             signed = bool(neg.item() > 0)
             self._a_signed = signed
             self.a_signed_flag.fill_(int(signed))
-            self.a_scale.copy_(a_init(x, self.a_bits, signed))
+            kw = {"q": self.a_percentile} if a_init is percentile_act_init else {}
+            self.a_scale.copy_(a_init(x, self.a_bits, signed, **kw))
             if ddp:
                 dist.all_reduce(self.a_scale.data)
                 self.a_scale.data /= dist.get_world_size()
