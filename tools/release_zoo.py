@@ -274,8 +274,6 @@ def ptq_command(setting: dict, out: Path, save: Path | None = None) -> str:
 
 def _hits_runs(spec: str) -> list[tuple[Path, dict, dict]]:
     """(path, ptq_eval setting, hits) of each comma-separated hits file of tools/ptq_eval.py."""
-    import numpy as np
-
     from qgait.pipeline.study import load_hits
     runs = []
     for p in map(Path, spec.split(",")):
@@ -283,8 +281,7 @@ def _hits_runs(spec: str) -> list[tuple[Path, dict, dict]]:
         if hits is None:
             raise SystemExit(f"release_zoo: {p}: no such hits file (tools/ptq_eval.py writes "
                              "it beside its --out JSON)")
-        with np.load(p, allow_pickle=False) as z:
-            runs.append((p, json.loads(str(z["meta"]))["key"], hits))
+        runs.append((p, hits["key"], hits))
     return runs
 
 
@@ -294,9 +291,9 @@ def _ptq_dev_text(dev: list, packed: list, n_boot: int = 10000) -> tuple[str, li
     import numpy as np
 
     from qgait.evaluation.bootstrap import paired_bootstrap
-    from qgait.pipeline.study import _rank1, load_hits
+    from qgait.pipeline.study import _rank1, hits_path, load_hits
     teacher = Path(dev[0][1]["teacher"])
-    fp_path = teacher.with_name(teacher.name + ".hits.npz")
+    fp_path = hits_path(teacher)
     fp = load_hits(fp_path)
     if fp is None:
         raise SystemExit(f"release_zoo: {fp_path}: the dev teacher's hits are missing (`qgait "
@@ -306,8 +303,9 @@ def _ptq_dev_text(dev: list, packed: list, n_boot: int = 10000) -> tuple[str, li
 
     def row(label, runs):
         r = np.array([[_rank1(h)[c] for c in conds] for _, _, h in runs])
-        cells = [f"{m:.1f}" + (f" +- {sd:.1f}" if len(runs) > 1 else "")
-                 for m, sd in zip(r.mean(0), r.std(0, ddof=1) if len(runs) > 1 else r[0])]
+        cells = [f"{m:.1f}" for m in r.mean(0)]
+        if len(runs) > 1:
+            cells = [f"{c} +- {sd:.1f}" for c, sd in zip(cells, r.std(0, ddof=1))]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     def diff(label, runs):

@@ -68,15 +68,22 @@ def save_hits(path: Path, hits: dict, key: dict) -> None:
     tmp.replace(path)
 
 
+def hits_path(ckpt) -> Path:
+    """Where the hits of a checkpoint are cached: ``<checkpoint>.hits.npz`` beside it."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(ckpt.name + ".hits.npz")
+
+
 def load_hits(path: Path, key: dict | None = None) -> dict | None:
-    """The hits stored at ``path``; None when absent or stored under another ``key``."""
+    """The hits stored at ``path`` (with the ``key`` they were stored under); None when absent
+    or stored under another ``key``."""
     if not path.exists():
         return None
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         if key is not None and meta["key"] != key:
             return None
-        return {"views": meta["views"],
+        return {"views": meta["views"], "key": meta["key"],
                 "cond": {c: {"subject": z[f"{c}_subject"], "view": z[f"{c}_view"],
                              "hit": z[f"{c}_hit"]} for c in meta["conds"]}}
 
@@ -87,7 +94,7 @@ def evaluate_hits(ckpt: Path, cfg: dict, test=None, progress: bool = True) -> di
     from qgait.train.build import load_dataset
 
     ckpt = Path(ckpt)
-    path = ckpt.with_name(ckpt.name + ".hits.npz")
+    path = hits_path(ckpt)
     test = test if test is not None else load_dataset(cfg, "test", progress=False)
     key = _eval_key(ckpt, cfg, test)
     hits = load_hits(path, key)
