@@ -95,12 +95,12 @@ def code_range(x, kw):
 
 def _expect_winograd(cpu_isa, x, kw, w_int) -> bool:
     """Whether this CPU level takes the Winograd path: codes of range <= 63 and weights of
-    magnitude <= 14 always; not on the scalar path or CPUs with AVX-VNNI; on the AVX2 class
+    magnitude <= 14 always; not on the scalar path; on the AVX2 class (AVX-VNNI or not)
     only where a pair of vpmaddubsw products (transformed codes <= 4 a times transformed
     weights) cannot saturate int16."""
     feats = torch.ops.qgait._cpu_features()
     a = code_range(x, kw)
-    if cpu_isa == "scalar" or "avx_vnni=1" in feats or a > 63 or w_int.abs().max() > 14:
+    if cpu_isa == "scalar" or a > 63 or w_int.abs().max() > 14:
         return False
     if cpu_isa in ("avx512", "amx") and "vnni=1" in feats:
         return True
@@ -241,8 +241,7 @@ def test_shipped_packed_models_same_with_winograd_on_and_off(name, monkeypatch):
             outs[flag] = model(x)["embeddings"]
     hook.remove()
     assert torch.equal(outs["auto"], outs["0"]) and torch.equal(outs["1"], outs["0"])
-    feats = torch.ops.qgait._cpu_features()
-    on = "w4a4" in name and "avx_vnni=1" not in feats  # stage2's 32 -> 64 3x3x3: wide enough
+    on = "w4a4" in name  # stage2's 32 -> 64 3x3x3: wide enough
     assert [p.endswith("-winograd") for p in paths] == [on, on, False], paths
 
 
