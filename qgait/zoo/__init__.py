@@ -25,10 +25,16 @@ from qgait.errors import UserError
 
 ZOO_DIR = Path(__file__).resolve().parent
 PREFIX = "zoo:"
-# The reference embedding's tolerance: fp32 convolutions differ by a few ulps between CPU
-# classes (AVX-512 vs AVX2 oneDNN kernels) and thread counts; a wrong or damaged model is off
-# by orders of magnitude more.
-REF_RTOL = 1e-3
+# The reference embedding's tolerance, relative to its largest magnitude: the largest
+# difference at most REF_RTOL, the mean at most REF_MEAN_RTOL. fp32 convolutions differ by a
+# few ulps between CPUs (oneDNN's kernels per vendor and class) and thread counts; in a
+# fake-quant model an ulp can move an activation across a rounding boundary, which the next
+# layers carry on: casiab-lite3d-w8a8-ptq, recorded on an AMD EPYC (Zen 4), differs by 2.3e-3
+# at most (2.6e-3 with oneDNN capped to AVX2), 2.1e-4 on average, on an Intel Xeon with AMX;
+# the other shipped models by under 1e-6. A wrong or damaged model is off by orders of
+# magnitude more (and its file fails its checksum first).
+REF_RTOL = 1e-2
+REF_MEAN_RTOL = 1e-3
 
 __all__ = ["PREFIX", "ZOO_DIR", "ZooError", "add", "card", "is_zoo_name", "list_models",
            "load", "path", "reference_embedding", "reference_sequence", "verify"]
@@ -144,7 +150,8 @@ def add(name: str, model_file, card_file, zoo_dir=None) -> dict:
 
 def verify(name: str, zoo_dir=None) -> dict:
     """Checks a shipped model: checksums, a safe load, and its reference embedding reproduced
-    within ``REF_RTOL`` (relative to the embedding's largest magnitude). Returns the numbers;
+    within ``REF_RTOL`` at most and ``REF_MEAN_RTOL`` on average (relative to the embedding's
+    largest magnitude). Returns the numbers;
     raises :class:`ZooError` on a mismatch."""
     from qgait.model_io import file_sha256
     e = _entry(name, zoo_dir)
@@ -158,8 +165,12 @@ def verify(name: str, zoo_dir=None) -> dict:
     if got.shape != ref.shape:
         raise ZooError(f"zoo:{name}: embedding shape {tuple(got.shape)}, recorded "
                        f"{tuple(ref.shape)}")
-    rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    if not rel <= REF_RTOL:
-        raise ZooError(f"zoo:{name}: the reference embedding differs by {rel:.2e} (relative), "
-                       f"more than {REF_RTOL:g}")
-    return {"name": name, "kind": info["kind"], "max_rel_diff": rel, "bytes": e["bytes"]}
+    scale = ref.abs().max().clamp_min(1e-12)
+    rel = float((got - ref).abs().max() / scale)
+    mean = float((got - ref).abs().mean() / scale)
+    if not (rel <= REF_RTOL and mean <= REF_MEAN_RTOL):
+        raise ZooError(f"zoo:{name}: the reference embedding differs by {rel:.2e} at most and "
+                       f"{mean:.2e} on average (relative), more than {REF_RTOL:g} / "
+                       f"{REF_MEAN_RTOL:g}")
+    return {"name": name, "kind": info["kind"], "max_rel_diff": rel, "mean_rel_diff": mean,
+            "bytes": e["bytes"]}
