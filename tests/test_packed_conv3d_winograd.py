@@ -213,8 +213,14 @@ def test_winograd_by_default_only_where_it_measured_faster(cpu_isa, ci, co, kt, 
     x, wp, ws, kw, w_int = _case((1, ci, co, (3, 6, 5), kt, 1, kt // 2, 1), "int8_4bit", seed=9)
     got, ref, path = _run(x, wp, ws, kw, out="acc")
     assert torch.equal(got, ref)
-    vnni = cpu_isa in ("avx512", "amx") and "vnni=1" in torch.ops.qgait._cpu_features()
+    feats = torch.ops.qgait._cpu_features()
+    vnni = cpu_isa in ("avx512", "amx") and "vnni=1" in feats
     taken = vnni_taken if vnni else avx2_taken
+    # on the AMX level the AMX tiles take the layers they are wanted for (segments of kW x C_in
+    # bytes >= 32, >= 16 output channels), Winograd only the others
+    amx = cpu_isa == "amx" and "amx_int8=1" in feats and 3 * ((ci + 3) // 4 * 4) >= 32 and co >= 16
+    assert (path == "amx") == amx, path
+    taken = taken and not amx
     assert path.endswith("-winograd") == (taken and _expect_winograd(cpu_isa, x, kw, w_int)), path
 
 
@@ -242,7 +248,10 @@ def test_shipped_packed_models_same_with_winograd_on_and_off(name, monkeypatch):
     hook.remove()
     assert torch.equal(outs["auto"], outs["0"]) and torch.equal(outs["1"], outs["0"])
     on = "w4a4" in name  # stage2's 32 -> 64 3x3x3: wide enough
-    assert [p.endswith("-winograd") for p in paths] == [on, on, False], paths
+    # (where the CPU has AMX, the layer takes the AMX tiles unless Winograd is forced)
+    amx = "amx_int8=1" in torch.ops.qgait._cpu_features()
+    assert [p.endswith("-winograd") for p in paths] == [on and not amx, on, False], paths
+    assert (paths[0] == "amx") == amx, paths
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -80,7 +80,8 @@ void rows_scalar(const Ctx& c, const int16_t* ws, int64_t r0, int64_t r1) {
   }
 }
 
-enum class Path { Scalar, AVX2, VNNI };  // AVX2: maddubs, madd16 or avx_vnni (Avx2Kind)
+// AVX2: maddubs, madd16 or avx_vnni (Avx2Kind); AMX: layers that amx_wanted, else VNNI
+enum class Path { Scalar, AVX2, VNNI, AMX };
 
 // Longest run of vpmaddubsw steps whose int16 sums stay exact, for codes in [0, amax] and
 // weights in [wlo, whi] (wlo <= 0 <= whi): one step adds a pair sum in [2 amax wlo,
@@ -109,6 +110,7 @@ void parallel_dynamic(int64_t n, const F& f) {
 
 Path choose_path() {
   const Isa isa = cpu_isa();
+  if (isa >= Isa::AMX && cpu_has_amx_int8() && cpu_has_vnni()) return Path::AMX;
   if (isa >= Isa::AVX512 && cpu_has_vnni()) return Path::VNNI;
   if (isa >= Isa::AVX2) return Path::AVX2;
   return Path::Scalar;
@@ -149,13 +151,15 @@ void shift_codes(const int8_t* __restrict src, uint8_t* __restrict dst, int64_t 
 }
 
 uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp, int64_t Wp,
-                     int64_t Cp, int zp, float r, float qn, float qp) {
+                     int64_t Cp, int zp, float r, float qn, float qp, int64_t slack = 4) {
   std::vector<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
-  // 4 bytes of slack: with the W taps folded (Cp = 1) the last window's 4-byte read passes
-  // the end by up to 3 bytes (which meet zero weights)
-  if (buf.size() < total + 4) buf.resize(total + 4);
-  std::memset(buf.data() + total, zp, 4);
+  // slack past the end, filled with zp: with the W taps folded (Cp = 1) the last window's
+  // 4-byte read passes the end by up to 3 bytes (which meet zero weights); the AMX tiles read
+  // whole 16-pixel tiles and 64-byte chunks (amx_slack)
+  slack = std::max<int64_t>(slack, 4);
+  if (buf.size() < total + slack) buf.resize(total + slack);
+  std::memset(buf.data() + total, zp, static_cast<size_t>(slack));
   const auto st = x.strides();
   const auto dt = x.scalar_type();
   const bool flt = dt == at::kFloat;
@@ -350,7 +354,7 @@ std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int
 // address, build a new entry, and layers with equal weights share one. Entries are immutable
 // and handed out as shared_ptr (eviction cannot free one in use); the list is bounded by entry
 // count and bytes, least recently used first out.
-enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16, WinoVnni, WinoAvx2 };
+enum class WLayout : int64_t { Base, Vnni, Avx2U8, Avx2I16, WinoVnni, WinoAvx2, Amx };
 using PrepKey = std::array<int64_t, 9>;  // w_bits, Co, C, ntaps, ktaps, kc, Coutp, fold, layout
 
 struct WeightPrep {
@@ -360,7 +364,7 @@ struct WeightPrep {
                                 //   position's sums [16][Coutp] of the transformed weights
   int64_t wlo = 0, whi = 0;     // Base: the range of all weights; Wino*: of the transformed ones
   std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
-  std::vector<uint8_t> w8;      // Vnni / Avx2U8 layouts
+  std::vector<uint8_t> w8;      // Vnni / Avx2U8 / Amx layouts
   std::vector<int16_t> w16;     // Avx2I16 layout
   std::vector<int32_t> ktkh;    // Base: the sums per (kt, kh) window row [kT * kH][Coutp]
   size_t size() const {
@@ -449,6 +453,23 @@ bool winograd_wanted(const ConvGeom& g, bool vnni) {
   return g.Co >= 32 && (vnni ? g.C >= 16 : g.kT * g.C >= 48);
 }
 
+// QGAIT_AMX: 0 off, 1 wherever the tiles can run (every layer but a folded 1-channel stem),
+// unset (or anything else) where they measured faster than the AVX-512 VNNI tiles: segments
+// (contiguous reduction bytes) of at least 32 bytes, whose 64-byte chunks are at least half
+// codes, and at least 16 output channels.
+bool amx_wanted(const ConvGeom& g, int64_t seg_bytes, bool fold) {
+  if (fold) return false;
+  const char* e = std::getenv("QGAIT_AMX");
+  if (e && e[0] == '0') return false;
+  if (e && e[0] == '1') return true;
+  return seg_bytes >= 32 && g.Co >= 16;
+}
+
+bool winograd_forced() {
+  const char* e = std::getenv("QGAIT_WINOGRAD");
+  return e && e[0] == '1';
+}
+
 bool winograd_geometry(const ConvGeom& g) {
   return g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 &&
          g.pH == 1 && g.pW == 1 && g.C >= 2;
@@ -507,7 +528,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   cpu::advise_huge(y);  // cpu/alloc.h: no 4 KiB faults per call on a fresh output
   if (x.numel() == 0 || y.numel() == 0) return y;
 
-  const Path path = choose_path();
+  Path path = choose_path();
   Ctx c;
   c.g = g;
   c.Tp = g.T + 2 * g.pT;
@@ -528,6 +549,9 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
         c.toff.push_back(((kt * g.dT * c.Hp + kh * g.dH) * c.Wp + kw * g.dW) * c.Cp);
   const int64_t ktaps = static_cast<int64_t>(c.toff.size());
   const int64_t ntaps = g.kT * g.kH * g.kW;
+  // AMX segments: a window row's kW taps are contiguous bytes when dW = 1, else one tap each
+  const int64_t seg_taps = g.dW == 1 ? g.kW : 1;
+  if (path == Path::AMX && !amx_wanted(g, seg_taps * c.Cp, fold)) path = Path::VNNI;
 
   const at::Tensor wpk = w_packed.contiguous();
   const auto key = [&](WLayout l) {
@@ -562,9 +586,12 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const at::Tensor x_flat = flat_view(x);
   // Winograd (see winograd_weights): the geometry, the path and the weights allow it here; the
   // range of the codes decides below
-  const bool wino_try = path != Path::Scalar && !fold &&
+  // (on the AMX level Winograd runs on the VNNI tiles, and only when QGAIT_WINOGRAD=1: by
+  // default the AMX tiles' direct products measured faster on every layer they take)
+  const Path wpath = path == Path::AMX && winograd_forced() ? Path::VNNI : path;
+  const bool wino_try = wpath != Path::Scalar && wpath != Path::AMX && !fold &&
                         winograd_geometry(g) && std::max(-wlo, whi) <= 14 &&
-                        winograd_wanted(g, path == Path::VNNI);
+                        winograd_wanted(g, wpath == Path::VNNI);
   const bool avx2_small = (path == Path::AVX2 && !cpu_has_avx_vnni() &&
                            avx2_chunk(255, wlo, whi) < 136) || wino_try;
   if (x.scalar_type() == at::kBool) {
@@ -600,7 +627,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   std::shared_ptr<const WeightPrep> wino;
   int64_t wino_L = 0;
   if (wino_try && hi - lo <= 63) {
-    const WLayout l = path == Path::VNNI ? WLayout::WinoVnni : WLayout::WinoAvx2;
+    const WLayout l = wpath == Path::VNNI ? WLayout::WinoVnni : WLayout::WinoAvx2;
     wino = weight_prep(wpk, key(l), [&](WeightPrep& e) {
       const std::vector<int8_t> u =
           winograd_weights(wk, g.Co, g.kT, c.Cp, c.Coutp, e.wsum, e.wlo, e.whi);
@@ -624,11 +651,37 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     }
   }
   if (wino) {  // the code buffer covers whole tiles: 2 Ht + 2 rows, 2 Wt + 2 columns
+    path = wpath;
     c.Hp = 2 * ((g.Ho + 1) / 2) + 2;
     c.Wp = 2 * ((g.Wo + 1) / 2) + 2;
   }
-  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs,
-                     static_cast<float>(in_qn), static_cast<float>(in_qp));
+  AmxPlan amx;
+  std::shared_ptr<const WeightPrep> amx_w;
+  if (path == Path::AMX) {
+    const int64_t nseg = ktaps / seg_taps, sb = seg_taps * c.Cp, nblk = c.Coutp / 16;
+    const int64_t nch = (sb + 63) / 64;
+    for (int64_t s = 0; s < nseg; ++s)
+      for (int64_t ch = 0; ch < nch; ++ch) amx.koff.push_back(c.toff[s * seg_taps] + ch * 64);
+    amx.flat = g.sH == 1 && g.sW == 1;
+    amx.tiles = amx.flat ? (g.Ho * c.Wp + 15) / 16 : g.Ho * ((g.Wo + 15) / 16);
+    // B tiles [nseg * nch][nblk][16][64]: row kr of a tile holds reduction bytes 4 kr .. 4 kr + 3
+    // of its chunk for each of its 16 channels; zero past the segment and past C_out
+    amx_w = weight_prep(wpk, key(WLayout::Amx), [&](WeightPrep& e) {
+      e.w8.assign(static_cast<size_t>(nseg * nch * nblk * 1024), 0);
+      for (int64_t co = 0; co < g.Co; ++co)
+        for (int64_t s = 0; s < nseg; ++s) {
+          const int8_t* src = wk.data() + co * ktaps * c.kc + s * sb;
+          for (int64_t k = 0; k < sb; ++k) {
+            const int64_t ch = k / 64, kr = (k % 64) / 4;
+            e.w8[static_cast<size_t>((((s * nch + ch) * nblk + co / 16) * 16 + kr) * 64 +
+                                     (co % 16) * 4 + k % 4)] = static_cast<uint8_t>(src[k]);
+          }
+        }
+    });
+    amx.w = amx_w->w8.data();
+  }
+  c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs, static_cast<float>(in_qn),
+                     static_cast<float>(in_qp), path == Path::AMX ? amx_slack(c, amx) : 4);
 
   // Per-channel epilogue constants, all fp32 (the same products the reference forms).
   const at::Tensor wsc = w_scale.contiguous();
@@ -695,7 +748,10 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     return y;
   }
 
-  if (path == Path::VNNI) {
+  if (path == Path::AMX) {
+    last_path = "amx";
+    parallel_dynamic(amx_items(c, amx), [&](int64_t b, int64_t e) { items_amx(c, amx, b, e); });
+  } else if (path == Path::VNNI) {
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
       e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
     });

@@ -239,6 +239,19 @@ void epi_avx512(const Epi& E, const int32_t* acc, int64_t M, int64_t co0, int64_
   }
 }
 
+}  // namespace
+
+void epi_rows_avx512(const Epi& E, const int32_t* acc, int64_t ld, const int64_t* pix, int64_t M,
+                     int64_t co0, int64_t nco, int64_t Co, void* y) {
+  for (int64_t j = 0; j < nco; j += 16) {
+    const Epi16 e(E, co0 + j, mask16(nco - j));
+    for (int64_t m = 0; m < M; ++m)
+      if (pix[m] >= 0) e.store(_mm512_loadu_si512(acc + m * ld + j), y, pix[m] * Co + co0 + j);
+  }
+}
+
+namespace {
+
 // Codes of 16 floats: rint(clamp(x * r, qn, qp)) + zp as int32 lanes (max(NaN, qn) = qn).
 inline __m512i quant16(__m512 x, __m512 vr, __m512 vqn, __m512 vqp, __m512i vzp) {
   __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, vr), vqn), vqp);

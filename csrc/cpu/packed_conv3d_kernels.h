@@ -219,6 +219,31 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
 void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0, int64_t i1);
 // Winograd: output tile rows [i0, i1) of [N, Ht, To] (frames fastest), every output channel.
 void wino_items_vnni(const Ctx& c, const WinoPlan& p, int64_t i0, int64_t i1);
+// The epilogue of M accumulator rows (ld int32 apart, channels co0 .. co0 + nco) into the output
+// pixels pix[m] (rows with pix[m] < 0 are skipped), 16 channels at a time.
+void epi_rows_avx512(const Epi& E, const int32_t* acc, int64_t ld, const int64_t* pix, int64_t M,
+                     int64_t co0, int64_t nco, int64_t Co, void* y);
+
+// ---- packed_conv3d_amx.cpp (CPUs with AMX-INT8, on top of AVX-512 VNNI) ----------------------
+// The reduction as AMX walks it: segments of contiguous input bytes (a window row's kW taps x
+// Cp channels when dW = 1, else one tap's Cp channels), each cut into 64-byte chunks, the
+// bytes past a segment's end meeting zero weights. Output pixels are taken 16 at a time
+// (one tile's rows), over a "virtual" grid: with stride 1 in H and W a frame's pixels are
+// one run over the padded width (constant input stride Cp; the columns past Wo are computed
+// and dropped), otherwise each output row on its own, rounded up to 16 pixels.
+struct AmxPlan {
+  const uint8_t* w = nullptr;  // B tiles [steps][Coutp / 16][16 rows][64 bytes]
+  std::vector<int64_t> koff;   // each reduction step's input offset from the window's corner
+                               //   (step = a segment's 64-byte chunk)
+  bool flat = false;           // stride 1 in H and W
+  int64_t tiles = 0;           // tiles of 16 virtual pixels per output frame
+};
+// Bytes the tiles may read past the code buffer's end (rows past the frame, chunk tails).
+int64_t amx_slack(const Ctx& c, const AmxPlan& p);
+// Work items [i0, i1) of amx_items = [N, To, groups]: a group of up to 8 pairs of pixel tiles
+// of a frame, every output channel.
+int64_t amx_items(const Ctx& c, const AmxPlan& p);
+void items_amx(const Ctx& c, const AmxPlan& p, int64_t i0, int64_t i1);
 
 }  // namespace packed_cpu
 }  // namespace qgait
