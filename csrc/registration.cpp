@@ -9,14 +9,14 @@
 
 namespace {
 
-std::string cpu_isa_op() { return qgait::isa_name(qgait::cpu_isa()); }
+std::string cpu_isa_op() { return qgait::cpu_isa_name(); }
 
 // Caps the CPU ISA used by the C++ kernels; returns the previous level. Used by tests to run
-// every fallback (avx2, scalar) on a CPU that has wider vectors.
+// every fallback (avx2_vnni, avx2, scalar) on a CPU that has wider vectors.
 std::string set_cpu_isa_op(std::string name) {
-  std::string prev = qgait::isa_name(qgait::cpu_isa());
+  std::string prev = qgait::cpu_isa_name();
   try {
-    qgait::set_isa_cap(qgait::parse_isa(name));
+    qgait::set_isa_cap(name);
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "qgait::_set_cpu_isa: ", e.what());
   }

@@ -16,7 +16,7 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 import qgait  # noqa: E402
 from qgait import _ext  # noqa: E402
 
-ISA_LEVELS = ("amx", "avx512", "avx2", "scalar")
+ISA_LEVELS = ("amx", "avx512", "avx2_vnni", "avx2", "scalar")
 
 
 def pytest_report_header(config):
@@ -53,8 +53,11 @@ def backend_params(device: str = "cpu"):
 def _isa_ok(level: str) -> bool:
     if not _ext.HAS_C:
         return False
-    order = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
-    detected = torch.ops.qgait._cpu_features().split()[0].split("=")[1]
+    order = {"scalar": 0, "avx2": 1, "avx2_vnni": 1, "avx512": 2, "amx": 3}
+    feats = torch.ops.qgait._cpu_features()
+    detected = feats.split()[0].split("=")[1]
+    if level == "avx2_vnni" and "avx_vnni=1" not in feats:
+        return False  # the AVX2 level with AVX-VNNI needs the instruction
     return order[level] <= order[detected]
 
 

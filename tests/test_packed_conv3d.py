@@ -269,7 +269,8 @@ def test_cpu_prepared_weights_follow_their_bytes(cpu_isa, w_bits):
 
 
 def test_avx_vnni_path_exact():
-    """The AVX-VNNI (VEX vpdpbusd) kernel, which the avx2 level uses on CPUs reporting avx_vnni."""
+    """The AVX-VNNI (VEX vpdpbusd) kernel, which the avx2_vnni level uses on CPUs reporting
+    avx_vnni (the plain avx2 level keeps to vpmaddubsw / vpmaddwd)."""
     import qgait
 
     feats = torch.ops.qgait._cpu_features()
@@ -277,6 +278,10 @@ def test_avx_vnni_path_exact():
         pytest.skip(f"this CPU has no AVX-VNNI ({feats}); its kernel is compiled but cannot run")
     qgait.set_cpu_isa("avx2")
     try:
+        x, wp, ws, kw = make_case(CASES[0], 8, "uint8")
+        packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw)
+        assert torch.ops.qgait._packed_conv3d_cpu_path() != "avx2-avxvnni"
+        assert qgait.set_cpu_isa("avx2_vnni") == "avx2"
         for case in CASES + RANGE_SHAPES:
             for w_bits in (8, 4):
                 for kind in INPUTS:
@@ -284,6 +289,9 @@ def test_avx_vnni_path_exact():
                     assert torch.equal(packed_conv3d(x, wp, ws, out="acc", backend="cpu", **kw),
                                        packed_conv3d(x, wp, ws, out="acc", backend="reference",
                                                      **kw))
+                    assert torch.ops.qgait._packed_conv3d_cpu_path() in (
+                        "avx2-avxvnni", "avx2-maddubs-winograd", "avx2-maddubs1-winograd")
+        assert torch.ops.qgait._cpu_isa() == "avx2_vnni"
     finally:
         qgait.set_cpu_isa("amx")
 

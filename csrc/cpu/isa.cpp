@@ -40,19 +40,40 @@ Isa detect() {
   return Isa::Scalar;
 }
 
-Isa initial_cap() {
+// A cap: the level, and whether the AVX2 level may use AVX-VNNI (only "avx2" says no).
+struct Cap {
+  Isa isa;
+  bool avx_vnni;
+};
+
+Cap parse_cap(const std::string& name) {
+  if (name == "scalar") return {Isa::Scalar, true};
+  if (name == "avx2") return {Isa::AVX2, false};
+  if (name == "avx2_vnni") return {Isa::AVX2, true};
+  if (name == "avx512") return {Isa::AVX512, true};
+  if (name == "amx") return {Isa::AMX, true};
+  throw std::invalid_argument("unknown ISA '" + name +
+                              "' (expected scalar, avx2, avx2_vnni, avx512 or amx)");
+}
+
+Cap initial_cap() {
   const char* env = std::getenv("QGAIT_CPU_ISA");
-  if (env == nullptr || *env == '\0') return Isa::AMX;
+  if (env == nullptr || *env == '\0') return {Isa::AMX, true};
   try {
-    return parse_isa(env);
+    return parse_cap(env);
   } catch (const std::exception&) {
-    return Isa::AMX;  // an unknown value must not break import; the Python side warns
+    return {Isa::AMX, true};  // an unknown value must not break import; the Python side warns
   }
 }
 
 std::atomic<int>& cap_ref() {
-  static std::atomic<int> cap{static_cast<int>(initial_cap())};
+  static std::atomic<int> cap{static_cast<int>(initial_cap().isa)};
   return cap;
+}
+
+std::atomic<bool>& avx_vnni_cap() {
+  static std::atomic<bool> on{initial_cap().avx_vnni};
+  return on;
 }
 
 }  // namespace
@@ -80,6 +101,10 @@ bool cpu_has_avx_vnni() {
 #endif
 }
 
+bool cpu_uses_avx_vnni() {
+  return cpu_has_avx_vnni() && avx_vnni_cap().load(std::memory_order_relaxed);
+}
+
 bool cpu_has_amx_int8() { return detected_isa() >= Isa::AMX; }
 
 Isa cpu_isa() {
@@ -88,7 +113,16 @@ Isa cpu_isa() {
   return static_cast<Isa>(cap < det ? cap : det);
 }
 
-void set_isa_cap(Isa cap) { cap_ref().store(static_cast<int>(cap)); }
+void set_isa_cap(const std::string& name) {
+  const Cap c = parse_cap(name);
+  cap_ref().store(static_cast<int>(c.isa));
+  avx_vnni_cap().store(c.avx_vnni);
+}
+
+std::string cpu_isa_name() {
+  const Isa isa = cpu_isa();
+  return isa == Isa::AVX2 && cpu_uses_avx_vnni() ? "avx2_vnni" : isa_name(isa);
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -98,14 +132,6 @@ const char* isa_name(Isa isa) {
     case Isa::AMX: return "amx";
   }
   return "scalar";
-}
-
-Isa parse_isa(const std::string& name) {
-  if (name == "scalar") return Isa::Scalar;
-  if (name == "avx2") return Isa::AVX2;
-  if (name == "avx512") return Isa::AVX512;
-  if (name == "amx") return Isa::AMX;
-  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avx512 or amx)");
 }
 
 }  // namespace qgait
