@@ -586,9 +586,10 @@ def test_flips_on_gaitlite3d_are_near_ties_and_as_large_as_torchs_own(tmp_path):
     """A calibrated W8A8 GaitLite3D does flip codes (a flip in the trunk reaches the embedding
     through the per-part FC). Checks the mechanism and the size:
 
-    * every code onnxruntime computes differs from qgait's by at most one step, and in the first
-      quantizer where any differs, each differing value lay within the summation noise
-      (RTOL_SUM * max|v|) of a rounding tie: a flip, not a semantic difference;
+    * in the first quantizer where any code onnxruntime computes differs from qgait's, it differs
+      by one step and each differing value lay within the summation noise (RTOL_SUM * max|v|)
+      of a rounding tie: a flip, not a semantic difference; later quantizers, which carry the
+      flips on, differ by at most 2 steps in at most 10% of their codes;
     * against the exact math (float64), onnxruntime's error (max and RMS over 4 sequences) is at
       most 2x torch's own fp32 error, or RTOL_SUM where torch has none. (Measured here: about
       equal, ~1.2e-3 of max|embedding| at most for both; the flips cascade through the trunk.)
@@ -626,11 +627,18 @@ def test_flips_on_gaitlite3d_are_near_ties_and_as_large_as_torchs_own(tmp_path):
         v = (inp * (1.0 / mod.a_scale.detach())).numpy()
         codes = np.clip(np.rint(v), qn, qp)
         d = np.rint(dq / mod.a_scale.item()) - codes
-        assert np.abs(d).max() <= 1
         if first and d.any():
             first = False
+            assert np.abs(d).max() <= 1
             dist = np.abs(v - np.floor(v) - 0.5)[d != 0]
             assert dist.max() <= RTOL_SUM * np.abs(v).max(), "a code differs away from a tie"
+        else:
+            # later quantizers carry the earlier flips on, more at each layer; measured on an
+            # Intel Xeon (onnxruntime 1.32): one flip in 180,224 codes of the third layer, then
+            # 0.013%, 0.12%, 0.40% of the next layers' codes by one step, and 4.7% of the
+            # per-part FC's input (max-pooled features) by up to 2 steps. A semantic difference
+            # (a scale, a zero point) moves codes broadly.
+            assert np.abs(d).max() <= 2 and (d != 0).mean() <= 0.1, (np.abs(d).max(), d.mean())
 
     # Size: against the exact math (the same model in float64), over several sequences (flips
     # are discrete events; one sequence's max says little), max and RMS error.

@@ -204,7 +204,11 @@ def test_ptq_eval_a_init_fidelity_and_save(study, tmp_path, monkeypatch):
                                    max_act_init(inputs[(1, f)], m.a_bits, m.a_signed))
         mse = dict(models[1].named_modules())[f]
         assert mse.a_init == "mse"
-        assert float(mse.a_scale.detach()) <= float(m.a_scale.detach()) * (1 + 1e-6)
+        # against the max rule on the MSE run's own inputs: past the first layer they differ
+        # from the max run's (the earlier layers' steps differ), by enough to put the MSE step
+        # 0.06% above the max run's on one CPU
+        own_max = max_act_init(inputs[(2, f)], m.a_bits, m.a_signed)
+        assert float(mse.a_scale.detach()) <= float(own_max) * (1 + 1e-6)
     for r in (r8, r8mse, r2):
         fid = r["fidelity"]
         assert fid["sequences"] > 0 and 0.0 <= fid["rel_mean"] <= fid["rel_p99"]
