@@ -95,14 +95,16 @@ def code_range(x, kw):
 
 def _expect_winograd(cpu_isa, x, kw, w_int) -> bool:
     """Whether this CPU level takes the Winograd path: codes of range <= 63 and weights of
-    magnitude <= 14 always; not on the scalar path; on the AVX2 class (AVX-VNNI or not)
-    only where a pair of vpmaddubsw products (transformed codes <= 4 a times transformed
-    weights) cannot saturate int16."""
+    magnitude <= 14 always; not on the scalar path; on the AVX2 class without AVX-VNNI only
+    where a pair of vpmaddubsw products (transformed codes <= 4 a times transformed weights)
+    cannot saturate int16 (with AVX-VNNI its GEMMs run on vpdpbusd ymm)."""
     feats = torch.ops.qgait._cpu_features()
     a = code_range(x, kw)
     if cpu_isa == "scalar" or a > 63 or w_int.abs().max() > 14:
         return False
     if cpu_isa in ("avx512", "amx") and "vnni=1" in feats:
+        return True
+    if cpu_isa == "avx2_vnni":  # VEX vpdpbusd: int32 sums, no int16 bound
         return True
     ulo, uhi = transformed_weight_range(w_int)
     return 8 * a * uhi <= 32767 and 8 * a * -ulo <= 32768

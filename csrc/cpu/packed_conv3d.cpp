@@ -648,7 +648,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
       }
     });
     if (wino->w8.empty()) wino.reset();
-    if (wino && path == Path::AVX2) {
+    if (wino && path == Path::AVX2 && !cpu_uses_avx_vnni()) {
       wino_L = avx2_chunk(4 * (hi - lo), wino->wlo, wino->whi);
       if (wino_L < 1) wino.reset();
     }
@@ -745,7 +745,10 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
       parallel_dynamic(trows, [&](int64_t b, int64_t e) { wino_items_vnni(c, p, b, e); });
     } else {
       p.L = std::min(wino_L, p.K);
-      last_path = p.L >= 2 ? "avx2-maddubs-winograd" : "avx2-maddubs1-winograd";
+      p.avx_vnni = cpu_uses_avx_vnni();
+      last_path = p.avx_vnni ? "avx2-avxvnni-winograd"
+                  : p.L >= 2 ? "avx2-maddubs-winograd"
+                             : "avx2-maddubs1-winograd";
       parallel_dynamic(trows, [&](int64_t b, int64_t e) { wino_rows_avx2(c, p, b, e); });
     }
     return y;

@@ -31,7 +31,7 @@
 //   avx_vnni  VEX vpdpbusd on ymm (CPUs reporting avx_vnni): the VNNI path's arithmetic with 8
 //             lanes, exact for every range.
 // All: tiles of up to 6 output pixels x 16 output channels (12 ymm accumulators; 5 pixels for
-// maddubs1, whose ones take a register; 4 for avx_vnni), weights of one step in two ymm, one
+// maddubs1, whose ones take a register), weights of one step in two ymm, one
 // broadcast per pixel and step. A row is cut into tiles of nearly equal width (44 -> 4 x 6 +
 // 4 x 5): with 6-pixel tiles the packed GaitLite3D took 10.4-11.3 ms (W4A4, maddubs) and
 // 14.9-15.7 ms (W8A8, madd16) against 11.9-12.5 and 16.5-18.2 ms with 4-pixel ones (min of 30
@@ -43,9 +43,9 @@ namespace qgait {
 namespace packed_cpu {
 namespace {
 
-// Pixels of the narrow tiles (rows of fewer than 5 output pixels, and avx_vnni's intrinsics
-// tile: g++ loads all broadcasts of a step first, so with 6 pixels it kept 8 of the 12
-// accumulators on the stack, a store and a load per step each; the asm tiles go to 6).
+// Pixels of the narrow tiles (rows of fewer than 5 output pixels; an intrinsics tile of 6
+// pixels had g++ keep 8 of the 12 accumulators on the stack, a store and a load per step
+// each, so the wide tiles are asm).
 constexpr int kMA = 4;
 constexpr int kMW = 6;  // pixels of the widest asm tiles
 
@@ -415,26 +415,27 @@ namespace qgait {
 namespace packed_cpu {
 namespace {
 
+// The asm walk of the vpmaddubsw tiles with one VEX vpdpbusd per pixel and weight register
+// (no int16 sums, no widening): 6 pixels x 16 channels in ymm0-11. The {vex} prefix (%{vex%}
+// in asm) keeps the assembler from the EVEX form, which CPUs without AVX-512 lack. The
+// intrinsics tile it replaces held 4 pixels (g++ spilled accumulators past that) and ran
+// slower than vpmaddubsw: whole packed GaitLite3D width 1.0, 2 threads, Xeon capped to the
+// AVX2 level, W8A8 8.61 ms against 8.18 ms, W4A4 6.24 against 5.67 ms.
+#define QA_PIXV(MUL, ADD, SC, pm, a0, a1)                                  \
+  "vpbroadcastd (%[" pm "],%%rdx,1), %%ymm13\n\t"                          \
+  "%{vex%} vpdpbusd %%ymm14, %%ymm13, " QA_R(a0) "\n\t"                     \
+  "%{vex%} vpdpbusd %%ymm15, %%ymm13, " QA_R(a1) "\n\t"
+#define QA_AVXVNNI(n, _) \
+  QA_ASM(QA_W##n(QA_Z) QA_WALK(QA_ROWS##n(QA_PIXV, "", "", "1")) QA_W##n(QA_ST))
+template <int P>
 void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
                   const int8_t* w, int64_t wstride, int32_t* out) {
-  __m256i acc[4][2];
-  for (int m = 0; m < 4; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-  for (int64_t s = 0; s < K; ++s) {
-    const int8_t* wk = w + s * wstride;
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 32));
-    for (int m = 0; m < 4; ++m) {
-      int32_t v;
-      std::memcpy(&v, p[m] + aoff[s], 4);
-      const __m256i av = _mm256_set1_epi32(v);
-      acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], av, b0);
-      acc[m][1] = _mm256_dpbusd_avx_epi32(acc[m][1], av, b1);
-    }
-  }
-  for (int m = 0; m < 4; ++m) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16), acc[m][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m * 16 + 8), acc[m][1]);
-  }
+  static_assert(P == 2 || P == 4 || P == 5 || P == 6);
+  const int64_t* ao = aoff;
+  const int8_t* wk = w;
+  const int64_t ws = wstride;
+  int64_t n = K;
+  QA_FOR_P(QA_AVXVNNI, 0);
 }
 
 }  // namespace
@@ -454,10 +455,19 @@ inline int span(int64_t Wo, int64_t w0, int widest) {
 }
 
 // Pixels of the tile at w0 of a row of Wo: nearly equal tiles of up to `widest` pixels (span),
-// or, in rows narrower than 5 pixels and for the 4-pixel avx_vnni tile, tiles of up to kMA.
+// or, in rows narrower than 5 pixels, tiles of up to kMA.
 inline int tile_pixels(int64_t Wo, int64_t w0, int widest) {
   return widest > kMA && Wo >= 5 ? span(Wo, w0, widest)
                                  : static_cast<int>(std::min<int64_t>(kMA, Wo - w0));
+}
+
+// The VEX vpdpbusd tile of M pixels.
+inline void tile_vex(int M, const uint8_t* const* p8, const int64_t* aoff, int64_t K,
+                     const int8_t* w8, int64_t wstride, int32_t* out) {
+  (M == 6   ? tile_avxvnni<6>
+   : M == 5 ? tile_avxvnni<5>
+   : M > 2  ? tile_avxvnni<4>
+            : tile_avxvnni<2>)(p8, aoff, K, 0, w8, wstride, out);
 }
 
 // The vpmaddubsw tile of M pixels: maddubs (int16 sums over L steps), or maddubs1 (L = 1).
@@ -490,8 +500,8 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   alignas(32) int32_t part[kMW * 16];
   const int64_t astep = g.sW * c.Cp, row_steps = p.K / nrows;
   // the widest tile of the kernel: 6 pixels (12 accumulators, every ymm register), 5 for
-  // maddubs1 (whose ones take a register), 4 for avx_vnni (intrinsics)
-  const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : p.kind == Avx2Kind::AvxVnni ? kMA : kMW;
+  // maddubs1 (whose ones take a register)
+  const int widest = p.kind == Avx2Kind::Maddubs1 ? 5 : kMW;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
     const uint8_t* base = c.row_base(n, t, h);
@@ -535,7 +545,7 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
                       p.wstride, dst);
               break;
             case Avx2Kind::AvxVnni:
-              tile_avxvnni(p8, ao, K, p.L, w8, p.wstride, dst);
+              tile_vex(M, p8, ao, K, w8, p.wstride, dst);
               break;
             case Avx2Kind::Madd16:
               (M == 6   ? tile_madd16<6>
@@ -578,7 +588,7 @@ void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   if (yb.size() < static_cast<size_t>(4 * Wt * 16)) yb.resize(4 * Wt * 16);
   int32_t* const y0 = yb.data();
   int32_t* const y1 = yb.data() + 2 * Wt * 16;
-  const bool one = p.L < 2;  // maddubs1: tiles of up to 5 pixels
+  const bool one = !p.avx_vnni && p.L < 2;  // maddubs1: tiles of up to 5 pixels
   const int widest = one ? 5 : kMW;
   std::vector<int64_t> aoff(static_cast<size_t>(p.K));
   WinoRows rows(p);
@@ -594,7 +604,9 @@ void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
           const int M = tile_pixels(Wt, w0, widest);
           const uint8_t* p8[kMW];
           for (int m = 0; m < kMW; ++m) p8[m] = bx + (w0 + std::min(m, M - 1)) * p.Cp;
-          tile_u8(one, M, p8, aoff.data(), p.K, p.L, w8, 64, mb.data() + (xi * ws + w0) * 16);
+          int32_t* dst = mb.data() + (xi * ws + w0) * 16;
+          if (p.avx_vnni) tile_vex(M, p8, aoff.data(), p.K, w8, 64, dst);
+          else tile_u8(one, M, p8, aoff.data(), p.K, p.L, w8, 64, dst);
           w0 += M;
         }
       }

@@ -146,6 +146,7 @@ struct WinoPlan {
   int64_t wxi = 0;                 //   wxi bytes apart
   const int32_t* corr = nullptr;   // [4][Coutp]: the offsets' share of the 4 outputs of a tile
   int64_t L = 0;                   // avx2: steps of int16 sums (see avx2_chunk)
+  bool avx_vnni = false;           // avx2: the GEMMs on VEX vpdpbusd (int32 sums, any L)
 };
 
 // Transforms one tile row: the 4 code rows from u_row (rows of Wq pixels x Cp) into
