@@ -64,6 +64,19 @@ def int8_peak_lib():
     return lib
 
 
+def amx_peak_lib():
+    """bench/peak/int8_peak.cpp as a shared library for its AMX ceiling (``amx_peak(macs,
+    threads)``: register-only tdpbusd), or the reason it cannot be had."""
+    lib = _peak_lib("int8_peak", ("-pthread",))
+    if isinstance(lib, str):
+        return lib
+    if not lib.has_amx():
+        return "this CPU (or Linux) gives no AMX-INT8"
+    lib.amx_peak.restype = None
+    lib.amx_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
 def avx2_steps_lib():
     """bench/peak/avx2_steps.cpp as a shared library (``avx2_steps(kind, macs)``,
     ``avx2_step_macs(kind)``), or the reason it cannot be had."""

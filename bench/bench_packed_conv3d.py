@@ -15,7 +15,8 @@ Modes:
          output; torch.ao.nn.quantized.Conv3d on a quint8 channels-last tensor.
   peak   the int8 ceiling of this CPU: the layer's MAC count as register-only AVX-512 VNNI
          vpdpbusd (bench/peak/int8_peak.cpp, built here with the system C++ compiler), so each
-         convolution's "% of peak" is measured in the same run.
+         convolution's "% of peak" is measured in the same run; on a CPU with AMX-INT8 also as
+         register-only tdpbusd (amx_peak), the ceiling of qgait's AMX path.
 extra_info: ops = 2 * MACs (TOPS), weight_bytes.
 """
 import warnings
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from qgait.ops import packed_conv3d
 from qgait.quant import pack_weight
 
-from _common import int8_peak_lib, machine_info
+from _common import amx_peak_lib, int8_peak_lib, machine_info
 
 LAYERS = {"A": ((4, 32, 30, 64, 44), 64), "B": ((4, 64, 30, 32, 22), 128)}
 X_SCALE, OUT_SCALE = 0.01, 0.05
@@ -90,11 +91,13 @@ def _torch_ao(mode, x, w_int, w_scale, bias):
         return (lambda: conv(q)), co * ci * 27
 
 
-def _peak(macs):
-    lib = int8_peak_lib()
+def _peak(macs, amx=False):
+    lib = amx_peak_lib() if amx else int8_peak_lib()
     if isinstance(lib, str):
         pytest.skip(lib)
     threads = torch.get_num_threads()
+    if amx:
+        return lambda: lib.amx_peak(macs, threads)
     return lambda: lib.int8_peak(macs, threads)
 
 
@@ -117,6 +120,7 @@ PROVIDERS = [  # (provider, mode, role)
     ("qgait_w4a4", "q8io", "qgait"),
     ("torch_ao_x86", "q8io", "baseline"),
     ("int8_peak", "f32io", "ceiling"), ("int8_peak", "q8io", "ceiling"),
+    ("amx_peak", "f32io", "ceiling"), ("amx_peak", "q8io", "ceiling"),
 ]
 
 
@@ -129,8 +133,8 @@ def test_packed_conv3d(benchmark, provider, mode, role, layer):
     x, w_int, w_scale, bias, macs = _layer(layer, w_bits)
     if provider.startswith("qgait"):
         fn, wbytes = _qgait(w_bits, mode, x, w_int, w_scale, bias, a_bits)
-    elif provider == "int8_peak":
-        fn, wbytes = _peak(macs), 0
+    elif provider in ("int8_peak", "amx_peak"):
+        fn, wbytes = _peak(macs, amx=provider == "amx_peak"), 0
     elif provider == "torch_ao_x86":
         if "x86" not in torch.backends.quantized.supported_engines:
             pytest.skip("torch has no x86 quantized engine")

@@ -11,7 +11,6 @@ hooks), and each layer's rate is given against this CPU's tdpbusd peak (bench/pe
 measured here on as many threads). Wall clock; never asserted.
 """
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -22,19 +21,16 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import _peak_lib, cpu_class  # noqa: E402
+from _common import amx_peak_lib, cpu_class  # noqa: E402
 
 MODES = {"vnni": "0", "amx": None}  # QGAIT_AMX for each side (None: unset, the default choice)
 
 
 def amx_peak(threads: int):
     """This CPU's tdpbusd rate in MAC/s on `threads` threads, or the reason it has none."""
-    lib = _peak_lib("int8_peak", ("-pthread",))
+    lib = amx_peak_lib()
     if isinstance(lib, str):
         return lib
-    if not lib.has_amx():
-        return "no AMX-INT8 here"
-    lib.amx_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
     macs, best = 100_000_000_000, float("inf")
     for _ in range(3):
         t0 = time.perf_counter()

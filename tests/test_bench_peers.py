@@ -41,3 +41,32 @@ def test_paired_peers_model_smallest():
     # the int8 peers are working int8 models (an int8 graph gone wrong lands far below this)
     for label in int8:
         assert float(cos[label]) > 0.99, (label, out)
+
+
+AMX_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "paired_amx.py"
+
+
+def test_paired_amx_smallest():
+    """bench/paired_amx.py on a CPU with AMX-INT8: both sides of each layer named (the AMX side
+    on the amx path for every layer but the stem) and a ratio line; elsewhere it exits with the
+    reason."""
+    from qgait import _ext
+
+    if not _ext.HAS_C:
+        pytest.skip("qgait._C not built")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(AMX_SCRIPT), "--rounds", "1", "--models",
+                        "casiab-lite3d-w4a4-packed"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    if "amx_int8=1" not in torch.ops.qgait._cpu_features():
+        assert p.returncode != 0 and "no AMX-INT8" in p.stderr, p.stderr[-2000:]
+        return
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = p.stdout
+    assert re.search(r"^casiab-lite3d-w4a4-packed: VNNI .* ms, AMX .* ms per sequence", out,
+                     re.M), out
+    layers = re.findall(r"^  (\S+)\s+(\S+)\s+\d+\.\d+ ms\s+(\S+)\s+\d+\.\d+ ms", out, re.M)
+    assert len(layers) == 6, out
+    for name, vnni, amx in layers:
+        assert not vnni.startswith("amx")
+        assert (amx == "amx") == (name != "stem.0"), (name, amx)
