@@ -51,30 +51,28 @@ def _peak_lib(name: str, flags=()):
     return ctypes.CDLL(out)
 
 
-def int8_peak_lib():
-    """bench/peak/int8_peak.cpp as a shared library (``int8_peak(macs, threads)``), or the
-    reason it cannot be had."""
+def _int8_peak_lib(has: str, fn: str, missing: str):
+    """bench/peak/int8_peak.cpp loaded with ``fn(macs, threads)`` typed, or the reason it cannot
+    be had (no compiler, or ``has()`` false: ``missing``)."""
     lib = _peak_lib("int8_peak", ("-pthread",))
     if isinstance(lib, str):
         return lib
-    if not lib.has_vnni():
-        return "this CPU has no AVX-512 VNNI"
-    lib.int8_peak.restype = None
-    lib.int8_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
+    if not getattr(lib, has)():
+        return missing
+    f = getattr(lib, fn)
+    f.restype = None
+    f.argtypes = [ctypes.c_int64, ctypes.c_int]
     return lib
+
+
+def int8_peak_lib():
+    """The AVX-512 VNNI ceiling, ``int8_peak(macs, threads)``: register-only vpdpbusd."""
+    return _int8_peak_lib("has_vnni", "int8_peak", "this CPU has no AVX-512 VNNI")
 
 
 def amx_peak_lib():
-    """bench/peak/int8_peak.cpp as a shared library for its AMX ceiling (``amx_peak(macs,
-    threads)``: register-only tdpbusd), or the reason it cannot be had."""
-    lib = _peak_lib("int8_peak", ("-pthread",))
-    if isinstance(lib, str):
-        return lib
-    if not lib.has_amx():
-        return "this CPU (or Linux) gives no AMX-INT8"
-    lib.amx_peak.restype = None
-    lib.amx_peak.argtypes = [ctypes.c_int64, ctypes.c_int]
-    return lib
+    """The AMX-INT8 ceiling, ``amx_peak(macs, threads)``: register-only tdpbusd."""
+    return _int8_peak_lib("has_amx", "amx_peak", "this CPU (or Linux) gives no AMX-INT8")
 
 
 def avx2_steps_lib():
