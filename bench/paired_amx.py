@@ -136,7 +136,8 @@ def _layer_macs(model, name, x):
         _SHAPES[key] = shapes
     shape, mod = _SHAPES[key][name]
     k = mod.kernel_size
-    return shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * mod.in_channels * k[0] * k[1] * k[2]
+    n, co, t, h, w = shape
+    return n * co * t * h * w * mod.in_channels * k[0] * k[1] * k[2]
 
 
 if __name__ == "__main__":

@@ -430,8 +430,9 @@ std::shared_ptr<const WeightPrep> weight_prep(const at::Tensor& wpk, const PrepK
 // Where: 3 x 3 in H and W, stride 1, dilation 1, padding 1 (any kT, temporal stride and
 // dilation), at least 2 input channels, codes of range <= 63 (measured for integer inputs),
 // weights of magnitude <= 14; not on the scalar path. On the AVX2 class of a CPU with AVX-VNNI
-// its GEMMs stay on vpmaddubsw and still beat the direct vpdpbusd ymm tiles (whole W4A4
-// GaitLite3D width 1.0, 2 threads, Xeon capped to avx2: 6.90 ms against 8.59 ms). When, by default: for at least 32 output channels and, with vpdpbusd, 16 input
+// its GEMMs run on the VEX vpdpbusd tiles (int32 sums: no bound on L; whole W4A4 GaitLite3D
+// width 1.0, 2 threads, Xeon at the avx2_vnni level: 4.79 ms, against 5.61 ms for W4A8 on the
+// direct tiles). When, by default: for at least 32 output channels and, with vpdpbusd, 16 input
 // channels; on the AVX2 class kT x C_in >= 48 (its int16 sums of V . U must be widened every
 // few steps, L = 3 for 4-bit codes and weights, against 136 on the direct path, so a short
 // reduction gains little). Narrower layers lost to the direct path, e.g. GaitLite3D width 0.5,
