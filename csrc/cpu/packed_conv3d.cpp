@@ -685,7 +685,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     amx.w = amx_w->w8.data();
   }
   c.xp = build_input(x, g, c.Tp, c.Hp, c.Wp, c.Cp, zp, 1.0f / xs, static_cast<float>(in_qn),
-                     static_cast<float>(in_qp), path == Path::AMX ? amx_slack(c, amx) : 4);
+                     static_cast<float>(in_qp), path == Path::AMX ? amx_slack(c) : 4);
 
   // Per-channel epilogue constants, all fp32 (the same products the reference forms).
   const at::Tensor wsc = w_scale.contiguous();

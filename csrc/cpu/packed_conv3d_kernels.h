@@ -240,7 +240,7 @@ struct AmxPlan {
   int64_t tiles = 0;           // tiles of 16 virtual pixels per output frame
 };
 // Bytes the tiles may read past the code buffer's end (rows past the frame, chunk tails).
-int64_t amx_slack(const Ctx& c, const AmxPlan& p);
+int64_t amx_slack(const Ctx& c);
 // Work items [i0, i1) of amx_items = [N, To, groups]: a group of up to 8 pairs of pixel tiles
 // of a frame, every output channel.
 int64_t amx_items(const Ctx& c, const AmxPlan& p);
