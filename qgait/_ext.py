@@ -28,6 +28,19 @@ except ImportError as e:  # pragma: no cover - exercised by the no-extension CI 
     )
 
 
+# QGAIT_CPU_ISA's values (csrc/cpu/isa.h): the C++ side ignores any other (an import must not
+# fail on it); this says so, once, naming the variable.
+CPU_ISA_LEVELS = ("amx", "avx512", "avx2_vnni", "avx2", "scalar")
+_isa_env = os.environ.get("QGAIT_CPU_ISA", "")
+if HAS_C and _isa_env and _isa_env not in CPU_ISA_LEVELS:
+    warnings.warn(
+        f"qgait: QGAIT_CPU_ISA={_isa_env!r} is not one of {', '.join(CPU_ISA_LEVELS)}; "
+        "ignored, the kernels use the widest level this CPU has",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``qgait::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
     if not HAS_C:
@@ -49,14 +62,16 @@ def triton_status() -> tuple[bool, str]:
 
 
 def cpu_isa() -> str:
-    """The SIMD level the C++ CPU kernels use now ("avx512", "avx2", "scalar", "amx")."""
+    """The SIMD level the C++ CPU kernels use now (one of CPU_ISA_LEVELS)."""
     if not HAS_C:
         return "none"
     return torch.ops.qgait._cpu_isa()
 
 
 def set_cpu_isa(isa: str) -> str:
-    """Caps the C++ kernels' SIMD level (tests use it to run every fallback); returns the old."""
+    """Caps the C++ kernels' SIMD level at ``isa`` (one of CPU_ISA_LEVELS; "avx2" is plain
+    AVX2 + FMA, "avx2_vnni" the AVX2 level with AVX-VNNI where the CPU has it); returns the old.
+    Tests use it to run every fallback on one CPU."""
     if not HAS_C:
         raise RuntimeError("qgait._set_cpu_isa: the compiled extension qgait._C is not loaded")
     return torch.ops.qgait._set_cpu_isa(isa)

@@ -604,3 +604,30 @@ def test_scale_checked_once_per_version_and_again_after_a_write(backend, monkeyp
         bad = -ws.abs()
         with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
             packed_conv3d(x, wp, bad, **kw)
+
+
+@pytest.mark.parametrize("value,want", [("avx2", "avx2"), ("scalar", "scalar"),
+                                        ("avx-2", None), ("AVX2", None)])
+def test_cpu_isa_env_names_and_a_typo(value, want):
+    """QGAIT_CPU_ISA caps the level in a fresh process; a value that is not a level is ignored
+    with one warning naming the variable and the levels (the import still works)."""
+    import subprocess
+    import sys
+
+    if not _ext.HAS_C:
+        pytest.skip("qgait._C not built")
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import torch, qgait; print('ISA', torch.ops.qgait._cpu_isa())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "QGAIT_CPU_ISA": value})
+    assert p.returncode == 0, p.stderr[-2000:]
+    isa = p.stdout.split("ISA ", 1)[1].strip()
+    detected = torch.ops.qgait._cpu_features().split()[0].split("=")[1]
+    if want == "avx2" and detected == "scalar":
+        want = "scalar"  # a cap never raises the level
+    if want is None:
+        assert f"QGAIT_CPU_ISA={value!r} is not one of amx, avx512, avx2_vnni, avx2, scalar" \
+            in p.stderr, p.stderr[-2000:]
+        assert isa == detected
+    else:
+        assert "QGAIT_CPU_ISA" not in p.stderr and isa == want
