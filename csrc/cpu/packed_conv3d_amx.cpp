@@ -124,7 +124,6 @@ void items_amx(const Ctx& c, const AmxPlan& p, int64_t i0, int64_t i1) {
   alignas(64) int32_t acc[32 * 32];
   int64_t pix[kPairs][32];
   const uint8_t* a[kPairs][2];
-  load_tile_config();
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t grp = i % ngroups, t = (i / ngroups) % g.To, n = i / (ngroups * g.To);
     const int64_t k0 = grp * kPairs, np = std::min(kPairs, npairs - k0);
@@ -161,8 +160,11 @@ void items_amx(const Ctx& c, const AmxPlan& p, int64_t i0, int64_t i1) {
       }
     }
   }
-  _tile_release();
 }
+
+void amx_enter() { load_tile_config(); }
+
+void amx_leave() { _tile_release(); }
 
 }  // namespace packed_cpu
 }  // namespace qgait

@@ -244,6 +244,10 @@ int64_t amx_slack(const Ctx& c);
 // Work items [i0, i1) of amx_items = [N, To, groups]: a group of up to 8 pairs of pixel tiles
 // of a frame, every output channel.
 int64_t amx_items(const Ctx& c, const AmxPlan& p);
+// The calling thread's tile configuration (before its first items_amx) and its release (after
+// the last), once per thread and call, not per chunk of work items.
+void amx_enter();
+void amx_leave();
 void items_amx(const Ctx& c, const AmxPlan& p, int64_t i0, int64_t i1);
 
 }  // namespace packed_cpu
