@@ -5,6 +5,7 @@ W8A8 / W4A8 / W4A4 models, timed in paired, rotating rounds.
     python bench/paired_peers_model.py [--widths 0.5 1.0] [--bits W8A8 W4A8 W4A4 W8A7] [--rounds 10]
     QGAIT_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/paired_peers_model.py  # AVX2 class
     python bench/paired_peers_model.py --checkpoint model.pt   # a trained fp model file
+    python bench/paired_peers_model.py --warm 3   # each timed call after 3 of the same model
 
 Every contender runs the same fp32 weights (one GaitLite3D, eval mode, BatchNorm statistics
 perturbed; or the fp model of ``--checkpoint``, classifier head dropped) on the same binary
@@ -374,6 +375,10 @@ def main(argv=None):
     ap.add_argument("--bits", nargs="+", default=DEFAULT_BITS, choices=list(BITS))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--warm", type=int, default=0,
+                    help="untimed calls of the same contender before each timed one (default 0: "
+                         "every timed call follows another contender, caches cold to it; K > 0: "
+                         "the steady state of a model embedding sequence after sequence)")
     ap.add_argument("--calib", type=int, default=4, help="calibration sequences (default 4)")
     ap.add_argument("--checkpoint", default=None,
                     help="a trained fp GaitLite3D (model file or training checkpoint, read with "
@@ -395,7 +400,8 @@ def main(argv=None):
     print(f"clock {args.clock}, load average {os.getloadavg()[0]:.1f}")
     print(f"torch {torch.__version__}, {ort_v}, {threads} threads (torch and onnxruntime "
           f"intra-op), {args.rounds} rounds, one {args.frames}-frame sequence, {args.calib} calibration "
-          f"sequences")
+          f"sequences" + (f", {args.warm} untimed calls before each timed one" if args.warm
+                          else ""))
     caps = [v for v in ("QGAIT_CPU_ISA", "ONEDNN_MAX_CPU_ISA") if os.environ.get(v)]
     if caps:
         who = {"QGAIT_CPU_ISA": "qgait", "ONEDNN_MAX_CPU_ISA": "torch (oneDNN)"}
@@ -429,6 +435,8 @@ def main(argv=None):
             for i in range(args.rounds):
                 k = i % len(runs)
                 for label, _, fn in runs[k:] + runs[:k]:
+                    for _ in range(args.warm):
+                        fn()
                     t[label].append(_time(fn))
             med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
             for label, kind, _ in runs:

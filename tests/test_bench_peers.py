@@ -21,12 +21,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "paired_peers_model.
 def test_paired_peers_model_smallest():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(SCRIPT), "--widths", "0.25", "--frames", "4",
-                        "--rounds", "1", "--calib", "1", "--threads", "1",
+                        "--rounds", "1", "--calib", "1", "--threads", "1", "--warm", "1",
                         "--bits", "W8A8", "W4A8", "W4A4", "W8A7"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert out.startswith("CPU class: "), out[:500]
+    assert "1 untimed calls before each timed one" in out, out[:1000]
     for bits in ("W8A8", "W4A8", "W4A4", "W8A7"):
         assert re.search(rf"^ratio width 0.25 {bits}: fastest peer \(.+\) / qgait .* \d+\.\d+x",
                          out, re.M), out
