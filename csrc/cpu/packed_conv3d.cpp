@@ -456,10 +456,16 @@ constexpr int kWinoMid = 5;  // the one position whose input transform only adds
 thread_local const char* last_path = "none";
 
 // QGAIT_WINOGRAD: 0 off, 1 wherever exact, unset (or anything else) where it measured faster.
+// A path switch from the environment: 0 or 1 when `name` starts with '0' / '1', else -1 (the
+// measured default).
+int env_switch(const char* name) {
+  const char* e = std::getenv(name);
+  return e && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : -1;
+}
+
 bool winograd_wanted(const ConvGeom& g, bool vnni) {
-  const char* e = std::getenv("QGAIT_WINOGRAD");
-  if (e && e[0] == '0') return false;
-  if (e && e[0] == '1') return true;
+  const int sw = env_switch("QGAIT_WINOGRAD");
+  if (sw >= 0) return sw == 1;
   return g.Co >= 32 && (vnni ? g.C >= 16 : g.kT * g.C >= 48);
 }
 
@@ -472,15 +478,9 @@ bool amx_wanted(const ConvGeom& g, int64_t seg_bytes, bool fold) {
   // (tried, 1 -> 16 channels 3 x 3 x 3 stride 2 on [1, 1, 30, 64, 44]: 0.64 ms on the tiles
   // against 0.22 ms, 1 thread, Xeon with AMX)
   if (fold) return false;
-  const char* e = std::getenv("QGAIT_AMX");
-  if (e && e[0] == '0') return false;
-  if (e && e[0] == '1') return true;
+  const int sw = env_switch("QGAIT_AMX");
+  if (sw >= 0) return sw == 1;
   return seg_bytes >= 32 && g.Co >= 16;
-}
-
-bool winograd_forced() {
-  const char* e = std::getenv("QGAIT_WINOGRAD");
-  return e && e[0] == '1';
 }
 
 bool winograd_geometry(const ConvGeom& g) {
@@ -601,7 +601,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   // range of the codes decides below
   // (on the AMX level Winograd runs on the VNNI tiles, and only when QGAIT_WINOGRAD=1: by
   // default the AMX tiles' direct products measured faster on every layer they take)
-  const Path wpath = path == Path::AMX && winograd_forced() ? Path::VNNI : path;
+  const Path wpath = path == Path::AMX && env_switch("QGAIT_WINOGRAD") == 1 ? Path::VNNI : path;
   const bool wino_try = wpath != Path::Scalar && wpath != Path::AMX && !fold &&
                         winograd_geometry(g) && std::max(-wlo, whi) <= 14 &&
                         winograd_wanted(g, wpath == Path::VNNI);

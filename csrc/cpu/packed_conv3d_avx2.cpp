@@ -428,8 +428,8 @@ namespace {
 #define QA_AVXVNNI(n, _) \
   QA_ASM(QA_W##n(QA_Z) QA_WALK(QA_ROWS##n(QA_PIXV, "", "", "1")) QA_W##n(QA_ST))
 template <int P>
-void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, int64_t,
-                  const int8_t* w, int64_t wstride, int32_t* out) {
+void tile_avxvnni(const uint8_t* const* p, const int64_t* aoff, int64_t K, const int8_t* w,
+                  int64_t wstride, int32_t* out) {
   static_assert(P == 2 || P == 4 || P == 5 || P == 6);
   const int64_t* ao = aoff;
   const int8_t* wk = w;
@@ -467,7 +467,7 @@ inline void tile_vex(int M, const uint8_t* const* p8, const int64_t* aoff, int64
   (M == 6   ? tile_avxvnni<6>
    : M == 5 ? tile_avxvnni<5>
    : M > 2  ? tile_avxvnni<4>
-            : tile_avxvnni<2>)(p8, aoff, K, 0, w8, wstride, out);
+            : tile_avxvnni<2>)(p8, aoff, K, w8, wstride, out);
 }
 
 // The vpmaddubsw tile of M pixels: maddubs (int16 sums over L steps), or maddubs1 (L = 1).
