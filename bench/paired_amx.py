@@ -71,7 +71,7 @@ def main(argv=None):
         convs = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "PackedConv3d"]
         whole = {k: [] for k in MODES}
         per = {(n, k): [] for n, _ in convs for k in MODES}
-        paths = {}
+        paths, shapes = {}, {}
         state = {"mode": "vnni", "t0": {}}
 
         def pre(mod, inp, n):
@@ -80,6 +80,7 @@ def main(argv=None):
         def post(mod, inp, out, n):
             per[(n, state["mode"])].append(time.perf_counter() - state["t0"][n])
             paths[(n, state["mode"])] = torch.ops.qgait._packed_conv3d_cpu_path()
+            shapes[n] = tuple(out.shape)
 
         hooks = []
         for n, m in convs:
@@ -110,34 +111,19 @@ def main(argv=None):
               f"{ratio[-1]:.2f}), {args.rounds} rounds")
         for n, m in convs:
             a, b = statistics.median(per[(n, "vnni")]), statistics.median(per[(n, "amx")])
-            mac = _layer_macs(model, n, x)
+            mac = _macs(shapes[n], m)
             frac = (f", {mac / b / peak * 100:4.1f}% of the tdpbusd peak"
                     if not isinstance(peak, str) else "")
             print(f"  {n:12s} {paths[(n, 'vnni')]:>14s} {a * 1e3:6.3f} ms  "
                   f"{paths[(n, 'amx')]:>14s} {b * 1e3:6.3f} ms  {a / b:4.2f}x{frac}")
 
 
-_SHAPES = {}
-
-
-def _layer_macs(model, name, x):
-    """Multiply-adds of one PackedConv3d on x's sequence (its output shape times the kernel
-    volume times C_in), from one hooked forward pass per model."""
-    key = id(model)
-    if key not in _SHAPES:
-        shapes = {}
-        hooks = [m.register_forward_hook(
-            lambda mod, i, o, n=n: shapes.__setitem__(n, (tuple(o.shape), mod)))
-            for n, m in model.named_modules() if type(m).__name__ == "PackedConv3d"]
-        with torch.no_grad():
-            model(x)
-        for h in hooks:
-            h.remove()
-        _SHAPES[key] = shapes
-    shape, mod = _SHAPES[key][name]
-    k = mod.kernel_size
-    n, co, t, h, w = shape
-    return n * co * t * h * w * mod.in_channels * k[0] * k[1] * k[2]
+def _macs(out_shape, conv) -> int:
+    """Multiply-adds of one PackedConv3d call: its output elements times C_in times the kernel
+    volume."""
+    n, co, t, h, w = out_shape
+    k = conv.kernel_size
+    return n * co * t * h * w * conv.in_channels * k[0] * k[1] * k[2]
 
 
 if __name__ == "__main__":

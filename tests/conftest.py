@@ -16,7 +16,7 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 import qgait  # noqa: E402
 from qgait import _ext  # noqa: E402
 
-ISA_LEVELS = ("amx", "avx512", "avx2_vnni", "avx2", "scalar")
+ISA_LEVELS = _ext.CPU_ISA_LEVELS  # ("amx", "avx512", "avx2_vnni", "avx2", "scalar")
 
 
 def pytest_report_header(config):
