@@ -145,8 +145,8 @@ at::Tensor flat_view(const at::Tensor& x) {
 // Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
 // The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
 // this size would page-fault on first touch at every call.
-std::vector<uint8_t>& input_scratch() {
-  static thread_local std::vector<uint8_t> buf;
+avec<uint8_t>& input_scratch() {
+  static thread_local avec<uint8_t> buf;
   return buf;
 }
 
@@ -161,7 +161,7 @@ void shift_codes(const int8_t* __restrict src, uint8_t* __restrict dst, int64_t 
 
 uint8_t* build_input(const at::Tensor& x, const ConvGeom& g, int64_t Tp, int64_t Hp, int64_t Wp,
                      int64_t Cp, int zp, float r, float qn, float qp, int64_t slack = 4) {
-  std::vector<uint8_t>& buf = input_scratch();
+  avec<uint8_t>& buf = input_scratch();
   const size_t total = static_cast<size_t>(g.N * Tp * Hp * Wp * Cp);
   // slack past the end, filled with zp: with the W taps folded (Cp = 1) the last window's
   // 4-byte read passes the end by up to 3 bytes (which meet zero weights); the AMX tiles read
@@ -341,10 +341,10 @@ std::vector<int8_t> reduction_weights(const std::vector<int8_t>& wi, int64_t Co,
 // B = 16 channels: with the full Coutp between steps (512 bytes for 128 channels) their weights
 // fell into an eighth of L1's sets and came from L2, at a third of the speed.
 template <typename T, int G>
-std::vector<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps,
+avec<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps,
                                   int64_t kc, int64_t Coutp, int64_t B = 0) {
   if (B == 0) B = Coutp;
-  std::vector<T> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
+  avec<T> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
   const int64_t K = ktaps * (kc / G), n = ktaps * kc;
   for (int64_t co = 0; co < Co; ++co) {
     T* o = out.data() + (co / B) * K * B * G + (co % B) * G;
@@ -373,8 +373,8 @@ struct WeightPrep {
                                 //   position's sums [16][Coutp] of the transformed weights
   int64_t wlo = 0, whi = 0;     // Base: the range of all weights; Wino*: of the transformed ones
   std::vector<int8_t> wk;       // Base: the reduction weights [Co][ktaps][kc]
-  std::vector<uint8_t> w8;      // Vnni / Avx2U8 / Amx layouts
-  std::vector<int16_t> w16;     // Avx2I16 layout
+  avec<uint8_t> w8;             // Vnni / Avx2U8 / Amx layouts
+  avec<int16_t> w16;            // Avx2I16 layout
   std::vector<int32_t> ktkh;    // Base: the sums per (kt, kh) window row [kT * kH][Coutp]
   size_t size() const {
     return bytes.size() + wsum.size() * 4 + wk.size() + w8.size() + w16.size() * 2 +
@@ -650,7 +650,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
       for (int xi = 0; xi < 16; ++xi) {
         const std::vector<int8_t> uxi(u.begin() + xi * g.Co * g.kT * c.Cp,
                                       u.begin() + (xi + 1) * g.Co * g.kT * c.Cp);
-        const std::vector<uint8_t> lay =
+        const avec<uint8_t> lay =
             l == WLayout::WinoVnni
                 ? interleave_weights<uint8_t, 4>(uxi, g.Co, g.kT, c.Cp, c.Coutp)
                 : interleave_weights<uint8_t, 4>(uxi, g.Co, g.kT, c.Cp, c.Coutp, 16);
@@ -698,8 +698,8 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
 
   // Per-channel epilogue constants, all fp32 (the same products the reference forms).
   const at::Tensor wsc = w_scale.contiguous();
-  std::vector<float> m1(c.Coutp, 0.f), bz(c.Coutp, 0.f), bg, bb;
-  std::vector<int32_t> comp(c.Coutp, 0);
+  avec<float> m1(c.Coutp, 0.f), bz(c.Coutp, 0.f), bg, bb;
+  avec<int32_t> comp(c.Coutp, 0);
   for (int64_t co = 0; co < g.Co; ++co) {
     m1[co] = xs * wsc.const_data_ptr<float>()[co];
     comp[co] = zp * wsum[co];
@@ -739,7 +739,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
     p.wxi = g.kT * c.Cp * c.Coutp;
     // corr[ij][co] = (A^T (off . sums) A)[i][j]: what the offsets added to each output (x 4)
     static const int A[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
-    std::vector<int32_t> corr(static_cast<size_t>(4 * c.Coutp), 0);
+    avec<int32_t> corr(static_cast<size_t>(4 * c.Coutp), 0);
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j)
         for (int xi = 0; xi < 16; ++xi) {

@@ -488,13 +488,13 @@ inline void tile_u8(bool one, int M, const uint8_t* const* p8, const int64_t* ao
 // point with those rows' weights only (Ctx::row_comp); see items_vnni.
 void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
-  static thread_local std::vector<uint16_t> s16;
+  static thread_local avec<uint16_t> s16;
   const int64_t rowlen = c.Wp * c.Cp, nrows = g.kT * g.kH;
   // (+4: the folded W taps read up to 3 codes past the last row, see `fold`)
   if (p.kind == Avx2Kind::Madd16 && s16.size() < static_cast<size_t>(nrows * rowlen + 4))
     s16.resize(static_cast<size_t>(nrows * rowlen + 4));
   std::vector<const uint8_t*> rows(static_cast<size_t>(nrows));
-  std::vector<int32_t> comp(static_cast<size_t>(c.Coutp));
+  avec<int32_t> comp(static_cast<size_t>(c.Coutp));
   std::vector<std::pair<int64_t, int64_t>> runs;  // (first step, steps) of a border row
   alignas(32) int32_t out[kMW * 16];
   alignas(32) int32_t part[kMW * 16];
@@ -583,7 +583,7 @@ void rows_avx2(const Ctx& c, const Avx2Plan& p, int64_t r0, int64_t r1) {
 void wino_rows_avx2(const Ctx& c, const WinoPlan& p, int64_t r0, int64_t r1) {
   const ConvGeom& g = c.g;
   const int64_t Wt = p.Wt, ws = Wt + 2;
-  static thread_local std::vector<int32_t> mb, yb;
+  static thread_local avec<int32_t> mb, yb;
   if (mb.size() < static_cast<size_t>(16 * ws * 16)) mb.resize(16 * ws * 16);
   if (yb.size() < static_cast<size_t>(4 * Wt * 16)) yb.resize(4 * Wt * 16);
   int32_t* const y0 = yb.data();

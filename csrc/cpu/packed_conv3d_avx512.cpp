@@ -337,8 +337,8 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
   const int64_t tap_bytes = ksteps * 4 * 64;  // weight bytes of one tap for 64 channels
   const int64_t tblock = std::max<int64_t>(1, std::min<int64_t>(ntaps, (24 << 10) / tap_bytes));
   const int64_t tstride = ksteps * c.Coutp * 4;
-  std::vector<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
-  std::vector<int32_t> comp(static_cast<size_t>(c.Coutp));
+  avec<int32_t> rowacc(static_cast<size_t>(g.Wo * 64));
+  avec<int32_t> comp(static_cast<size_t>(c.Coutp));
   std::vector<std::pair<int64_t, int64_t>> runs;  // (first tap, taps) of a row's walk
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t grp = i % ngrp, r = i / ngrp;

@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "packed_conv3d.h"
@@ -20,6 +22,28 @@
 
 namespace qgait {
 namespace packed_cpu {
+
+// std::vector's storage is only 16-byte aligned (malloc's; mmap'd blocks start 16 bytes into a
+// page), so a 64-byte vector load from it spans two cache lines: every zmm weight load of the
+// VNNI tiles, every row of an AMX tile load, every other ymm load of the AVX2 tiles. Weight
+// layouts and the kernels' buffers live in avec instead: 64-byte aligned.
+template <typename T>
+struct Align64 {
+  using value_type = T;
+  Align64() = default;
+  template <typename U>
+  Align64(const Align64<U>&) noexcept {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Align64<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const Align64<U>&) const noexcept { return false; }
+};
+template <typename T>
+using avec = std::vector<T, Align64<T>>;
 
 
 struct Epi {
@@ -165,7 +189,7 @@ struct WinoRows {
   int64_t rowbytes = 0;
   explicit WinoRows(const WinoPlan& p)
       : tag(static_cast<size_t>(p.span), -1), rowbytes(16 * p.Wt * p.Cp) {
-    static thread_local std::vector<uint8_t> store;
+    static thread_local avec<uint8_t> store;
     if (store.size() < static_cast<size_t>(p.span * rowbytes))
       store.resize(static_cast<size_t>(p.span * rowbytes));
     buf = store.data();
