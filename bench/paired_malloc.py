@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -78,9 +79,10 @@ def child(numel: int, rounds: int, threads: int | None) -> dict:
         f()
     times: dict = {k: [] for k in fns}
     faults = []
-    names = list(fns)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:   # rotating order
+    names, order = list(fns), random.Random(0)
+    for _ in range(rounds):
+        # shuffled per round: a rotating order would keep each one's predecessor
+        for k in order.sample(names, len(names)):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             fns[k]()
