@@ -30,6 +30,12 @@ CASES = [
     # taps and corrects the zero point with the valid ones' weights only)
     (1, 8, 20, (2, 4, 6), (3, 3, 3), 1, (2, 2, 1), 1),
     (1, 4, 6, (2, 3, 5), (1, 1, 1), 1, (1, 1, 0), 1),     # rows of padding only
+    # the AVX-512 wide tiles (up to 12 pixels x 1 or 2 blocks of 16 channels): rows of 23, 19
+    # and 15 pixels cut into tiles of 12 + 11, 10 + 9 and 8 + 7
+    (1, 6, 32, (2, 3, 23), (1, 3, 3), 1, 1, 1),
+    (1, 5, 24, (2, 2, 19), (3, 3, 3), 1, 1, 1),           # the second block masked
+    (1, 4, 30, (1, 2, 15), (1, 1, 3), 1, (0, 0, 1), 1),
+    (1, 3, 12, (1, 2, 23), (1, 3, 3), 1, 1, 1),           # one block
 ]
 TINY = [  # for the Triton interpreter
     (1, 3, 5, (2, 3, 4), (3, 3, 3), 1, 1, 1),

@@ -17,8 +17,8 @@ namespace qgait {
 namespace packed_cpu {
 namespace {
 
-constexpr int kM = 6;   // output pixels per tile
-constexpr int kNB = 4;  // blocks of 16 output channels per tile
+constexpr int kM = 6;    // output pixels per tile of 3 or 4 channel blocks
+constexpr int kMW = 12;  // output pixels per tile of 1 or 2 channel blocks (the wide tiles)
 
 inline __m512i bcast32(const uint8_t* p) {
   int32_t v;
@@ -38,7 +38,10 @@ inline __m512i bcast32(const uint8_t* p) {
 // over the steps, at every step (an asm statement per step would need more than the 30
 // operands g++ allows). zmm27: a pixel's broadcast codes; zmm28-31: the step's weights;
 // r10 / r11: the window of pixels 0 and 3 (pixel m at r10 + m * astep, m < 3, else r11 +
-// (m - 3) * astep).
+// (m - 3) * astep); the wide tiles (7-12 pixels x 1 or 2 blocks) add r12 / r13 for pixels 6
+// and 9. With 2 blocks, 6 pixels were 12 accumulators and 8 loads for 12 vpdpbusd per step:
+// GaitLite3D's 32-channel layers ran at 59-67% of the vpdpbusd peak, its 64- and 128-channel
+// ones at 72-77%.
 #define QV_D(w, r) "vpdpbusd %%zmm" #w ", %%zmm27, %%zmm" #r "\n\t"
 #define QV_PIX_1(m, A, r0) "vpbroadcastd " A ", %%zmm27\n\t" QV_D(28, r0)
 #define QV_PIX_2(m, A, r0, r1) QV_PIX_1(m, A, r0) QV_D(29, r1)
@@ -61,6 +64,12 @@ inline __m512i bcast32(const uint8_t* p) {
 #define QV_P3 "(%%r11)"
 #define QV_P4 "(%%r11,%[as])"
 #define QV_P5 "(%%r11,%[as],2)"
+#define QV_P6 "(%%r12)"
+#define QV_P7 "(%%r12,%[as])"
+#define QV_P8 "(%%r12,%[as],2)"
+#define QV_P9 "(%%r13)"
+#define QV_P10 "(%%r13,%[as])"
+#define QV_P11 "(%%r13,%[as],2)"
 // (pixel, its address, its accumulators) for each tile shape: NB blocks x M pixels
 #define QV_T4_5(F) F(0, QV_P0, 0, 1, 2, 3) F(1, QV_P1, 4, 5, 6, 7) F(2, QV_P2, 8, 9, 10, 11) \
   F(3, QV_P3, 12, 13, 14, 15) F(4, QV_P4, 16, 17, 18, 19)
@@ -70,15 +79,29 @@ inline __m512i bcast32(const uint8_t* p) {
 #define QV_T2_6(F) QV_T2_5(F) F(5, QV_P5, 10, 11)
 #define QV_T1_5(F) F(0, QV_P0, 0) F(1, QV_P1, 1) F(2, QV_P2, 2) F(3, QV_P3, 3) F(4, QV_P4, 4)
 #define QV_T1_6(F) QV_T1_5(F) F(5, QV_P5, 5)
+#define QV_T2_7(F) QV_T2_6(F) F(6, QV_P6, 12, 13)
+#define QV_T2_8(F) QV_T2_7(F) F(7, QV_P7, 14, 15)
+#define QV_T2_9(F) QV_T2_8(F) F(8, QV_P8, 16, 17)
+#define QV_T2_10(F) QV_T2_9(F) F(9, QV_P9, 18, 19)
+#define QV_T2_11(F) QV_T2_10(F) F(10, QV_P10, 20, 21)
+#define QV_T2_12(F) QV_T2_11(F) F(11, QV_P11, 22, 23)
+#define QV_T1_7(F) QV_T1_6(F) F(6, QV_P6, 6)
+#define QV_T1_8(F) QV_T1_7(F) F(7, QV_P7, 7)
+#define QV_T1_9(F) QV_T1_8(F) F(8, QV_P8, 8)
+#define QV_T1_10(F) QV_T1_9(F) F(9, QV_P9, 9)
+#define QV_T1_11(F) QV_T1_10(F) F(10, QV_P10, 10)
+#define QV_T1_12(F) QV_T1_11(F) F(11, QV_P11, 11)
 #define QV_W_1 "vmovdqu64 (%[wk]), %%zmm28\n\t"
 #define QV_W_2 QV_W_1 "vmovdqu64 64(%[wk]), %%zmm29\n\t"
 #define QV_W_4 QV_W_2 "vmovdqu64 128(%[wk]), %%zmm30\n\t" "vmovdqu64 192(%[wk]), %%zmm31\n\t"
-#define QV_WALK(T, NB)                                              \
+#define QV_R11 "lea (%%r10,%[as],2), %%r11\n\t" "add %[as], %%r11\n\t"
+#define QV_R13 QV_R11 "lea (%%r11,%[as],2), %%r12\n\t" "add %[as], %%r12\n\t" \
+  "lea (%%r12,%[as],2), %%r13\n\t" "add %[as], %%r13\n\t"
+#define QV_WALK(T, NB, R)                                           \
   "1:\n\t"                                                          \
   "mov (%[ao]), %%r10\n\t"                                          \
   "add %[a], %%r10\n\t"                                             \
-  "lea (%%r10,%[as],2), %%r11\n\t"                                  \
-  "add %[as], %%r11\n\t"                                            \
+  R                                                                 \
   QV_W_##NB T(QV_PIX_##NB)                                          \
   "add $8, %[ao]\n\t"                                               \
   "add %[ws], %[wk]\n\t"                                            \
@@ -86,18 +109,19 @@ inline __m512i bcast32(const uint8_t* p) {
   "jnz 1b\n\t"                                                      \
   T(QV_ST_##NB)
 #define QV_CLOBBER                                                                        \
-  "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
+  "r10", "r11", "r12", "r13", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
       "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",     \
       "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm27", "xmm28", "xmm29",    \
       "xmm30", "xmm31", "cc", "memory"
-#define QV_TILE(T, NB)                                                                    \
+#define QV_TILE(T, NB) QV_TILE_R(T, NB, QV_R11)
+#define QV_TILE_R(T, NB, R)                                                               \
   if (init)                                                                               \
-    asm volatile(T(QV_Z_##NB) QV_WALK(T, NB)                                              \
+    asm volatile(T(QV_Z_##NB) QV_WALK(T, NB, R)                                           \
                  : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
                  : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
                  : QV_CLOBBER);                                                           \
   else                                                                                    \
-    asm volatile(T(QV_LD_##NB) QV_WALK(T, NB)                                             \
+    asm volatile(T(QV_LD_##NB) QV_WALK(T, NB, R)                                          \
                  : [ao] "+r"(ao), [wk] "+r"(wk), [n] "+r"(n)                              \
                  : [a] "r"(a), [as] "r"(astep), [ws] "r"(wstride), [out] "r"(out)         \
                  : QV_CLOBBER)
@@ -122,6 +146,30 @@ void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* aoff, int64_t nst
     QV_TILE(QV_T1_6, 1);
   } else if constexpr (NB == 1 && M == 5) {
     QV_TILE(QV_T1_5, 1);
+  } else if constexpr (NB == 2 && M == 12) {
+    QV_TILE_R(QV_T2_12, 2, QV_R13);
+  } else if constexpr (NB == 2 && M == 11) {
+    QV_TILE_R(QV_T2_11, 2, QV_R13);
+  } else if constexpr (NB == 2 && M == 10) {
+    QV_TILE_R(QV_T2_10, 2, QV_R13);
+  } else if constexpr (NB == 2 && M == 9) {
+    QV_TILE_R(QV_T2_9, 2, QV_R13);
+  } else if constexpr (NB == 2 && M == 8) {
+    QV_TILE_R(QV_T2_8, 2, QV_R13);
+  } else if constexpr (NB == 2 && M == 7) {
+    QV_TILE_R(QV_T2_7, 2, QV_R13);
+  } else if constexpr (NB == 1 && M == 12) {
+    QV_TILE_R(QV_T1_12, 1, QV_R13);
+  } else if constexpr (NB == 1 && M == 11) {
+    QV_TILE_R(QV_T1_11, 1, QV_R13);
+  } else if constexpr (NB == 1 && M == 10) {
+    QV_TILE_R(QV_T1_10, 1, QV_R13);
+  } else if constexpr (NB == 1 && M == 9) {
+    QV_TILE_R(QV_T1_9, 1, QV_R13);
+  } else if constexpr (NB == 1 && M == 8) {
+    QV_TILE_R(QV_T1_8, 1, QV_R13);
+  } else if constexpr (NB == 1 && M == 7) {
+    QV_TILE_R(QV_T1_7, 1, QV_R13);
   } else {  // the other shapes (narrow rows, 48 channels): the same walk in intrinsics
     __m512i acc[M][NB];
     for (int m = 0; m < M; ++m)
@@ -148,6 +196,17 @@ using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const 
 
 template <int NB>
 constexpr VnniFn vnni_for(int M) {
+  if constexpr (NB <= 2) {  // the wide tiles
+    switch (M) {
+      case 7: return tile_vnni<NB, 7>;
+      case 8: return tile_vnni<NB, 8>;
+      case 9: return tile_vnni<NB, 9>;
+      case 10: return tile_vnni<NB, 10>;
+      case 11: return tile_vnni<NB, 11>;
+      case 12: return tile_vnni<NB, 12>;
+      default: break;
+    }
+  }
   switch (M) {
     case 1: return tile_vnni<NB, 1>;
     case 2: return tile_vnni<NB, 2>;
@@ -306,11 +365,11 @@ void quant_frame_clast_avx512(const float* x, int64_t cstride, int64_t hstride, 
 namespace {
 
 // Width of the tile starting at output pixel w0 of a row of Wo: the row is cut into
-// ceil(Wo / kM) tiles whose widths differ by at most one (44 -> 4 x 6 + 4 x 5 rather than
+// ceil(Wo / maxM) tiles whose widths differ by at most one (44 -> 4 x 6 + 4 x 5 rather than
 // 7 x 6 + 2): a narrow tile has too few accumulators to hide the vpdpbusd latency (a 2-pixel
 // tail ran at half the speed of the others and took 9% of layer A's time).
-inline int tile_width(int64_t Wo, int64_t w0) {
-  const int64_t ntiles = (Wo + kM - 1) / kM, base = Wo / ntiles, wide = Wo % ntiles;
+inline int tile_width(int64_t Wo, int64_t w0, int64_t maxM = kM) {
+  const int64_t ntiles = (Wo + maxM - 1) / maxM, base = Wo / ntiles, wide = Wo % ntiles;
   // the first `wide` tiles are base + 1 wide
   return static_cast<int>(w0 < wide * (base + 1) ? base + 1 : base);
 }
@@ -345,6 +404,7 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
     const int64_t h = r % g.Ho, t = (r / g.Ho) % g.To, n = r / (g.Ho * g.To);
     const int64_t co0 = grp * 64, nco = std::min<int64_t>(64, g.Co - co0);
     const int NB = static_cast<int>((nco + 15) / 16);
+    const int64_t maxM = NB <= 2 ? kMW : kM;
     const uint8_t* base = c.row_base(n, t, h);
     int64_t kt0, kt1, kh0, kh1;
     valid_taps(t, g.sT, g.dT, g.pT, g.T, g.kT, kt0, kt1);
@@ -364,7 +424,7 @@ void items_vnni(const Ctx& c, const uint8_t* wv, const int64_t* aoff, int64_t i0
     bool first = true;
     for (const auto& [tb, nt] : runs) {
       for (int64_t w0 = 0; w0 < g.Wo;) {
-        const int M = tile_width(g.Wo, w0);
+        const int M = tile_width(g.Wo, w0, maxM);
         vnni_fn(NB, M)(base + w0 * g.sW * c.Cp, g.sW * c.Cp, aoff + tb * ksteps,
                        nt * ksteps, wv + tb * tstride + co0 * 4, c.Coutp * 4,
                        rowacc.data() + w0 * 64, first);
