@@ -254,6 +254,7 @@ def test_every_simd_level(cpu_isa):
     ((1, 3, 7, 5, 7), [3, 4], (5, 2, 1)),          # H*W*C = 105: tails for every vector width
     ((1, 70, 3, 6, 5), [1, 2], (6, 3, 1)),         # channels in blocks of 64 and a tail of 6
     ((1, 16, 1, 4, 3), None, (4, 1)),              # T = 1
+    ((1, 128, 4, 16, 11), [1, 3], (16, 8, 4, 2, 1)),  # the frame's max in 11 parallel parts
 ])
 def test_channels_last_forward_without_copy(cpu_isa, kind, mode, shape, seqL, bins):
     """A channels-last fp32 x without grad (a packed conv's output) is pooled in place, not

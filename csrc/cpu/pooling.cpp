@@ -56,7 +56,7 @@ constexpr const char* kTp = "temporal_pool";
 constexpr const char* kTpB = "temporal_pool_backward";
 
 using FrameFn = void (*)(const float*, float*, float*, float, int64_t);
-using SlabFn = void (*)(const float*, int64_t, int64_t, float*, float*);
+using SlabFn = void (*)(const float*, int64_t, int64_t, int64_t, float*, float*);
 using ScatterFn = void (*)(float*, const float*, const float*, float, int64_t, bool);
 using CopyFn = void (*)(float*, const float*, int64_t, bool);
 using FenceFn = void (*)();
@@ -107,7 +107,7 @@ template <typename T>
 void temporal_max(const Fns& f, const T* src, int64_t len, int64_t HW, bool with_idx, Scratch& s) {
   float* idx = with_idx ? s.idx.data() : nullptr;
   if constexpr (std::is_same_v<T, float>) {
-    f.slab(src, len, HW, s.z.data(), idx);
+    f.slab(src, len, HW, HW, s.z.data(), idx);
   } else {
     auto frame = [&](int64_t t) {
       const T* p = src + t * HW;
@@ -227,7 +227,15 @@ void set_pool_hpp_clast(const at::Tensor& x, const std::vector<PoolSeq>& seqs,
   const int64_t blocks = (C + kCb - 1) / kCb;
   for (int64_t o = 0; o < NO; ++o) {
     const PoolSeq q = seqs[o];
-    f.slab(xp + (q.item * T + q.start) * HW * C, q.len, HW * C, z.data(), nullptr);
+    // the temporal max in parallel too, over parts of the frame (one thread read all of x:
+    // 140 against 57 us for the NCDHW path on [1, 128, 30, 16, 11] at 2 threads)
+    const float* src = xp + (q.item * T + q.start) * HW * C;
+    constexpr int64_t kPart = 2048;  // floats of a frame per task
+    const int64_t parts = (HW * C + kPart - 1) / kPart;
+    at::parallel_for(0, parts, grain(q.len * kPart), [&](int64_t b, int64_t e) {
+      const int64_t i0 = b * kPart, i1 = std::min(e * kPart, HW * C);
+      f.slab(src + i0, q.len, i1 - i0, HW * C, z.data() + i0, nullptr);
+    });
     at::parallel_for(0, blocks, grain(2 * HW * kCb), [&](int64_t b, int64_t e) {
       std::vector<float> rsum(static_cast<size_t>(H * kCb)), rmax(rsum.size());
       std::vector<float> sum(kCb), mx(kCb);

@@ -83,7 +83,8 @@ static inline void tp_chunk(const float* x, int64_t len, int64_t n, float* z, fl
 }
 
 template <bool IDX>
-static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float* idx) {
+static void tp_slab_impl(const float* x, int64_t len, int64_t n, int64_t stride, float* z,
+                         float* idx) {
   constexpr int W = Vec::W;
   // Up to kMax vectors in one chunk, so that a frame is read front to back; wider frames go in
   // chunks of U (leaving room for the indices and temporaries in the 32 zmm / 16 ymm).
@@ -100,12 +101,12 @@ static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float
   int64_t v = 0;
   if (nv > kMax)
     for (; v + U <= nv; v += U)
-      tp_chunk<U, IDX>(x + v * W, len, n, z + v * W, IDX ? idx + v * W : nullptr);
-  if (v < nv) kChunk[nv - v](x + v * W, len, n, z + v * W, IDX ? idx + v * W : nullptr);
+      tp_chunk<U, IDX>(x + v * W, len, stride, z + v * W, IDX ? idx + v * W : nullptr);
+  if (v < nv) kChunk[nv - v](x + v * W, len, stride, z + v * W, IDX ? idx + v * W : nullptr);
   for (int64_t i = nv * W; i < n; ++i) {  // tail elements: tp_frame's scalar step
     float m = x[i], a = 0.f;
     for (int64_t t = 1; t < len; ++t) {
-      const float xv = x[t * n + i];
+      const float xv = x[t * stride + i];
       if (beats(xv, m)) {
         m = xv;
         a = static_cast<float>(t);
@@ -116,9 +117,11 @@ static void tp_slab_impl(const float* x, int64_t len, int64_t n, float* z, float
   }
 }
 
-static void tp_slab(const float* x, int64_t len, int64_t n, float* z, float* idx) {
-  if (idx) tp_slab_impl<true>(x, len, n, z, idx);
-  else tp_slab_impl<false>(x, len, n, z, nullptr);
+// n elements of each frame, frames `stride` elements apart (a part of a wider slab)
+static void tp_slab(const float* x, int64_t len, int64_t n, int64_t stride, float* z,
+                    float* idx) {
+  if (idx) tp_slab_impl<true>(x, len, n, stride, z, idx);
+  else tp_slab_impl<false>(x, len, n, stride, z, nullptr);
 }
 
 // Streaming (non-temporal) stores for dx: it is as large as x and never read back by this op,
