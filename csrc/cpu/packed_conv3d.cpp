@@ -355,6 +355,23 @@ avec<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t kt
   return out;
 }
 
+// The VNNI tiles' weights: per group of 64 output channels (the last one Coutp's rest), each
+// step's 4 reduction bytes of the group's channels, [group][steps][gw][4]: a group's weights are
+// contiguous (items_vnni).
+avec<uint8_t> vnni_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps, int64_t kc,
+                           int64_t Coutp) {
+  avec<uint8_t> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
+  const int64_t K = ktaps * (kc / 4), n = ktaps * kc;
+  for (int64_t co = 0; co < Co; ++co) {
+    const int64_t co0 = co / 64 * 64, gw = std::min<int64_t>(64, Coutp - co0);
+    uint8_t* o = out.data() + co0 * K * 4 + (co - co0) * 4;
+    const int8_t* w = wk.data() + co * n;
+    for (int64_t s = 0; s < K; ++s, o += gw * 4, w += 4)
+      for (int j = 0; j < 4; ++j) o[j] = static_cast<uint8_t>(w[j]);
+  }
+  return out;
+}
+
 // ---- prepared weights, kept across calls ----------------------------------------------------
 // Unpacking, summing and laying out a layer's weights for the kernel ran on every call, serial
 // before the parallel part (56 us for GaitLite3D's 64 -> 128 layer). Entries are looked up by
@@ -772,7 +789,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
                      amx_enter, amx_leave);
   } else if (path == Path::VNNI) {
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
-      e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp);
+      e.w8 = vnni_weights(wk, g.Co, ktaps, c.kc, c.Coutp);
     });
     const int64_t ksteps = c.kc / 4;
     std::vector<int64_t> aoff(static_cast<size_t>(ktaps * ksteps));
