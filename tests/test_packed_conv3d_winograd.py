@@ -273,3 +273,26 @@ def test_winograd_rows_reused_across_frames_exact(cpu_isa, threads):
             assert path.endswith("-winograd") == _expect_winograd(cpu_isa, x, kw, w_int), path
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+@pytest.mark.parametrize("where", ["nowhere", "first frame", "last frame"])
+def test_winograd_code_range_past_the_first_codes(cpu_isa, dtype, where):
+    """Before measuring an integer input's range the op looks at its first 8 KiB (wide there:
+    no Winograd, no full pass). Codes spanning more than 63 only past them (the last frame of a
+    channels-last [1, 16, 4, 16, 12] map: elements 9216 on) must still keep the layer off the
+    Winograd path, whose transformed codes would wrap; only in the first frame, too."""
+    g = torch.Generator().manual_seed(3)
+    lo, hi = (-8, 8) if dtype == torch.int8 else (0, 16)
+    x = torch.randint(lo, hi, (1, 16, 4, 16, 12), generator=g).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    if where != "nowhere":
+        x[:, :, 0 if where == "first frame" else -1, 3:9] = 100
+    w_int = torch.randint(-8, 8, (32, 16, 1, 3, 3), generator=g)
+    kw = dict(w_bits=4, c_in=16, padding=(0, 1, 1), x_scale=torch.tensor(0.25),
+              in_signed=dtype == torch.int8)
+    got, ref, path = _run(x, pack_weight(w_int, 4), torch.rand(32, generator=g) * 0.02 + 1e-3,
+                          kw, out="acc")
+    assert torch.equal(got, ref)
+    assert path.endswith("-winograd") == _expect_winograd(cpu_isa, x, kw, w_int), path
+    assert path.endswith("-winograd") == (where == "nowhere" and cpu_isa != "scalar"), path

@@ -142,6 +142,21 @@ at::Tensor flat_view(const at::Tensor& x) {
   return x.as_strided({x.numel()}, {1});
 }
 
+// Whether the first 8 KiB of the n integer codes at p, with 0, already span more than
+// `limit`. Winograd needs codes within 63 of each other, which 8-bit activations rarely are:
+// their first rows tell, where at::aminmax read the whole input (13 us for [1, 64, 30, 16, 11]
+// codes, on each layer of a W8A8 model whose weights allowed Winograd). Codes that pass are
+// measured whole, by aminmax (parallel; a serial loop here took longer).
+template <typename T>
+bool wider_than(const T* p, int64_t n, int64_t limit) {
+  T mn = 0, mx = 0;
+  for (int64_t i = 0, e = std::min<int64_t>(n, 8192); i < e; ++i) {
+    mn = std::min(mn, p[i]);
+    mx = std::max(mx, p[i]);
+  }
+  return int64_t(mx) - int64_t(mn) > limit;
+}
+
 // Builds the padded channels-last code buffer u = x_int + zp (zp everywhere else).
 // The buffer is reused across calls (grow-only, per calling thread): a fresh allocation of
 // this size would page-fault on first touch at every call.
@@ -622,15 +637,21 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
   const bool wino_try = wpath != Path::Scalar && wpath != Path::AMX && !fold &&
                         winograd_geometry(g) && std::max(-wlo, whi) <= 14 &&
                         winograd_wanted(g, wpath == Path::VNNI);
-  const bool avx2_small = (path == Path::AVX2 && !cpu_uses_avx_vnni() &&
-                           avx2_chunk(255, wlo, whi) < 136) || wino_try;
+  // the AVX2 kernels' chunk length depends on the whole range; Winograd only on range <= 63
+  const bool avx2_range = path == Path::AVX2 && !cpu_uses_avx_vnni() &&
+                          avx2_chunk(255, wlo, whi) < 136;
+  const bool avx2_small = avx2_range || wino_try;
+  // (only Winograd asks: the full grid unless the first codes fit)
+  const bool probe = !avx2_range && x_flat.dim() == 1;
   if (x.scalar_type() == at::kBool) {
     lo = 0, hi = 1;
   } else if (x.scalar_type() == at::kByte) {
-    lo = 0, hi = avx2_small ? x_flat.max().item<int64_t>() : 255;
+    lo = 0, hi = 255;
+    if (avx2_small && !(probe && wider_than(x_flat.const_data_ptr<uint8_t>(), x.numel(), 63)))
+      hi = x_flat.max().item<int64_t>();
   } else if (x.scalar_type() == at::kChar) {
     lo = -128, hi = 127;
-    if (avx2_small) {
+    if (avx2_small && !(probe && wider_than(x_flat.const_data_ptr<int8_t>(), x.numel(), 63))) {
       const auto mm = at::aminmax(x_flat);
       lo = std::min<int64_t>(0, std::get<0>(mm).item<int64_t>());
       hi = std::max<int64_t>(0, std::get<1>(mm).item<int64_t>());
