@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/packed_conv3d_kernels.h"
@@ -195,27 +196,18 @@ void tile_vnni(const uint8_t* a, int64_t astep, const int64_t* aoff, int64_t nst
 using VnniFn = void (*)(const uint8_t*, int64_t, const int64_t*, int64_t, const uint8_t*, int64_t,
                         int32_t*, bool);
 
+// The tile of NB blocks and M pixels: M in 1..6, or 1..12 (the wide tiles) for NB <= 2 (the
+// widest for a larger M, which tile_width never gives).
+template <int NB, int... Ms>
+VnniFn vnni_pick(int M, std::integer_sequence<int, Ms...>) {
+  VnniFn f = tile_vnni<NB, sizeof...(Ms)>;
+  ((f = M == Ms + 1 ? tile_vnni<NB, Ms + 1> : f), ...);
+  return f;
+}
+
 template <int NB>
-constexpr VnniFn vnni_for(int M) {
-  if constexpr (NB <= 2) {  // the wide tiles
-    switch (M) {
-      case 7: return tile_vnni<NB, 7>;
-      case 8: return tile_vnni<NB, 8>;
-      case 9: return tile_vnni<NB, 9>;
-      case 10: return tile_vnni<NB, 10>;
-      case 11: return tile_vnni<NB, 11>;
-      case 12: return tile_vnni<NB, 12>;
-      default: break;
-    }
-  }
-  switch (M) {
-    case 1: return tile_vnni<NB, 1>;
-    case 2: return tile_vnni<NB, 2>;
-    case 3: return tile_vnni<NB, 3>;
-    case 4: return tile_vnni<NB, 4>;
-    case 5: return tile_vnni<NB, 5>;
-    default: return tile_vnni<NB, 6>;
-  }
+VnniFn vnni_for(int M) {
+  return vnni_pick<NB>(M, std::make_integer_sequence<int, NB <= 2 ? kMW : kM>{});
 }
 
 VnniFn vnni_fn(int NB, int M) {
