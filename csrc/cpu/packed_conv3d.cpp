@@ -352,37 +352,22 @@ std::vector<int8_t> reduction_weights(const std::vector<int8_t>& wi, int64_t Co,
 
 // Weights as [Coutp/B][ktaps][kc/G][B][G] of T, zero past C_out: lane co of a vector then holds
 // G consecutive reduction bytes of output channel co, and the B channels one tile reads are
-// contiguous from step to step. (B = Coutp: [ktaps][kc/G][Coutp][G].) The AVX2 tiles read
-// B = 16 channels: with the full Coutp between steps (512 bytes for 128 channels) their weights
-// fell into an eighth of L1's sets and came from L2, at a third of the speed.
+// contiguous from step to step; a last block narrower than B (Coutp not a multiple of B) has its
+// own width. (B = Coutp: [ktaps][kc/G][Coutp][G].) The AVX2 tiles read B = 16 channels: with the
+// full Coutp between steps (512 bytes for 128 channels) their weights fell into an eighth of L1's
+// sets and came from L2, at a third of the speed; the VNNI tiles B = 64 (items_vnni).
 template <typename T, int G>
-avec<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps,
-                                  int64_t kc, int64_t Coutp, int64_t B = 0) {
+avec<T> interleave_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps, int64_t kc,
+                           int64_t Coutp, int64_t B = 0) {
   if (B == 0) B = Coutp;
   avec<T> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
   const int64_t K = ktaps * (kc / G), n = ktaps * kc;
   for (int64_t co = 0; co < Co; ++co) {
-    T* o = out.data() + (co / B) * K * B * G + (co % B) * G;
+    const int64_t co0 = co / B * B, bw = std::min(B, Coutp - co0);  // this block's width
+    T* o = out.data() + co0 * K * G + (co - co0) * G;
     const int8_t* w = wk.data() + co * n;
-    for (int64_t s = 0; s < K; ++s, o += B * G, w += G)  // one lane's G values per step
+    for (int64_t s = 0; s < K; ++s, o += bw * G, w += G)  // one lane's G values per step
       for (int j = 0; j < G; ++j) o[j] = static_cast<T>(w[j]);
-  }
-  return out;
-}
-
-// The VNNI tiles' weights: per group of 64 output channels (the last one Coutp's rest), each
-// step's 4 reduction bytes of the group's channels, [group][steps][gw][4]: a group's weights are
-// contiguous (items_vnni).
-avec<uint8_t> vnni_weights(const std::vector<int8_t>& wk, int64_t Co, int64_t ktaps, int64_t kc,
-                           int64_t Coutp) {
-  avec<uint8_t> out(static_cast<size_t>(ktaps * kc * Coutp), 0);
-  const int64_t K = ktaps * (kc / 4), n = ktaps * kc;
-  for (int64_t co = 0; co < Co; ++co) {
-    const int64_t co0 = co / 64 * 64, gw = std::min<int64_t>(64, Coutp - co0);
-    uint8_t* o = out.data() + co0 * K * 4 + (co - co0) * 4;
-    const int8_t* w = wk.data() + co * n;
-    for (int64_t s = 0; s < K; ++s, o += gw * 4, w += 4)
-      for (int j = 0; j < 4; ++j) o[j] = static_cast<uint8_t>(w[j]);
   }
   return out;
 }
@@ -810,7 +795,7 @@ at::Tensor packed_conv3d_cpu(const at::Tensor& x, const at::Tensor& x_scale, int
                      amx_enter, amx_leave);
   } else if (path == Path::VNNI) {
     const auto lay = weight_prep(wpk, key(WLayout::Vnni), [&](WeightPrep& e) {
-      e.w8 = vnni_weights(wk, g.Co, ktaps, c.kc, c.Coutp);
+      e.w8 = interleave_weights<uint8_t, 4>(wk, g.Co, ktaps, c.kc, c.Coutp, 64);
     });
     const int64_t ksteps = c.kc / 4;
     std::vector<int64_t> aoff(static_cast<size_t>(ktaps * ksteps));

@@ -111,10 +111,10 @@ inline __m512i bcast32(const uint8_t* p) {
   "jnz 1b\n\t"                                                      \
   T(QV_ST_##NB)
 #define QV_CLOBBER                                                                        \
-  "r10", "r11", "r12", "r13", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",   \
-      "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",     \
-      "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm27", "xmm28", "xmm29",    \
-      "xmm30", "xmm31", "cc", "memory"
+  "r10", "r11", "r12", "r13", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",     \
+      "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15",      \
+      "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm27",    \
+      "xmm28", "xmm29", "xmm30", "xmm31", "cc", "memory"
 #define QV_TILE(T, NB) QV_TILE_R(T, NB, QV_R11)
 #define QV_TILE_R(T, NB, R)                                                               \
   if (init)                                                                               \
@@ -371,8 +371,9 @@ inline int tile_width(int64_t Wo, int64_t w0, int64_t maxM = kM) {
 
 // Work item = (group of up to 64 output channels, output row), rows fastest: a thread's chunk
 // of items is a run of rows of one group, whose weights ([steps][64][4], contiguous per group:
-// vnni_weights) stay in L1 from row to row. (Rows alternating between the groups of a 128-channel
-// layer, on weights laid out [steps][128][4], read each group's from L2 at every row, through
+// interleave_weights with B = 64) stay in L1 from row to row. (Rows alternating between the
+// groups of a 128-channel layer, on weights laid out [steps][128][4], read each group's from L2
+// at every row, through
 // half of L1's sets: GaitLite3D's 64 -> 128 layer ran at 68% of the vpdpbusd peak, 1 thread.)
 // The taps are walked in blocks
 // whose weights (taps x Cp x 64 bytes) fit in L1 next to the input rows; each block runs over
